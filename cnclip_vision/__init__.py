@@ -1,0 +1,38 @@
+"""cnclip-vision: Chinese-CLIP as a vision toolkit.
+
+>>> import cnclip_vision
+>>> model = cnclip_vision.load("ViT-B-16")           # or a directory / clip_cn_*.pt file
+>>> processor = model.get_processor()
+"""
+
+from .configs import CLIPConfig, TextConfig, VisionConfig, list_models
+from .errors import CheckpointError, CNClipError, ImageLoadError, UnknownModelError, WeightsNotFoundError
+from .factory import create_model, load
+from .model import ChineseCLIP, CLIPOutput
+from .processor import Processor
+from .tokenizer import Tokenizer, get_tokenizer, tokenize
+from .transforms import image_transform, load_image
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ChineseCLIP",
+    "CLIPConfig",
+    "CLIPOutput",
+    "CNClipError",
+    "CheckpointError",
+    "ImageLoadError",
+    "Processor",
+    "TextConfig",
+    "Tokenizer",
+    "UnknownModelError",
+    "VisionConfig",
+    "WeightsNotFoundError",
+    "create_model",
+    "get_tokenizer",
+    "image_transform",
+    "list_models",
+    "load",
+    "load_image",
+    "tokenize",
+]

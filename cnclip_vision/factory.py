@@ -1,0 +1,153 @@
+"""``create_model`` and ``load``: the one entry point for every weight source."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from .configs import CLIPConfig, get_config, get_model_info, list_models
+from .errors import CheckpointError, UnknownModelError
+from .model import ChineseCLIP
+from .weights import (
+    CONFIG_METADATA_KEY,
+    CONFIG_NAME,
+    PYTORCH_NAME,
+    SAFETENSORS_NAME,
+    config_from_json,
+    describe,
+    infer_config,
+    load_native_state_dict,
+    read_state_dict,
+    to_native,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["create_model", "load", "resolve_dtype"]
+
+_DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16,
+}  # fmt: skip
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    """``torch.float32`` for None; accepts torch dtypes and the names fp32/bf16/fp16."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}") from None
+
+
+def _finish(model: ChineseCLIP, device: torch.device | str | None, dtype: torch.dtype | str | None) -> ChineseCLIP:
+    model = model.to(device=device or "cpu", dtype=resolve_dtype(dtype))
+    return model.eval()
+
+
+def create_model(
+    arch: str | CLIPConfig = "ViT-B-16",
+    pretrained: bool = False,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | str | None = None,
+) -> ChineseCLIP:
+    """A model of a registered size (or a custom :class:`CLIPConfig`), randomly initialised unless
+    ``pretrained`` (then the released weights through :func:`load`)."""
+    if pretrained:
+        if isinstance(arch, CLIPConfig):
+            raise ValueError("pretrained=True needs a registered model name, not a CLIPConfig")
+        return load(arch, device=device, dtype=dtype)
+    return _finish(ChineseCLIP(get_config(arch)), device, dtype)
+
+
+def _weights_in_dir(directory: Path) -> Path:
+    for name in (SAFETENSORS_NAME, PYTORCH_NAME):
+        if (directory / name).is_file():
+            return directory / name
+    candidates = sorted(p for p in directory.iterdir() if p.suffix in (".safetensors", ".pt", ".pth", ".bin"))
+    if len(candidates) == 1:
+        return candidates[0]
+    found = ", ".join(p.name for p in candidates) or "no weight files"
+    raise CheckpointError(
+        f"{directory} holds {found}; expected {SAFETENSORS_NAME} or {PYTORCH_NAME} (with {CONFIG_NAME}), "
+        "or exactly one .safetensors / .pt file"
+    )
+
+
+def _resolve(name_or_path: str | os.PathLike[str]) -> tuple[Path, CLIPConfig | None]:
+    """Weights file and, where the source states it, its config."""
+    path = Path(name_or_path)
+    if not path.exists():
+        name = str(name_or_path)
+        if name in list_models():
+            from .hub import download_weights
+
+            path = download_weights(get_model_info(name))
+        elif os.sep in name or path.suffix:
+            raise CheckpointError(f"no such file or directory: {path}")
+        else:
+            raise UnknownModelError(
+                f"{name!r} is neither a known model name nor an existing path; known models: {', '.join(list_models())}"
+            )
+    if path.is_dir():
+        config = config_from_json(path / CONFIG_NAME) if (path / CONFIG_NAME).is_file() else None
+        return _weights_in_dir(path), config
+    return path, None
+
+
+def load(
+    name_or_path: str | os.PathLike[str],
+    *,
+    arch: str | CLIPConfig | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | str | None = None,
+) -> ChineseCLIP:
+    """Load a Chinese-CLIP model in eval mode.
+
+    ``name_or_path`` is a name from :func:`list_models` (weights from the Hub repo, through the
+    huggingface_hub cache), a Hugging Face directory (``config.json`` + ``model.safetensors`` or
+    ``pytorch_model.bin``), an original ``clip_cn_*.pt`` file, or a file / directory written by
+    :meth:`ChineseCLIP.save_pretrained`. ``arch`` overrides the architecture, which is otherwise read
+    from the config or inferred from tensor shapes. Loading is strict and never unpickles code.
+    """
+    weights, config = _resolve(name_or_path)
+    state, metadata = read_state_dict(weights)
+    state = to_native(state)
+    if arch is not None:
+        config = get_config(arch)
+    elif config is None and CONFIG_METADATA_KEY in metadata:
+        config = CLIPConfig.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
+    elif config is None:
+        config = infer_config(state)
+        logger.info("architecture inferred from %s: %s", weights, describe(config))
+    target = resolve_dtype(dtype)
+    state = {k: (v.to(target) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+    with torch.device("meta"):
+        model = ChineseCLIP(config)
+    load_native_state_dict(model, state, source=str(weights), assign=True)
+    _materialize_buffers(model)
+    return _finish(model, device, target)
+
+
+def _materialize_buffers(model: torch.nn.Module) -> None:
+    """Recreate the non-persistent buffers (BERT's position / token type ids) left on the meta device."""
+    for module in model.modules():
+        for name, buf in list(module.named_buffers(recurse=False)):
+            if not buf.is_meta:
+                continue
+            if name == "position_ids":
+                value = torch.arange(buf.shape[-1]).expand(buf.shape)
+            elif name == "token_type_ids":
+                value = torch.zeros(buf.shape, dtype=buf.dtype)
+            else:
+                raise RuntimeError(f"buffer {name} of {type(module).__name__} was not materialised")
+            setattr(module, name, value)

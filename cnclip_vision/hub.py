@@ -1,0 +1,62 @@
+"""Released weights on the Hugging Face Hub, through huggingface_hub and its cache.
+
+``HF_HUB_OFFLINE=1`` and ``HF_HOME`` / ``HF_HUB_CACHE`` are honoured by huggingface_hub itself; when the
+files are neither cached nor downloadable the error says how to get them.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .configs import ModelInfo
+from .errors import WeightsNotFoundError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["download_weights"]
+
+# tried in order for repos in the Hugging Face layout
+_HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+_HF_SIDE_FILES = ("config.json", "preprocessor_config.json", "vocab.txt")
+
+
+def download_weights(info: ModelInfo, revision: str | None = None) -> Path:
+    """Local path of a registered model's weights: a Hugging Face directory, or the original ``.pt``
+    file for repos that hold only that (RN50)."""
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    if info.local_path is not None:
+        return Path(info.local_path)
+    if info.hub_id is None:
+        raise WeightsNotFoundError(f"model {info.name!r} has no released weights")
+
+    def fetch(filename: str) -> Path:
+        return Path(hf_hub_download(info.hub_id, filename, revision=revision))
+
+    try:
+        if info.name == "RN50":  # transformers has no RN50 class; the repo holds the original checkpoint
+            return fetch(info.original_file or "")
+        config = fetch("config.json")
+        for name in _HF_WEIGHT_FILES:
+            try:
+                fetch(name)
+                break
+            except EntryNotFoundError:  # includes "not in the cache" while offline: try the next name
+                if name == _HF_WEIGHT_FILES[-1]:
+                    raise
+        for name in _HF_SIDE_FILES[1:]:
+            try:
+                fetch(name)
+            except EntryNotFoundError:
+                logger.info("%s has no %s; using the packaged default", info.hub_id, name)
+        return config.parent
+    except (LocalEntryNotFoundError, EntryNotFoundError, OSError) as e:
+        offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
+        raise WeightsNotFoundError(
+            f"the weights of {info.name} ({info.hub_id}) are not in the Hugging Face cache at "
+            f"{constants.HF_HUB_CACHE} and could not be downloaded{offline}. On a machine with access run "
+            f"`huggingface-cli download {info.hub_id}` and copy the cache (or set HF_HOME to it), or pass a "
+            f"local directory or clip_cn_*.pt file to cnclip_vision.load. Cause: {str(e).splitlines()[0]}"
+        ) from e

@@ -1,0 +1,168 @@
+"""The Chinese-CLIP dual encoder: a timm image tower, a transformers BERT text tower, two projections.
+
+Image tower: OpenAI-CLIP ViT (timm ``VisionTransformer`` with QuickGELU, pre-norm, bias-free patch
+embedding, LayerNorm eps 1e-5) whose classifier head is the bias-free visual projection; or the CLIP
+ModifiedResNet-50 (timm ``resnet50_clip``, attention-pool head). Text tower: ``transformers.BertModel``
+without pooler; the text feature is the projected ``[CLS]`` hidden state (no final LayerNorm).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .configs import CLIPConfig, VisionConfig
+
+if TYPE_CHECKING:
+    from .processor import Processor
+
+__all__ = ["ChineseCLIP", "CLIPOutput", "build_image_tower", "build_text_tower"]
+
+
+def build_image_tower(vision: VisionConfig, embed_dim: int) -> nn.Module:
+    """A timm model mapping ``[N, 3, S, S]`` images to ``[N, embed_dim]`` image features."""
+    if vision.kind == "vit":
+        from timm.layers import LayerNorm
+        from timm.models.vision_transformer import VisionTransformer
+
+        tower = VisionTransformer(
+            img_size=vision.image_size,
+            patch_size=vision.patch_size,
+            embed_dim=vision.width,
+            depth=vision.layers,
+            num_heads=vision.heads,
+            mlp_ratio=vision.mlp_ratio,
+            qkv_bias=True,
+            pre_norm=True,
+            class_token=True,
+            global_pool="token",
+            norm_layer=partial(LayerNorm, eps=1e-5),
+            act_layer="quick_gelu",
+            num_classes=embed_dim,
+        )
+        tower.head = nn.Linear(vision.width, embed_dim, bias=False)  # visual.proj, no bias
+        return tower
+    from timm.models.byobnet import ByobNet, model_cfgs
+
+    if tuple(vision.layers) != (3, 4, 6, 3) or vision.width != 64 or vision.heads != 32:
+        raise ValueError(
+            f"ResNet image towers exist only in the RN50 layout (layers (3, 4, 6, 3), width 64, 32 heads); "
+            f"got layers {vision.layers}, width {vision.width}, heads {vision.heads}"
+        )
+    return ByobNet(cfg=model_cfgs["resnet50_clip"], num_classes=embed_dim, img_size=vision.image_size)
+
+
+def build_text_tower(config: CLIPConfig) -> nn.Module:
+    """``transformers.BertModel`` without pooler, SDPA attention."""
+    from transformers import BertConfig, BertModel
+
+    bert_config = BertConfig(**config.text.to_bert_kwargs())
+    bert_config._attn_implementation = "sdpa"
+    return BertModel(bert_config, add_pooling_layer=False)
+
+
+@dataclass
+class CLIPOutput:
+    """Result of :meth:`ChineseCLIP.forward`: scaled cosine logits and the normalised embeddings."""
+
+    logits_per_image: torch.Tensor  # [num_images, num_texts]
+    logits_per_text: torch.Tensor  # [num_texts, num_images]
+    image_embeds: torch.Tensor
+    text_embeds: torch.Tensor
+
+
+class ChineseCLIP(nn.Module):
+    """Chinese-CLIP dual encoder. Build with :func:`cnclip_vision.create_model` or :func:`cnclip_vision.load`."""
+
+    def __init__(self, config: CLIPConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.visual = build_image_tower(config.vision, config.embed_dim)
+        self.text = build_text_tower(config)
+        self.text_projection = nn.Linear(config.text.hidden_size, config.embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        nn.init.normal_(self.text_projection.weight, std=config.text.hidden_size**-0.5)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.text_projection.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.text_projection.weight.device
+
+    @property
+    def image_size(self) -> int:
+        return self.config.vision.image_size
+
+    def encode_image(self, pixel_values: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """Projected image features ``[N, embed_dim]`` of preprocessed images ``[N, 3, S, S]``."""
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
+            shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
+            raise ValueError(
+                f"pixel_values must be a float tensor [N, 3, {self.image_size}, {self.image_size}], got {shape}; "
+                "preprocess images with cnclip_vision.image_transform"
+            )
+        if pixel_values.shape[0] == 0:
+            raise ValueError("pixel_values is an empty batch")
+        if self.config.vision.kind == "vit" and tuple(pixel_values.shape[-2:]) != (self.image_size,) * 2:
+            raise ValueError(
+                f"this model takes {self.image_size}x{self.image_size} images, got "
+                f"{pixel_values.shape[-2]}x{pixel_values.shape[-1]}; use cnclip_vision.image_transform({self.image_size})"
+            )
+        features = self.visual(pixel_values.to(device=self.device, dtype=self.dtype))
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, normalize: bool = False
+    ) -> torch.Tensor:
+        """Projected text features ``[N, embed_dim]`` from token ids ``[N, L]``.
+
+        Without ``attention_mask`` the mask is ``input_ids != 0`` (``[PAD]``), as in the original model.
+        Token type ids are zeros.
+        """
+        if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.dtype.is_floating_point:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids)
+            raise ValueError(f"input_ids must be an integer tensor [N, L], got {shape}; use cnclip_vision.tokenize")
+        if input_ids.shape[0] == 0:
+            raise ValueError("input_ids is an empty batch")
+        if input_ids.shape[1] > self.config.text.max_position_embeddings:
+            raise ValueError(
+                f"input_ids has {input_ids.shape[1]} tokens; the text tower takes at most "
+                f"{self.config.text.max_position_embeddings}"
+            )
+        input_ids = input_ids.to(self.device)
+        if attention_mask is None:
+            attention_mask = input_ids != 0
+        hidden = self.text(input_ids=input_ids, attention_mask=attention_mask.to(self.device)).last_hidden_state
+        features = self.text_projection(hidden[:, 0])
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def forward(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> CLIPOutput:
+        """``exp(logit_scale) * cosine`` between every image and every text."""
+        image_embeds = self.encode_image(pixel_values, normalize=True)
+        text_embeds = self.encode_text(input_ids, attention_mask, normalize=True)
+        logits_per_text = self.logit_scale.exp() * text_embeds @ image_embeds.t()
+        return CLIPOutput(logits_per_text.t(), logits_per_text, image_embeds, text_embeds)
+
+    def get_processor(self) -> Processor:
+        """The preprocessing that matches this model (tokenizer + image transform)."""
+        from .processor import Processor
+
+        return Processor(image_size=self.image_size)
+
+    def save_pretrained(self, directory: str | os.PathLike[str]) -> None:
+        """Write ``model.safetensors``, ``config.json`` (readable by transformers for ViT sizes), the vocab
+        and the preprocessor config. Files are written to a temporary name and renamed."""
+        from .weights import save_pretrained
+
+        save_pretrained(self, directory)

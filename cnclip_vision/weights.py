@@ -1,0 +1,450 @@
+"""Checkpoint reading, layout conversion and saving (DESIGN.md §3).
+
+Three layouts exist for the same weights:
+
+- ``original``: the ``clip_cn_*.pt`` files of the Chinese-CLIP repository (``visual.*``, ``bert.*``,
+  ``text_projection [hidden, embed]``), possibly ``module.``-prefixed, wrapped in ``{"state_dict": ...}``,
+  with ``bert.pooler.*``, or with flash-attention ``Wqkv`` names;
+- ``hf``: transformers' ``ChineseCLIPModel`` (``vision_model.*``, ``text_model.*``, ``*_projection.weight``);
+- ``native``: this library's module names (timm image tower under ``visual.``, BERT under ``text.``).
+
+Converters are pure functions: they never modify their input. The architecture is inferred from tensor
+shapes where the file does not say.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import re
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from .configs import CLIPConfig, TextConfig, VisionConfig, match_registered
+from .errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "StateDict",
+    "read_state_dict",
+    "detect_layout",
+    "to_native",
+    "original_to_native",
+    "hf_to_native",
+    "native_to_hf",
+    "infer_config",
+    "load_native_state_dict",
+    "save_pretrained",
+    "atomic_write",
+]
+
+StateDict = dict[str, torch.Tensor]
+Layout = Literal["original", "hf", "native"]
+
+CONFIG_NAME = "config.json"
+SAFETENSORS_NAME = "model.safetensors"
+PYTORCH_NAME = "pytorch_model.bin"
+CONFIG_METADATA_KEY = "cnclip_vision_config"  # our config inside safetensors metadata and config.json
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def read_state_dict(path: str | os.PathLike[str]) -> tuple[StateDict, dict[str, str]]:
+    """Tensors of a checkpoint file and its metadata, loaded safely.
+
+    Safetensors files are read with ``safetensors``; anything else with ``torch.load(weights_only=True)``,
+    which refuses pickles that would run code. The original ``{"state_dict": ...}`` wrapper and the
+    ``module.`` prefix of data-parallel training are removed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist or is not a file")
+    with path.open("rb") as f:
+        head = f.read(16)
+    if not head:
+        raise CheckpointError(f"checkpoint {path} is empty")
+    metadata: dict[str, str] = {}
+    if path.suffix == ".safetensors" or _looks_like_safetensors(head):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = dict(f.metadata() or {})
+                state = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # safetensors raises its own SafetensorError for corrupt headers/data
+            raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        except pickle.UnpicklingError as e:
+            reason = str(e).splitlines()[0]
+            if "weights_only" in str(e) or "Unsupported global" in str(e) or "Unsupported operand" in str(e):
+                raise CheckpointError(
+                    f"refusing to load {path}: it contains pickled objects other than tensors ({reason}). "
+                    "It was NOT executed. Only tensor checkpoints (torch.save of a state dict) and safetensors "
+                    "are loaded; convert it on a trusted machine if you trust its source."
+                ) from e
+            raise CheckpointError(f"{path} is not a PyTorch checkpoint: {reason}") from e
+        except Exception as e:  # torch raises RuntimeError, EOFError, IndexError, ... for non-checkpoints
+            raise CheckpointError(
+                f"{path} could not be read as a PyTorch checkpoint (truncated or corrupt?): {str(e).splitlines()[0]}"
+            ) from e
+        state = _unwrap(obj, path)
+    if not state:
+        raise CheckpointError(f"checkpoint {path} holds no tensors")
+    return _strip_prefix(state, "module."), metadata
+
+
+def _looks_like_safetensors(head: bytes) -> bool:
+    # 8-byte little-endian header length, then a JSON object
+    return len(head) > 9 and head[8:9] == b"{"
+
+
+def _unwrap(obj: object, path: Path) -> StateDict:
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict of tensors")
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{path}: entries that are not tensors: {bad[:5]}")
+    return dict(obj)
+
+
+def _strip_prefix(state: StateDict, prefix: str) -> StateDict:
+    if state and all(k.startswith(prefix) for k in state):
+        return {k[len(prefix) :]: v for k, v in state.items()}
+    return state
+
+
+def detect_layout(state: Mapping[str, torch.Tensor]) -> Layout:
+    """Which of the three layouts a (prefix-free) state dict is in."""
+    keys = state.keys()
+    if any(k.startswith(("vision_model.", "text_model.")) for k in keys):
+        return "hf"
+    if any(k.startswith("bert.") for k in keys):
+        return "original"
+    if any(k.startswith("text.") for k in keys) and any(k.startswith("visual.") for k in keys):
+        return "native"
+    sample = ", ".join(list(keys)[:5])
+    raise CheckpointError(
+        "not a Chinese-CLIP checkpoint: expected keys starting with 'visual.'/'bert.' (original), "
+        f"'vision_model.'/'text_model.' (Hugging Face) or 'visual.'/'text.' (cnclip_vision); found {sample}, ..."
+    )
+
+
+# ----------------------------------------------------------------------------------------- conversion
+# (foreign name, native name) pairs; "{i}" stands for a layer index. Used in both directions.
+_HF_NAMES = [
+    ("vision_model.embeddings.patch_embedding.", "visual.patch_embed.proj."),
+    ("vision_model.pre_layrnorm.", "visual.norm_pre."),
+    ("vision_model.post_layernorm.", "visual.norm."),
+    ("vision_model.encoder.layers.{i}.layer_norm1.", "visual.blocks.{i}.norm1."),
+    ("vision_model.encoder.layers.{i}.layer_norm2.", "visual.blocks.{i}.norm2."),
+    ("vision_model.encoder.layers.{i}.self_attn.out_proj.", "visual.blocks.{i}.attn.proj."),
+    ("vision_model.encoder.layers.{i}.mlp.", "visual.blocks.{i}.mlp."),
+    ("visual_projection.weight", "visual.head.weight"),
+    ("text_projection.weight", "text_projection.weight"),
+    ("logit_scale", "logit_scale"),
+    ("text_model.", "text."),
+]
+_ORIGINAL_NAMES = [
+    ("visual.conv1.", "visual.patch_embed.proj."),
+    ("visual.ln_pre.", "visual.norm_pre."),
+    ("visual.ln_post.", "visual.norm."),
+    ("visual.transformer.resblocks.{i}.ln_1.", "visual.blocks.{i}.norm1."),
+    ("visual.transformer.resblocks.{i}.ln_2.", "visual.blocks.{i}.norm2."),
+    ("visual.transformer.resblocks.{i}.attn.out_proj.", "visual.blocks.{i}.attn.proj."),
+    ("visual.transformer.resblocks.{i}.attn.in_proj_", "visual.blocks.{i}.attn.qkv."),
+    ("visual.transformer.resblocks.{i}.attn.Wqkv.", "visual.blocks.{i}.attn.qkv."),
+    ("visual.transformer.resblocks.{i}.mlp.c_fc.", "visual.blocks.{i}.mlp.fc1."),
+    ("visual.transformer.resblocks.{i}.mlp.c_proj.", "visual.blocks.{i}.mlp.fc2."),
+    ("logit_scale", "logit_scale"),
+    ("bert.", "text."),
+]
+# HF / original keys that carry no weights (buffers, the unused BERT pooler)
+_DROP = re.compile(r"^(text_model|bert)\.pooler\.|\.position_ids$|embeddings\.token_type_ids$")
+
+
+def _pattern(template: str) -> re.Pattern[str]:
+    return re.compile("^" + re.escape(template).replace(re.escape("{i}"), r"(?P<i>\d+)"))
+
+
+def _renamer(pairs: list[tuple[str, str]], reverse: bool = False) -> Callable[[str], str | None]:
+    compiled = [(_pattern(b if reverse else a), b if not reverse else a) for a, b in pairs]
+
+    def rename(key: str) -> str | None:
+        for pattern, target in compiled:
+            m = pattern.match(key)
+            if m:
+                return target.replace("{i}", m.groupdict().get("i") or "") + key[m.end() :]
+        return None
+
+    return rename
+
+
+_from_hf, _to_hf = _renamer(_HF_NAMES), _renamer(_HF_NAMES, reverse=True)
+_from_original = _renamer(_ORIGINAL_NAMES)
+
+
+def hf_to_native(state: Mapping[str, torch.Tensor]) -> StateDict:
+    """transformers ``ChineseCLIPModel`` keys → native keys (q/k/v fused, class/position embeddings reshaped)."""
+    out: StateDict = {}
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        if _DROP.search(key):
+            continue
+        m = re.match(r"^vision_model\.encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$", key)
+        if m:
+            qkv.setdefault(f"visual.blocks.{m[1]}.attn.qkv.{m[3]}", {})[m[2]] = value
+        elif key == "vision_model.embeddings.class_embedding":
+            out["visual.cls_token"] = value.reshape(1, 1, -1)
+        elif key == "vision_model.embeddings.position_embedding.weight":
+            out["visual.pos_embed"] = value.unsqueeze(0)
+        else:
+            out[_require(_from_hf(key), key, "Hugging Face")] = value
+    for key, parts in qkv.items():
+        if set(parts) != {"q", "k", "v"}:
+            raise CheckpointError(f"incomplete attention weights for {key}: found only {sorted(parts)} of q, k, v")
+        out[key] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    return out
+
+
+def native_to_hf(state: Mapping[str, torch.Tensor]) -> StateDict:
+    """Native keys → transformers ``ChineseCLIPModel`` keys (ViT towers only)."""
+    out: StateDict = {}
+    for key, value in state.items():
+        m = re.match(r"^visual\.blocks\.(\d+)\.attn\.qkv\.(weight|bias)$", key)
+        if m:
+            for name, part in zip("qkv", value.chunk(3, dim=0)):
+                out[f"vision_model.encoder.layers.{m[1]}.self_attn.{name}_proj.{m[2]}"] = part.contiguous()
+        elif key == "visual.cls_token":
+            out["vision_model.embeddings.class_embedding"] = value.reshape(-1)
+        elif key == "visual.pos_embed":
+            out["vision_model.embeddings.position_embedding.weight"] = value.squeeze(0)
+        elif key.startswith("visual.stem."):
+            raise CheckpointError("ResNet image towers have no Hugging Face layout (transformers has no class for them)")
+        else:
+            out[_require(_to_hf(key), key, "native")] = value
+    return out
+
+
+def original_to_native(state: Mapping[str, torch.Tensor]) -> StateDict:
+    """Original ``clip_cn_*.pt`` keys (prefix and wrapper already removed) → native keys."""
+    out: StateDict = {}
+    resnet = "visual.layer1.0.conv1.weight" in state
+    if resnet:
+        visual = {k: v for k, v in state.items() if k.startswith("visual.")}
+        out.update({f"visual.{k}": v for k, v in _resnet_filter(visual).items()})
+    bert_qkv = re.compile(r"^bert\.encoder\.layer\.(\d+)\.attention\.self\.(Wqkv|out_proj)\.(weight|bias)$")
+    for key, value in state.items():
+        if (resnet and key.startswith("visual.")) or _DROP.search(key):
+            continue
+        m = bert_qkv.match(key)
+        if m and m[2] == "Wqkv":
+            for name, part in zip(("query", "key", "value"), value.chunk(3, dim=0)):
+                out[f"text.encoder.layer.{m[1]}.attention.self.{name}.{m[3]}"] = part
+        elif m:  # flash-attention name of the attention output projection
+            out[f"text.encoder.layer.{m[1]}.attention.output.dense.{m[3]}"] = value
+        elif key == "visual.class_embedding":
+            out["visual.cls_token"] = value.reshape(1, 1, -1)
+        elif key == "visual.positional_embedding":
+            out["visual.pos_embed"] = value.unsqueeze(0)
+        elif key == "visual.proj":
+            out["visual.head.weight"] = value.t()
+        elif key == "text_projection":
+            out["text_projection.weight"] = value.t()
+        else:
+            out[_require(_from_original(key), key, "original Chinese-CLIP")] = value
+    return out
+
+
+def _resnet_filter(state: StateDict) -> StateDict:
+    """timm's own OpenAI-CLIP ModifiedResNet → ``resnet50_clip`` key mapping (on a weightless model)."""
+    from timm.models.byobnet import checkpoint_filter_fn
+
+    from .model import build_image_tower
+    from .configs import get_config
+
+    with torch.device("meta"):
+        tower = build_image_tower(get_config("RN50").vision, 1024)
+    return checkpoint_filter_fn(state, tower)
+
+
+def _require(new_key: str | None, key: str, layout: str) -> str:
+    if new_key is None:
+        raise CheckpointError(f"unexpected key {key!r} in a {layout} checkpoint")
+    return new_key
+
+
+def to_native(state: Mapping[str, torch.Tensor]) -> StateDict:
+    """Any of the three layouts → native keys."""
+    layout = detect_layout(state)
+    if layout == "hf":
+        return hf_to_native(state)
+    if layout == "original":
+        return original_to_native(state)
+    return dict(state)
+
+
+# ------------------------------------------------------------------------------ architecture inference
+def _count(state: Mapping[str, torch.Tensor], pattern: str) -> int:
+    rx = re.compile(pattern)
+    return len({m[1] for k in state for m in [rx.match(k)] if m})
+
+
+def _vit_heads(width: int) -> int:
+    # Released sizes: 64-wide heads, except ViT-H-14 whose 16 heads are 80 wide (DESIGN.md §2).
+    return 16 if width == 1280 else max(1, width // 64)
+
+
+def infer_config(state: Mapping[str, torch.Tensor]) -> CLIPConfig:
+    """The architecture of a native state dict, read from tensor shapes.
+
+    Head counts are not stored in weights: they follow the released models (64-wide heads; 16 heads of
+    width 80 for a 1280-wide ViT). Pass ``arch=`` to :func:`cnclip_vision.load` for other head counts.
+    """
+    try:
+        word = state["text.embeddings.word_embeddings.weight"]
+        text_hidden = word.shape[1]
+        text = TextConfig(
+            hidden_size=text_hidden,
+            num_layers=_count(state, r"^text\.encoder\.layer\.(\d+)\."),
+            num_heads=max(1, text_hidden // 64),
+            intermediate_size=state["text.encoder.layer.0.intermediate.dense.weight"].shape[0],
+            vocab_size=word.shape[0],
+            max_position_embeddings=state["text.embeddings.position_embeddings.weight"].shape[0],
+            type_vocab_size=state["text.embeddings.token_type_embeddings.weight"].shape[0],
+        )
+        if "visual.stem.conv1.conv.weight" in state:
+            pos = state["visual.head.pos_embed"]
+            grid = round((pos.shape[0] - 1) ** 0.5)
+            layers = tuple(_count(state, rf"^visual\.stages\.{s}\.(\d+)\.") for s in range(4))
+            vision = VisionConfig(kind="resnet", image_size=grid * 32, width=64, layers=layers, heads=32)
+            embed_dim = state["visual.head.proj.weight"].shape[0]
+        else:
+            patch = state["visual.patch_embed.proj.weight"]
+            width, patch_size = patch.shape[0], patch.shape[-1]
+            grid = round((state["visual.pos_embed"].shape[1] - 1) ** 0.5)
+            vision = VisionConfig(
+                kind="vit",
+                image_size=grid * patch_size,
+                width=width,
+                layers=_count(state, r"^visual\.blocks\.(\d+)\."),
+                heads=_vit_heads(width),
+                patch_size=patch_size,
+                mlp_ratio=state["visual.blocks.0.mlp.fc1.weight"].shape[0] / width,
+            )
+            embed_dim = state["visual.head.weight"].shape[0]
+    except KeyError as e:
+        raise CheckpointError(f"cannot infer the architecture: the checkpoint has no {e.args[0]!r} tensor") from e
+    return CLIPConfig(embed_dim=embed_dim, vision=vision, text=text)
+
+
+def describe(config: CLIPConfig) -> str:
+    name = match_registered(config)
+    v = config.vision
+    tower = f"ResNet {v.layers}" if v.kind == "resnet" else f"ViT width {v.width} x {v.layers} patch {v.patch_size}"
+    text = f"BERT {config.text.hidden_size} x {config.text.num_layers}"
+    return f"{name or 'custom'} ({tower} @ {v.image_size}px, {text}, embed {config.embed_dim})"
+
+
+# ------------------------------------------------------------------------------------------- loading
+def load_native_state_dict(
+    model: torch.nn.Module, state: Mapping[str, torch.Tensor], *, source: str, assign: bool = False
+) -> None:
+    """Strict load that names missing, unexpected and mis-shaped keys before torch would."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if missing or unexpected or mismatched:
+        lines = [f"checkpoint {source} does not fit the model ({describe(model.config)})"]  # type: ignore[arg-type]
+        for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
+            if items:
+                more = f" ... and {len(items) - 8} more" if len(items) > 8 else ""
+                lines.append(f"  {len(items)} {title}: {', '.join(items[:8])}{more}")
+        try:
+            lines.append(f"  the checkpoint looks like: {describe(infer_config(state))}")
+        except CheckpointError:
+            pass
+        raise CheckpointError("\n".join(lines))
+    model.load_state_dict(state, strict=True, assign=assign)
+
+
+# -------------------------------------------------------------------------------------------- saving
+@contextmanager
+def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike[str], obj: object) -> None:
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
+def save_state_dict(state: Mapping[str, torch.Tensor], path: str | os.PathLike[str], config: CLIPConfig) -> None:
+    """Safetensors file whose metadata carries the config, so the file alone is self-describing."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous() for k, v in state.items()}
+    metadata = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(config.to_dict())}
+    with atomic_write(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike[str]) -> None:
+    """Hugging Face layout for ViT towers (transformers reads it), native layout for ResNet towers."""
+    from .processor import Processor
+
+    config: CLIPConfig = model.config  # type: ignore[assignment]
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    if config.vision.kind == "vit":
+        state, config_json = native_to_hf(state), config.to_hf_dict()
+    else:
+        config_json = {"architectures": ["ChineseCLIPResNet"]}
+    config_json[CONFIG_METADATA_KEY] = config.to_dict()
+    save_state_dict(state, directory / SAFETENSORS_NAME, config)
+    write_json(directory / CONFIG_NAME, config_json)
+    Processor(image_size=config.vision.image_size).save_pretrained(directory)
+    logger.info("saved %s to %s", describe(config), directory)
+
+
+def config_from_json(path: Path) -> CLIPConfig | None:
+    """Our config from a ``config.json`` (ours or transformers'); None when the file says nothing usable."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+    try:
+        if CONFIG_METADATA_KEY in data:
+            return CLIPConfig.from_dict(data[CONFIG_METADATA_KEY])
+        if data.get("model_type") == "chinese_clip" or "vision_config" in data:
+            return CLIPConfig.from_hf_dict(data)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+    return None

@@ -1,0 +1,142 @@
+"""create_model / load from every source, round trips, architecture inference, the CLI converter."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import cnclip_vision
+from cnclip_vision.configs import get_config
+from cnclip_vision.weights import infer_config, to_native
+
+from .conftest import random_inputs, small_config
+
+# DESIGN.md §2 / §3: parameters in millions (total, vision, text incl. projection) and original key counts
+EXPECTED = {
+    "RN50": (77.0, 38.3, 38.7, 394),
+    "ViT-B-16": (188.3, 86.2, 102.1, 351),
+    "ViT-L-14": (406.2, 304.0, 102.3, 495),
+    "ViT-L-14-336": (406.6, 304.3, 102.3, 495),
+    "ViT-H-14": (957.6, 632.1, 325.5, 783),
+}
+
+
+def _millions(module: torch.nn.Module) -> float:
+    return round(sum(p.numel() for p in module.parameters()) / 1e6, 1)
+
+
+def test_list_models():
+    assert set(EXPECTED) <= set(cnclip_vision.list_models())
+
+
+@pytest.mark.parametrize("arch", list(EXPECTED))
+def test_exact_architectures(arch):
+    with torch.device("meta"):
+        model = cnclip_vision.ChineseCLIP(get_config(arch))
+    total, vision, text, n_keys = EXPECTED[arch]
+    assert _millions(model) == total
+    assert _millions(model.visual) == vision
+    assert round(_millions(model.text) + _millions(model.text_projection), 1) == text
+    assert len(model.state_dict()) == n_keys
+    # the inferred architecture of a state dict of this shape is the registered one
+    assert infer_config(model.state_dict()) == get_config(arch)
+
+
+def test_vit_tower_is_quickgelu_clip():
+    model = cnclip_vision.create_model(small_config("ViT-B-16"))
+    block = model.visual.blocks[0]
+    assert type(block.mlp.act).__name__ == "QuickGELU"
+    assert block.norm1.eps == 1e-5 and model.visual.norm_pre is not None
+    assert model.visual.patch_embed.proj.bias is None and model.visual.head.bias is None
+    assert model.text.config.layer_norm_eps == 1e-12 and model.text.pooler is None
+
+
+def test_create_model_is_eval_and_dtype():
+    model = cnclip_vision.create_model(small_config("ViT-B-16"), dtype="bf16")
+    assert not model.training and model.dtype == torch.bfloat16
+    pixels, ids, mask = random_inputs(model.config)
+    with torch.no_grad():
+        assert model.encode_image(pixels).dtype == torch.bfloat16
+
+
+def test_round_trip_directory_and_bare_file(tmp_path):
+    config = small_config("ViT-L-14")
+    model = cnclip_vision.create_model(config)
+    model.save_pretrained(tmp_path)
+    for name in ("config.json", "model.safetensors", "vocab.txt", "preprocessor_config.json"):
+        assert (tmp_path / name).is_file(), name
+    assert not list(tmp_path.glob("*.tmp"))  # atomic writes leave no temporaries
+    pixels, ids, mask = random_inputs(config)
+    # the directory, and the safetensors file alone (its metadata carries the config)
+    for source in (tmp_path, tmp_path / "model.safetensors", str(tmp_path)):
+        again = cnclip_vision.load(source)
+        assert again.config == config
+        with torch.no_grad():
+            assert torch.equal(again.encode_image(pixels), model.encode_image(pixels))
+            assert torch.equal(again.encode_text(ids, mask), model.encode_text(ids, mask))
+
+
+def test_converters_are_pure(tmp_path):
+    model = cnclip_vision.create_model(small_config("ViT-B-16"))
+    model.save_pretrained(tmp_path)
+    hf_state = load_file(tmp_path / "model.safetensors")
+    snapshot = {k: v.clone() for k, v in hf_state.items()}
+    native = to_native(hf_state)
+    assert set(hf_state) == set(snapshot)
+    assert all(torch.equal(hf_state[k], snapshot[k]) for k in snapshot)
+    assert set(native) == set(model.state_dict())
+
+
+def test_arch_override(tmp_path):
+    config = small_config("ViT-B-16")
+    cnclip_vision.create_model(config).save_pretrained(tmp_path)
+    assert cnclip_vision.load(tmp_path, arch=config).config == config
+
+
+def test_hub_name_from_offline_cache(tmp_path):
+    """`load("ViT-B-16")` goes through huggingface_hub's cache; here one laid out on disk, offline."""
+    model = cnclip_vision.create_model(small_config("ViT-B-16"))
+    repo = tmp_path / "hf_home" / "hub" / "models--OFA-Sys--chinese-clip-vit-base-patch16"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    model.save_pretrained(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    code = (
+        "import cnclip_vision, json, sys; m = cnclip_vision.load('ViT-B-16'); "
+        "json.dump({'width': m.config.vision.width, 'training': m.training}, sys.stdout)"
+    )
+    env = {"HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"width": model.config.vision.width, "training": False}
+
+
+def test_cli_convert_original_to_transformers(tmp_path):
+    """`cnclip convert clip_cn_*.pt DIR` gives a directory transformers loads with identical outputs."""
+    from transformers import ChineseCLIPModel
+
+    from .conftest import reference_clip
+
+    config = small_config("ViT-H-14")
+    ref = reference_clip(config)
+    torch.save({"state_dict": {"module." + k: v for k, v in ref.state_dict().items()}}, tmp_path / "clip_cn_x.pt")
+    out = subprocess.run(
+        [sys.executable, "-m", "cnclip_vision.cli", "convert", str(tmp_path / "clip_cn_x.pt"), str(tmp_path / "hf")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["output"] == str(tmp_path / "hf")
+    hf = ChineseCLIPModel.from_pretrained(tmp_path / "hf").eval()
+    pixels, ids, mask = random_inputs(config)
+    with torch.no_grad():
+        ref_img, hf_img = ref.encode_image(pixels), hf.get_image_features(pixel_values=pixels)
+        hf_img = hf_img if isinstance(hf_img, torch.Tensor) else hf_img.pooler_output
+        torch.testing.assert_close(hf_img, ref_img, atol=1e-5, rtol=0)
+        hf_txt = hf.get_text_features(input_ids=ids, attention_mask=mask)
+        hf_txt = hf_txt if isinstance(hf_txt, torch.Tensor) else hf_txt.pooler_output
+        torch.testing.assert_close(hf_txt, ref.encode_text(ids), atol=1e-5, rtol=0)
