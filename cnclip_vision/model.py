@@ -12,7 +12,7 @@ import math
 import os
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -26,36 +26,46 @@ if TYPE_CHECKING:
 __all__ = ["ChineseCLIP", "CLIPOutput", "build_image_tower", "build_text_tower"]
 
 
-def build_image_tower(vision: VisionConfig, embed_dim: int) -> nn.Module:
-    """A timm model mapping ``[N, 3, S, S]`` images to ``[N, embed_dim]`` image features."""
-    if vision.kind == "vit":
-        from timm.layers import LayerNorm
-        from timm.models.vision_transformer import VisionTransformer
+def vit_kwargs(vision: VisionConfig) -> dict[str, Any]:
+    """timm ``VisionTransformer`` arguments of an OpenAI-CLIP ViT (QuickGELU, pre-norm, LayerNorm eps 1e-5;
+    timm drops the patch-embedding bias when ``pre_norm`` is set)."""
+    from timm.layers import LayerNorm
 
-        tower = VisionTransformer(
-            img_size=vision.image_size,
-            patch_size=vision.patch_size,
-            embed_dim=vision.width,
-            depth=vision.layers,
-            num_heads=vision.heads,
-            mlp_ratio=vision.mlp_ratio,
-            qkv_bias=True,
-            pre_norm=True,
-            class_token=True,
-            global_pool="token",
-            norm_layer=partial(LayerNorm, eps=1e-5),
-            act_layer="quick_gelu",
-            num_classes=embed_dim,
-        )
-        tower.head = nn.Linear(vision.width, embed_dim, bias=False)  # visual.proj, no bias
-        return tower
-    from timm.models.byobnet import ByobNet, model_cfgs
+    return dict(
+        img_size=vision.image_size,
+        patch_size=vision.patch_size,
+        embed_dim=vision.width,
+        depth=vision.layers,
+        num_heads=vision.heads,
+        mlp_ratio=vision.mlp_ratio,
+        qkv_bias=True,
+        pre_norm=True,
+        class_token=True,
+        global_pool="token",
+        norm_layer=partial(LayerNorm, eps=1e-5),
+        act_layer="quick_gelu",
+    )
 
-    if tuple(vision.layers) != (3, 4, 6, 3) or vision.width != 64 or vision.heads != 32:
+
+def check_resnet(vision: VisionConfig) -> None:
+    if tuple(vision.layers) != (3, 4, 6, 3) or vision.width != 64 or vision.heads != 32:  # type: ignore[arg-type]
         raise ValueError(
             f"ResNet image towers exist only in the RN50 layout (layers (3, 4, 6, 3), width 64, 32 heads); "
             f"got layers {vision.layers}, width {vision.width}, heads {vision.heads}"
         )
+
+
+def build_image_tower(vision: VisionConfig, embed_dim: int) -> nn.Module:
+    """A timm model mapping ``[N, 3, S, S]`` images to ``[N, embed_dim]`` image features."""
+    if vision.kind == "vit":
+        from timm.models.vision_transformer import VisionTransformer
+
+        tower = VisionTransformer(**vit_kwargs(vision), num_classes=embed_dim)
+        tower.head = nn.Linear(vision.width, embed_dim, bias=False)  # visual.proj, no bias
+        return tower
+    from timm.models.byobnet import ByobNet, model_cfgs
+
+    check_resnet(vision)
     return ByobNet(cfg=model_cfgs["resnet50_clip"], num_classes=embed_dim, img_size=vision.image_size)
 
 

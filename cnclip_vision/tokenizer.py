@@ -11,16 +11,19 @@ original algorithm instead, so every text gets the original ids.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import re
 import unicodedata
 from collections.abc import Sequence
 from os import PathLike
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
 
 if TYPE_CHECKING:
-    import torch
     from transformers import BatchEncoding, PreTrainedTokenizerBase
 
 __all__ = [
@@ -41,9 +44,10 @@ _MAX_CHARS_PER_WORD = 200  # the original's WordpieceTokenizer; the Rust default
 
 # Curly quotes are [UNK] in the vocab; the training text had them mapped to ASCII quotes.
 _QUOTES = str.maketrans({"“": '"', "”": '"', "„": '"', "‟": '"', "‘": "'", "’": "'"})
+_HAS_QUOTE = re.compile("[“”„‟‘’]").search
 
-# Characters on which the Rust tokenizer provably gives the original's result (every one of them is
-# checked in tests/test_tokenizer.py): Latin, Greek except capital sigma (the original lower-cases it
+# Characters on which the Rust tokenizer gives the original's result (checked character by character
+# in tests/test_tokenizer.py, so a newer Unicode in Python or tokenizers shows up there): Latin, Greek except capital sigma (the original lower-cases it
 # to final "ς" by context), Cyrillic, general punctuation and symbols, CJK radicals, symbols, kana,
 # Hangul, ideographs (BMP, Extension A/B, compatibility), full-width forms, emoji, tag characters.
 _FAST_CHARS = re.compile(
@@ -58,7 +62,7 @@ _CHINESE_RANGES = (
 
 def normalize_quotes(text: str) -> str:
     """Map curly quotes (“ ” „ ‟ and ‘ ’) to ASCII ``"`` and ``'``, as in the training data."""
-    return text.translate(_QUOTES)
+    return text.translate(_QUOTES) if _HAS_QUOTE(text) else text  # translate() is slow on CJK text
 
 
 def _is_punctuation(char: str) -> bool:
@@ -152,6 +156,8 @@ class Tokenizer:
         # transformers 5: ``vocab_file=`` is silently ignored (tiny default vocab); ``vocab=`` reads the file.
         tok = BertTokenizerFast(vocab=str(self.vocab_path), do_lower_case=True, tokenize_chinese_chars=True)
         tok.backend_tokenizer.model.max_input_chars_per_word = _MAX_CHARS_PER_WORD
+        # A literal "[MASK]" in a text is "[", "mask", "]" in the original, never the special token.
+        tok.backend_tokenizer.encode_special_tokens = True
         if tok.vocab_size != len(self.vocab) or tok.convert_tokens_to_ids("[CLS]") != self.vocab["[CLS]"]:
             raise RuntimeError(f"transformers did not load the vocabulary {self.vocab_path}")  # pragma: no cover
         return tok
@@ -191,23 +197,18 @@ class Tokenizer:
     def wordpiece_ids(self, texts: str | Sequence[str]) -> list[list[int]]:
         """Word-piece ids of each text, without [CLS]/[SEP] and without truncation."""
         texts = [normalize_quotes(t) for t in _check_texts(texts)]
-        fast = [i for i, t in enumerate(texts) if _FAST_CHARS.fullmatch(t)]
         ids: list[list[int]] = [[] for _ in texts]
+        fast = [i for i, text in enumerate(texts) if _FAST_CHARS.fullmatch(text)]
         if fast:
-            # split_special_tokens: a literal "[MASK]" in a text is "[", "mask", "]" as in the original.
-            encoded = self.hf_tokenizer(
-                [texts[i] for i in fast],
-                add_special_tokens=False,
-                split_special_tokens=True,
-                return_attention_mask=False,
-                return_token_type_ids=False,
-            )["input_ids"]
-            for i, row in zip(fast, encoded):
-                ids[i] = row
-        if len(fast) < len(texts):
-            vocab, unk = self.vocab, self.unk_token_id
-            for i in sorted(set(range(len(texts))) - set(fast)):
-                ids[i] = [piece for w in _basic_tokenize(texts[i]) for piece in _wordpiece_ids(w, vocab, unk)]
+            backend = self.hf_tokenizer.backend_tokenizer
+            encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # no offsets: faster
+            for i, encoding in zip(fast, encode([texts[i] for i in fast], add_special_tokens=False)):
+                ids[i] = encoding.ids
+        if len(fast) < len(texts):  # rare characters: the exact Python port of the original
+            vocab, unk, fast_set = self.vocab, self.unk_token_id, set(fast)
+            for i, text in enumerate(texts):
+                if i not in fast_set:
+                    ids[i] = [p for word in _basic_tokenize(text) for p in _wordpiece_ids(word, vocab, unk)]
         return ids
 
     def find_truncated(
@@ -239,6 +240,8 @@ class Tokenizer:
         _check_context_length(context_length)
         if padding not in ("longest", "max_length"):
             raise ValueError(f'padding must be "longest" or "max_length", got {padding!r}')
+        if return_tensors not in ("pt", "np", None):
+            raise ValueError(f'return_tensors must be "pt", "np" or None, got {return_tensors!r}')
         texts = _check_texts(texts)
         pieces = self.wordpiece_ids(texts)
         keep = context_length - 2
@@ -249,12 +252,22 @@ class Tokenizer:
                         "text %d is %d word pieces, over context_length=%d; it is truncated to %r: %r",
                         i, len(ids), context_length, self.decode(ids[:keep]), texts[i],
                     )  # fmt: skip
-        rows = [[self.cls_token_id, *ids[:keep], self.sep_token_id] for ids in pieces]
-        length = context_length if padding == "max_length" else max(map(len, rows))
-        pad = self.pad_token_id
-        input_ids = [row + [pad] * (length - len(row)) for row in rows]
-        attention_mask = [[1] * len(row) + [0] * (length - len(row)) for row in rows]
-        return BatchEncoding({"input_ids": input_ids, "attention_mask": attention_mask}, tensor_type=return_tensors)
+        n = len(pieces)
+        lengths = np.fromiter((min(len(ids), keep) for ids in pieces), dtype=np.int64, count=n)
+        length = context_length if padding == "max_length" else int(lengths.max()) + 2
+        columns = np.arange(length)
+        input_ids = np.full((n, length), self.pad_token_id, dtype=np.int64)
+        input_ids[:, 0] = self.cls_token_id
+        body = (columns >= 1) & (columns <= lengths[:, None])
+        input_ids[body] = np.fromiter(itertools.chain.from_iterable(ids[:keep] for ids in pieces), np.int64)
+        input_ids[np.arange(n), lengths + 1] = self.sep_token_id
+        attention_mask = (columns < lengths[:, None] + 2).astype(np.int64)
+        data: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if return_tensors == "pt":
+            data = {k: torch.from_numpy(v) for k, v in data.items()}
+        elif return_tensors is None:
+            data = {k: v.tolist() for k, v in data.items()}
+        return BatchEncoding(data)
 
     def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
         """Ids back to text (word pieces joined; lower-cased, accents stripped)."""

@@ -358,11 +358,8 @@ def describe(config: CLIPConfig) -> str:
 
 
 # ------------------------------------------------------------------------------------------- loading
-def load_native_state_dict(
-    model: torch.nn.Module, state: Mapping[str, torch.Tensor], *, source: str, assign: bool = False
-) -> None:
-    """Strict load that names missing, unexpected and mis-shaped keys before torch would."""
-    expected = model.state_dict()
+def fit_report(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Lines naming the missing, unexpected and mis-shaped keys of ``state``; empty when it fits."""
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     mismatched = [
@@ -370,17 +367,30 @@ def load_native_state_dict(
         for k, v in expected.items()
         if k in state and tuple(state[k].shape) != tuple(v.shape)
     ]
-    if missing or unexpected or mismatched:
-        lines = [f"checkpoint {source} does not fit the model ({describe(model.config)})"]  # type: ignore[arg-type]
-        for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
-            if items:
-                more = f" ... and {len(items) - 8} more" if len(items) > 8 else ""
-                lines.append(f"  {len(items)} {title}: {', '.join(items[:8])}{more}")
-        try:
-            lines.append(f"  the checkpoint looks like: {describe(infer_config(state))}")
-        except CheckpointError:
-            pass
-        raise CheckpointError("\n".join(lines))
+    lines = []
+    for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
+        if items:
+            more = f" ... and {len(items) - 8} more" if len(items) > 8 else ""
+            lines.append(f"  {len(items)} {title}: {', '.join(items[:8])}{more}")
+    return lines
+
+
+def looks_like(state: Mapping[str, torch.Tensor]) -> str:
+    """``"the checkpoint looks like: ..."`` for error messages, or an empty string."""
+    try:
+        return f"  the checkpoint looks like: {describe(infer_config(to_native(state)))}"
+    except CheckpointError:
+        return ""
+
+
+def load_native_state_dict(
+    model: torch.nn.Module, state: Mapping[str, torch.Tensor], *, source: str, assign: bool = False
+) -> None:
+    """Strict load that names missing, unexpected and mis-shaped keys before torch would."""
+    problems = fit_report(model.state_dict(), state)
+    if problems:
+        header = f"checkpoint {source} does not fit the model ({describe(model.config)})"  # type: ignore[arg-type]
+        raise CheckpointError("\n".join([header, *problems, looks_like(state)]).rstrip())
     model.load_state_dict(state, strict=True, assign=assign)
 
 

@@ -1,0 +1,423 @@
+"""The Chinese-CLIP ViT image tower as a torchvision detection backbone (ViTDet simple feature pyramid).
+
+:func:`vit_fpn_backbone` returns a :class:`ViTDetBackbone`: a timm Chinese-CLIP ViT (``dynamic_img_size``,
+so the position embedding is interpolated to any grid) whose last-block tokens (after the final LayerNorm
+``ln_post``, class token dropped) form one stride-16 map, and the simple feature pyramid of Li et al.
+2022 (*Exploring Plain Vision Transformer Backbones for Object Detection*) built from it::
+
+    stride 4:  deconv 2x2/2 -> LN -> GELU -> deconv 2x2/2  \
+    stride 8:  deconv 2x2/2                                 |  each then conv 1x1 + LN, conv 3x3 + LN
+    stride 16: identity                                     |  -> out_channels
+    stride 32: max-pool 2x2/2                              /
+    stride 64: max-pool kernel 1 stride 2 of stride 32 (torchvision ``LastLevelMaxPool``)
+
+The output is an ``OrderedDict`` named ``"0"``, ``"1"``, ``"2"``, ``"3"``, ``"pool"`` like torchvision's
+ResNet-FPN, so ``FasterRCNN(vit_fpn_backbone("ViT-B-16"), num_classes=...)`` works with torchvision's
+default anchors and ``MultiScaleRoIAlign(["0", "1", "2", "3"])``. ``levels="p3-p7"`` gives strides
+8..128 (``"0"``, ``"1"``, ``"2"``, ``"p6"``, ``"p7"``; P6/P7 from torchvision's ``LastLevelP6P7``), the
+RetinaNet / FCOS layout. :func:`detector_kwargs` gives matching anchors and RoI pooling for
+``FasterRCNN``, ``MaskRCNN``, ``RetinaNet`` and ``FCOS``.
+
+Inputs: ``[N, 3, H, W]`` with H and W multiples of 32 (what ``GeneralizedRCNNTransform`` produces with
+its default ``size_divisible=32``), non-square allowed.
+
+Patch-14 towers (ViT-L-14, ViT-L-14-336, ViT-H-14). ``MultiScaleRoIAlign`` and the anchor generators
+assume power-of-two strides, so the token grid must be H/16 x W/16. Two modes (``patch14_mode``):
+
+* ``"resize"`` (default): the input is resized by 14/16 (bicubic, antialiased, as CLIP preprocessing)
+  before the unchanged patch-14 tower; a token then covers 16 input pixels. The tower computes exactly
+  what the released model computes on a 7/8-scale image.
+* ``"resample"``: the patch embedding is resampled to 16x16 on loading (FlexiViT pseudo-inverse resize,
+  timm's ``resample_patch_embed``) and the tower runs on the full-resolution input.
+
+Both use the same number of tokens. Measured on ViT-L-14 with random weights written by
+``create_model(...).save_pretrained`` and read back through each mode, on smooth synthetic images (the
+reference is the native patch-14 tower on the same scene rendered at 7/8 scale; "centred" subtracts the
+mean over the 8 images first, which removes what random towers give every image)::
+
+    FIGURES_TBD
+
+``"resize"`` keeps the released features (the tower is frozen by default, so this is what the pyramid
+sees); ``"resample"`` changes them noticeably (only about 0.65-0.9 of the image-dependent part survives
+the resampled kernel and sixteen-pixel patches) and is worth it only when the tower is fine-tuned and
+the extra input resolution matters. Hence ``"resize"`` is the default.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers import LayerNorm2d, resample_abs_pos_embed
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
+from torchvision.ops.misc import Conv2dNormActivation
+
+from ..configs import CLIPConfig, get_config, list_models, match_registered
+from ..errors import CheckpointError
+from ..model import ChineseCLIP, vit_kwargs
+from .timm_models import TIMM_NAMES
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ViTDetBackbone", "vit_fpn_backbone", "detector_kwargs", "anchor_generator", "dense_image_embeddings"]
+
+Levels = Literal["p2-p6", "p3-p7"]
+PatchMode = Literal["resize", "resample"]
+Norm = Literal["ln", "gn", "none"]
+DetectorKind = Literal["faster_rcnn", "mask_rcnn", "retinanet", "fcos"]
+
+_LEVELS: dict[str, tuple[float, ...]] = {"p2-p6": (4.0, 2.0, 1.0, 0.5), "p3-p7": (2.0, 1.0, 0.5)}
+_NORMS = ("ln", "gn", "none")
+_PATCH_MODES = ("resize", "resample")
+_DETECTORS = ("faster_rcnn", "mask_rcnn", "retinanet", "fcos")
+_SIZE_DIVISIBLE = 32  # the stride-32 map must be exact; GeneralizedRCNNTransform pads to 32 by default
+_STRIDE = 16  # the stride of the tower's token grid, whatever its patch size
+
+
+def _norm_layer(norm: str) -> Callable[[int], nn.Module] | None:
+    if norm == "ln":
+        return LayerNorm2d
+    if norm == "gn":
+        return partial(nn.GroupNorm, 32)
+    if norm == "none":
+        return None
+    raise ValueError(f"norm={norm!r}; allowed values: {', '.join(map(repr, _NORMS))}")
+
+
+def _check_images(x: Any, multiple: int, patch: int, what: str) -> None:
+    if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != 3:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{what} takes images [N, 3, H, W]; got {shape}")
+    if not x.is_floating_point():
+        raise ValueError(f"{what} takes float images (normalised pixels); got dtype {x.dtype}")
+    h, w = x.shape[-2:]
+    if min(h, w) < max(patch, multiple):
+        raise ValueError(
+            f"{what}: input {h}x{w} is smaller than one patch; H and W must be at least {max(patch, multiple)} "
+            f"and multiples of {multiple}"
+        )
+    if h % multiple or w % multiple:
+        raise ValueError(
+            f"{what}: input {h}x{w} is not a multiple of {multiple}; pad H and W to multiples of {multiple} "
+            "(torchvision's GeneralizedRCNNTransform does so with size_divisible=32)"
+        )
+
+
+def _project(head: nn.Module, tokens: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """Apply the visual projection to every position of a ``[N, C, h, w]`` map."""
+    out = head(tokens.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    return F.normalize(out, dim=1) if normalize else out
+
+
+class ViTDetBackbone(nn.Module):
+    """A ViT tower plus the ViTDet simple feature pyramid; a torchvision detection backbone.
+
+    ``forward(x [N, 3, H, W])`` (H, W multiples of 32) returns an ``OrderedDict`` of ``len(strides)`` maps
+    ``[N, out_channels, H / s, W / s]`` (the top level rounds up). Towers whose patch is not 16 pixels get
+    their input resized by ``patch / 16`` so that the token grid is always H/16 x W/16.
+
+    ``trainable_layers``: 0 freezes the whole tower (kept in eval mode); n > 0 trains the last n blocks and
+    the final norm. The pyramid is always trainable; the visual projection (``tower.head``, used only by
+    :meth:`dense_embeddings`) is always frozen.
+    """
+
+    out_channels: int
+    strides: tuple[int, ...]
+
+    def __init__(
+        self,
+        tower: VisionTransformer,
+        *,
+        out_channels: int = 256,
+        levels: Levels = "p2-p6",
+        norm: Norm = "ln",
+        trainable_layers: int = 0,
+    ) -> None:
+        super().__init__()
+        if not isinstance(tower, VisionTransformer) or tower.cls_token is None or tower.num_prefix_tokens != 1:
+            raise ValueError("tower must be a timm VisionTransformer with a class token (a Chinese-CLIP ViT)")
+        if not getattr(tower, "dynamic_img_size", False):
+            raise ValueError("tower must be created with dynamic_img_size=True (timm.create_model(..., dynamic_img_size=True))")
+        if isinstance(out_channels, bool) or not isinstance(out_channels, int) or out_channels < 1:
+            raise ValueError(f"out_channels={out_channels!r}; expected a positive int")
+        if levels not in _LEVELS:
+            raise ValueError(f"levels={levels!r}; allowed values: {', '.join(map(repr, _LEVELS))}")
+        depth = len(tower.blocks)
+        if isinstance(trainable_layers, bool) or not isinstance(trainable_layers, int) or not 0 <= trainable_layers <= depth:
+            raise ValueError(
+                f"trainable_layers={trainable_layers!r}; allowed values: an int from 0 (frozen tower) to {depth} "
+                "(all blocks of this tower)"
+            )
+        norm_layer = _norm_layer(norm)
+        self.tower = tower
+        self.trainable_layers = trainable_layers
+        self.patch_size = int(tower.patch_embed.patch_size[0])
+        self.out_channels = out_channels
+        self.embed_dim = tower.num_features if isinstance(tower.head, nn.Identity) else tower.head.out_features
+
+        dim = tower.embed_dim
+        scales = _LEVELS[levels]
+        self.stages = nn.ModuleList()
+        for scale in scales:
+            if scale == 4.0:
+                resample: nn.Module = nn.Sequential(
+                    nn.ConvTranspose2d(dim, dim // 2, 2, stride=2),
+                    norm_layer(dim // 2) if norm_layer is not None else nn.Identity(),
+                    nn.GELU(),
+                    nn.ConvTranspose2d(dim // 2, dim // 4, 2, stride=2),
+                )
+                width = dim // 4
+            elif scale == 2.0:
+                resample, width = nn.ConvTranspose2d(dim, dim // 2, 2, stride=2), dim // 2
+            elif scale == 1.0:
+                resample, width = nn.Identity(), dim
+            else:
+                resample, width = nn.MaxPool2d(2, 2), dim
+            self.stages.append(
+                nn.Sequential(
+                    resample,
+                    Conv2dNormActivation(width, out_channels, 1, norm_layer=norm_layer, activation_layer=None),
+                    Conv2dNormActivation(out_channels, out_channels, 3, norm_layer=norm_layer, activation_layer=None),
+                )
+            )
+        self.top_block = LastLevelMaxPool() if levels == "p2-p6" else LastLevelP6P7(out_channels, out_channels)
+        n_top = 1 if levels == "p2-p6" else 2
+        self.strides = tuple(int(_STRIDE / s) for s in scales) + tuple(2 ** (i + 1) * int(_STRIDE / scales[-1]) for i in range(n_top))
+        self._freeze()
+
+    # --- freezing ------------------------------------------------------------------------------------
+    def _freeze(self) -> None:
+        self.tower.requires_grad_(False)
+        n = self.trainable_layers
+        if n:
+            for block in self.tower.blocks[len(self.tower.blocks) - n :]:
+                block.requires_grad_(True)
+            self.tower.norm.requires_grad_(True)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> ViTDetBackbone:
+        """Frozen parts of the tower stay in eval mode; trainable blocks and the pyramid follow ``mode``."""
+        super().train(mode)
+        self.tower.eval()
+        n = self.trainable_layers
+        if mode and n:
+            for block in self.tower.blocks[len(self.tower.blocks) - n :]:
+                block.train()
+            self.tower.norm.train()
+        return self
+
+    # --- forward -------------------------------------------------------------------------------------
+    def _tokens(self, x: torch.Tensor, multiple: int) -> torch.Tensor:
+        """Last-block tokens after the final norm, class token dropped: ``[N, width, H/16, W/16]``."""
+        _check_images(x, multiple, self.patch_size, type(self).__name__)
+        if self.patch_size != _STRIDE:
+            h, w = (s // _STRIDE * self.patch_size for s in x.shape[-2:])
+            x = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False, antialias=True)
+        return self.tower.forward_intermediates(x, indices=1, norm=True, output_fmt="NCHW", intermediates_only=True)[0]
+
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        """Feature maps ``{"0": stride 4, "1": 8, "2": 16, "3": 32, "pool": 64}`` (``levels="p2-p6"``)."""
+        feature = self._tokens(x, _SIZE_DIVISIBLE)
+        maps = [stage(feature) for stage in self.stages]
+        names = [str(i) for i in range(len(maps))]
+        maps, names = self.top_block(maps, maps, names)
+        return OrderedDict(zip(names, maps))
+
+    def dense_embeddings(self, x: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """Every patch token through ``ln_post`` and the visual projection: ``[N, embed_dim, H/16, W/16]``, in
+        the joint image-text space (H, W multiples of 16)."""
+        return _project(self.tower.head, self._tokens(x, _STRIDE), normalize)
+
+
+def _vit_config(arch: str | CLIPConfig) -> tuple[CLIPConfig, str]:
+    """The config and the timm model name of a ViT size."""
+    vit_names = {a: n for n, a in TIMM_NAMES.items() if get_config(a).vision.kind == "vit"}
+    if isinstance(arch, CLIPConfig):
+        config = arch
+        if config.vision.kind != "vit":
+            raise ValueError("arch: the detection backbone needs a ViT image tower; got a ResNet config")
+    elif isinstance(arch, str) and arch in vit_names:
+        config = get_config(arch)
+    else:
+        known = "RN50 has no stride-16 token map" if arch in list_models() else "unknown name"
+        raise ValueError(f"arch={arch!r} ({known}); allowed values: {', '.join(vit_names)} or a ViT CLIPConfig")
+    name = vit_names.get(match_registered(config) or "")
+    if name is None:  # a custom config: any registered ViT entry point, every architecture argument overridden
+        name = "chinese_clip_vit_base_patch16_224"
+    return config, name
+
+
+def _weights_file(weights: str | os.PathLike[str]) -> Path:
+    from ..factory import _weights_in_dir
+
+    path = Path(weights)
+    if path.is_dir():
+        return _weights_in_dir(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights={str(weights)!r}: no such file or directory")
+    return path
+
+
+def vit_fpn_backbone(
+    arch: str | CLIPConfig = "ViT-B-16",
+    *,
+    weights: str | os.PathLike[str] | bool | None = None,
+    trainable_layers: int = 0,
+    out_channels: int = 256,
+    levels: Levels = "p2-p6",
+    patch14_mode: PatchMode = "resize",
+    norm: Norm = "ln",
+    grad_checkpointing: bool = False,
+    tower_kwargs: Mapping[str, Any] | None = None,
+) -> ViTDetBackbone:
+    """A Chinese-CLIP ViT image tower with a ViTDet simple feature pyramid, for torchvision detectors.
+
+    Args:
+        arch: a registered ViT size (``"ViT-B-16"``, ``"ViT-L-14"``, ``"ViT-L-14-336"``, ``"ViT-H-14"``) or a
+            custom ViT :class:`CLIPConfig`.
+        weights: ``None`` / ``False``: random initialisation. ``True``: the released weights from the Hub
+            repo (registered sizes only). A path: a Hugging Face ``pytorch_model.bin`` / ``model.safetensors``,
+            an original ``clip_cn_*.pt``, a file written by ``save_pretrained``, or a directory holding one.
+        trainable_layers: 0 (default) freezes the tower; n trains its last n blocks and final norm.
+        out_channels: channels of every pyramid level.
+        levels: ``"p2-p6"`` (strides 4..64, names ``"0".."3", "pool"``) or ``"p3-p7"`` (strides 8..128, names
+            ``"0", "1", "2", "p6", "p7"``).
+        patch14_mode: how towers with 14-pixel patches reach stride 16: ``"resize"`` the input by 14/16
+            (default, keeps the released features) or ``"resample"`` the patch embedding to 16x16 (see the
+            module docstring for the measured effect).
+        norm: the pyramid's normalisation: ``"ln"`` (channel LayerNorm, ViTDet), ``"gn"`` (GroupNorm(32)) or
+            ``"none"`` (biased convolutions).
+        grad_checkpointing: activation checkpointing in the tower's blocks.
+        tower_kwargs: extra ``timm.create_model`` arguments for the tower (e.g. ``drop_path_rate``).
+    """
+    config, timm_name = _vit_config(arch)
+    if patch14_mode not in _PATCH_MODES:
+        raise ValueError(f"patch14_mode={patch14_mode!r}; allowed values: {', '.join(map(repr, _PATCH_MODES))}")
+    _norm_layer(norm)  # validate before the (slow) tower is built
+    if levels not in _LEVELS:
+        raise ValueError(f"levels={levels!r}; allowed values: {', '.join(map(repr, _LEVELS))}")
+    depth = int(config.vision.layers)  # type: ignore[arg-type]
+    if isinstance(trainable_layers, bool) or not isinstance(trainable_layers, int) or not 0 <= trainable_layers <= depth:
+        raise ValueError(
+            f"trainable_layers={trainable_layers!r}; allowed values: an int from 0 (frozen tower) to {depth} "
+            f"(every block of {arch if isinstance(arch, str) else 'this tower'})"
+        )
+
+    kwargs: dict[str, Any] = dict(vit_kwargs(config.vision), num_classes=config.embed_dim, dynamic_img_size=True)
+    kwargs["out_indices"] = 1  # only used by features_only; timm_models' default (3) rejects towers under 3 blocks
+    if config.vision.patch_size != _STRIDE and patch14_mode == "resample":
+        kwargs.update(patch_size=_STRIDE, img_size=config.vision.grid_size * _STRIDE)  # same grid, 16-px patches
+    kwargs.update(tower_kwargs or {})
+
+    if weights is None or weights is False:
+        tower = timm.create_model(timm_name, pretrained=False, **kwargs)
+    elif weights is True:
+        if match_registered(config) is None:
+            raise ValueError("weights=True needs a registered size for arch; pass a weights file for a custom config")
+        tower = timm.create_model(timm_name, pretrained=True, **kwargs)
+    elif isinstance(weights, (str, os.PathLike)):
+        file = _weights_file(weights)
+        tower = timm.create_model(timm_name, pretrained=True, pretrained_cfg_overlay=dict(file=str(file)), **kwargs)
+    else:
+        raise ValueError(f"weights={weights!r}; expected None, True, or a path to a weights file or directory")
+
+    if grad_checkpointing:
+        tower.set_grad_checkpointing(True)
+    backbone = ViTDetBackbone(tower, out_channels=out_channels, levels=levels, norm=norm, trainable_layers=trainable_layers)
+    logger.info(
+        "ViTDet backbone on %s: strides %s, %d trainable tower blocks%s",
+        arch if isinstance(arch, str) else "a custom ViT",
+        backbone.strides,
+        trainable_layers,
+        f", input resized by {backbone.patch_size}/16" if backbone.patch_size != _STRIDE else "",
+    )
+    return backbone
+
+
+# --- detectors ---------------------------------------------------------------------------------------
+_OBJECT_SIZES = (32, 64, 128, 256, 512)  # anchor sizes of the five levels, as torchvision's defaults
+
+
+def anchor_generator(kind: DetectorKind, strides: tuple[int, ...] = (4, 8, 16, 32, 64)) -> AnchorGenerator:
+    """Anchors for ``kind`` on a backbone with these ``strides`` (one entry per level).
+
+    ``faster_rcnn`` / ``mask_rcnn``: sizes 32..512, aspect ratios 0.5, 1, 2 (torchvision's defaults).
+    ``retinanet``: three scales per octave from 32..512, aspect ratios 0.5, 1, 2 (torchvision's defaults).
+    ``fcos``: one square anchor per level of the level's stride (FCOS assigns objects by size relative to it).
+    """
+    if kind not in _DETECTORS:
+        raise ValueError(f"kind={kind!r}; allowed values: {', '.join(map(repr, _DETECTORS))}")
+    if len(strides) != len(_OBJECT_SIZES):
+        raise ValueError(f"strides={strides}: expected {len(_OBJECT_SIZES)} levels")
+    if kind == "fcos":
+        return AnchorGenerator(tuple((s,) for s in strides), ((1.0,),) * len(strides))
+    if kind == "retinanet":
+        sizes = tuple((x, int(x * 2 ** (1 / 3)), int(x * 2 ** (2 / 3))) for x in _OBJECT_SIZES)
+    else:
+        sizes = tuple((x,) for x in _OBJECT_SIZES)
+    return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+
+
+def detector_kwargs(kind: DetectorKind, backbone: ViTDetBackbone) -> dict[str, Any]:
+    """Keyword arguments that fit torchvision's ``kind`` detector to ``backbone``'s levels.
+
+    ``FasterRCNN(backbone, num_classes=n, **detector_kwargs("faster_rcnn", backbone))``; likewise
+    ``MaskRCNN`` (``"mask_rcnn"``), ``RetinaNet`` (``"retinanet"``), ``FCOS`` (``"fcos"``). With the default
+    ``levels="p2-p6"`` torchvision's own defaults already work for all four; these kwargs make the FCOS
+    anchors match the strides, and the RoI pooling levels match ``levels="p3-p7"``.
+    """
+    anchors = anchor_generator(kind, backbone.strides)
+    if kind in ("retinanet", "fcos"):
+        return {"anchor_generator": anchors}
+    roi_levels = _level_names(backbone)[:-1]  # the top (max-pooled / P7) level is for the RPN only
+    kwargs: dict[str, Any] = {
+        "rpn_anchor_generator": anchors,
+        "box_roi_pool": MultiScaleRoIAlign(featmap_names=roi_levels, output_size=7, sampling_ratio=2),
+    }
+    if kind == "mask_rcnn":
+        kwargs["mask_roi_pool"] = MultiScaleRoIAlign(featmap_names=roi_levels, output_size=14, sampling_ratio=2)
+    return kwargs
+
+
+def _level_names(backbone: ViTDetBackbone) -> list[str]:
+    names = [str(i) for i in range(len(backbone.stages))]
+    return names + (["pool"] if isinstance(backbone.top_block, LastLevelMaxPool) else ["p6", "p7"])
+
+
+# --- dense embeddings of a dual encoder ------------------------------------------------------------------
+def dense_image_embeddings(model: ChineseCLIP, pixel_values: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+    """Dense patch embeddings ``[N, embed_dim, H/p, W/p]`` of a Chinese-CLIP ViT (patch size p): every patch
+    token of the last block through ``ln_post`` and the visual projection, in the joint image-text space.
+
+    Any H, W that are multiples of the patch size work (the position embedding is interpolated bicubically,
+    as timm's ``dynamic_img_size``); at the model's own size the tokens are exactly those of
+    ``model.visual.forward_features``.
+    """
+    visual = model.visual
+    if not isinstance(visual, VisionTransformer):
+        raise ValueError("dense_image_embeddings needs a ViT image tower; this model's is a ResNet (RN50)")
+    if visual.cls_token is None or visual.num_prefix_tokens != 1 or visual.no_embed_class:
+        raise ValueError("dense_image_embeddings expects an OpenAI-CLIP ViT layout (one class token in pos_embed)")
+    patch = int(visual.patch_embed.patch_size[0])
+    _check_images(pixel_values, patch, patch, "dense_image_embeddings")
+    x = pixel_values.to(device=model.device, dtype=model.dtype)
+    t = visual.patch_embed.proj(x)  # [N, C, h, w]
+    n, _, h, w = t.shape
+    t = visual.patch_embed.norm(t.flatten(2).transpose(1, 2))
+    pos = resample_abs_pos_embed(visual.pos_embed, new_size=(h, w), old_size=visual.patch_embed.grid_size, num_prefix_tokens=1)
+    t = torch.cat([visual.cls_token.expand(n, -1, -1), t], dim=1) + pos
+    t = visual.norm(visual.blocks(visual.norm_pre(visual.patch_drop(visual.pos_drop(t)))))
+    tokens = t[:, 1:].transpose(1, 2).reshape(n, -1, h, w)
+    return _project(visual.head, tokens, normalize)
