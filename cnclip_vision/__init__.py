@@ -13,6 +13,7 @@ from .model import ChineseCLIP, CLIPOutput
 from .processor import Processor
 from .tokenizer import Tokenizer, get_tokenizer, tokenize
 from .transforms import image_transform, load_image
+from .zeroshot import DEFAULT_TEMPLATES, ZeroShotClassifier
 
 __version__ = "0.1.0"
 
@@ -20,6 +21,7 @@ __all__ = [
     "ChineseCLIP",
     "CLIPConfig",
     "CLIPOutput",
+    "DEFAULT_TEMPLATES",
     "CNClipError",
     "CheckpointError",
     "ImageLoadError",
@@ -29,6 +31,7 @@ __all__ = [
     "UnknownModelError",
     "VisionConfig",
     "WeightsNotFoundError",
+    "ZeroShotClassifier",
     "create_model",
     "get_tokenizer",
     "image_transform",

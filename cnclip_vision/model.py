@@ -21,7 +21,10 @@ from torch import nn
 from .configs import CLIPConfig, VisionConfig
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from .processor import Processor
+    from .transforms import ImageSource
 
 __all__ = ["ChineseCLIP", "CLIPOutput", "build_image_tower", "build_text_tower"]
 
@@ -163,6 +166,18 @@ class ChineseCLIP(nn.Module):
         text_embeds = self.encode_text(input_ids, attention_mask, normalize=True)
         logits_per_text = self.logit_scale.exp() * text_embeds @ image_embeds.t()
         return CLIPOutput(logits_per_text.t(), logits_per_text, image_embeds, text_embeds)
+
+    def similarity(self, images: Sequence[ImageSource] | torch.Tensor, texts: str | Sequence[str]) -> torch.Tensor:
+        """Cosine similarity ``[num_images, num_texts]`` between raw images and texts, in [-1, 1].
+
+        Softmax over ``exp(logit_scale) * cosine`` ranks candidate texts *relative to each other*; to ask
+        whether one image and one text are related at all, compare the cosine with a threshold chosen on
+        labelled pairs of your data (see the README's "Similarity calibration").
+        """
+        from .inference import encode_images, encode_texts
+
+        texts = [texts] if isinstance(texts, str) else texts
+        return encode_images(self, images) @ encode_texts(self, texts).t()
 
     def get_processor(self) -> Processor:
         """The preprocessing that matches this model (tokenizer + image transform)."""

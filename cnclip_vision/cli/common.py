@@ -1,0 +1,105 @@
+"""Options and output shared by the ``cnclip`` subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..weights import atomic_write
+
+logger = logging.getLogger("cnclip_vision.cli")
+
+
+def add_model_options(parser: argparse.ArgumentParser, *, batch_size: int = 64) -> None:
+    """``--model``, ``--device``, ``--batch-size``, ``--precision``, ``--workers``."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default="ViT-B-16",
+                       help="registered name (see `cnclip models`), Hugging Face directory, or clip_cn_*.pt file "
+                            "(default: %(default)s, from the Hugging Face cache)")  # fmt: skip
+    group.add_argument("--arch", default=None, help="architecture when it cannot be inferred from the checkpoint")
+    group.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)")
+    group.add_argument("--batch-size", type=_positive_int, default=batch_size, help="images or texts per batch (default: %(default)s)")
+    group.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                       help="weights and compute dtype; fp16 only on GPU (default: %(default)s)")  # fmt: skip
+    group.add_argument("--workers", type=int, default=None, help="DataLoader worker processes for decoding images")
+
+
+def add_output_options(parser: argparse.ArgumentParser, *, csv_ok: bool = True) -> None:
+    group = parser.add_argument_group("output")
+    group.add_argument("-o", "--output", default=None, help="write the result to this file instead of stdout")
+    if csv_ok:
+        group.add_argument("--format", choices=("json", "jsonl", "csv"), default="json",
+                           help="json (one document), jsonl (one record per line) or csv (default: %(default)s)")  # fmt: skip
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def resolve_device(device: str | None) -> str:
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(args: argparse.Namespace) -> Any:
+    """The model named by ``--model`` with ``--device`` / ``--precision``."""
+    from ..factory import load
+
+    device = resolve_device(args.device)
+    if args.precision == "fp16" and not device.startswith("cuda"):
+        raise ValueError("--precision fp16 needs a GPU (--device cuda); use bf16 on the CPU")
+    logger.info("loading %s on %s (%s)", args.model, device, args.precision)
+    return load(args.model, arch=args.arch, device=device, dtype=args.precision)
+
+
+def write_records(args: argparse.Namespace, records: Sequence[dict[str, Any]], document: Any = None) -> None:
+    """Write ``records`` as CSV / JSONL rows, or ``document`` (default: the records) as JSON."""
+    fmt = getattr(args, "format", "json")
+    buffer = io.StringIO()
+    if fmt == "csv":
+        fields = list(dict.fromkeys(k for r in records for k in r))
+        writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
+        writer.writeheader()
+        for record in records:
+            writer.writerow({k: json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else v for k, v in record.items()})
+    elif fmt == "jsonl":
+        for record in records:
+            buffer.write(json.dumps(record, ensure_ascii=False) + "\n")
+    else:
+        buffer.write(json.dumps(records if document is None else document, ensure_ascii=False, indent=2) + "\n")
+    text = buffer.getvalue()
+    if args.output:
+        with atomic_write(args.output) as tmp:
+            Path(tmp).write_text(text, encoding="utf-8")
+        logger.info("wrote %s", args.output)
+    else:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+
+def read_labels(labels: str | None, labels_file: str | None) -> list[str]:
+    """``--labels 猫,狗`` (also full-width commas) or ``--labels-file`` (one label per line)."""
+    if labels_file:
+        path = Path(labels_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"--labels-file {path} does not exist")
+        items = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    elif labels is not None:
+        items = [s.strip() for s in labels.replace("，", ",").split(",")]
+    else:
+        raise ValueError("give the class names with --labels 猫,狗,兔子 or --labels-file FILE")
+    items = [s for s in items if s]
+    if not items:
+        raise ValueError("the label list is empty")
+    return items

@@ -1,0 +1,130 @@
+"""``cnclip classify`` and ``cnclip eval-zeroshot``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from ..errors import CNClipError
+from .common import add_model_options, add_output_options, load_model, read_labels, write_records
+
+logger = logging.getLogger("cnclip_vision.cli")
+
+
+def _classifier(args: argparse.Namespace, model, labels: list[str]):
+    from ..zeroshot import ZeroShotClassifier
+
+    cache = Path(args.classifier_cache) if args.classifier_cache else None
+    if cache is not None and cache.is_file():
+        clf = ZeroShotClassifier.load(cache, model)
+        if clf.labels != labels or list(clf.templates) != list(_templates(args)):
+            raise CNClipError(f"--classifier-cache {cache} holds other labels or templates; delete it or pass another path")
+        logger.info("class embeddings read from %s", cache)
+        return clf
+    clf = ZeroShotClassifier(model, labels, templates=_templates(args), batch_size=max(args.batch_size, 64))
+    if cache is not None:
+        clf.save(cache)
+        logger.info("class embeddings saved to %s", cache)
+    return clf
+
+
+def _templates(args: argparse.Namespace):
+    if args.template_file:
+        lines = Path(args.template_file).read_text(encoding="utf-8").splitlines()
+        return [ln.strip() for ln in lines if ln.strip()]
+    from ..zeroshot import DEFAULT_TEMPLATES, SINGLE_TEMPLATE
+
+    return {"default": DEFAULT_TEMPLATES, "single": SINGLE_TEMPLATE, "none": ("{}",)}[args.templates]
+
+
+def _classify(args: argparse.Namespace) -> int:
+    from ..data import iter_image_batches, list_images
+    from ..inference import encode_images
+    from ..transforms import image_transform
+
+    labels = read_labels(args.labels, args.labels_file)
+    paths = list_images(args.images)
+    model = load_model(args)
+    clf = _classifier(args, model, labels)
+    records, failures = [], []
+    for batch in iter_image_batches(paths, image_transform(model.image_size), batch_size=args.batch_size,
+                                    num_workers=args.workers, device=model.device, progress=not args.quiet,
+                                    desc="classify", on_failure=lambda p, r: failures.append((p, r))):  # fmt: skip
+        cosine = clf.scores_from_features(encode_images(model, batch.pixel_values))
+        for i, pred in zip(batch.indices, clf.top_k(cosine, args.top_k)):
+            records.append({"image": str(paths[i]), "label": pred["labels"][0], "prob": round(pred["probs"][0], 6),
+                            "labels": pred["labels"], "probs": [round(p, 6) for p in pred["probs"]]})  # fmt: skip
+    if not records:
+        raise CNClipError(f"none of the {len(paths)} images could be read")
+    logger.info("classified %d images, skipped %d unreadable", len(records), len(failures))
+    summary = {"n_images": len(records), "n_skipped": len(failures),
+               "skipped": [{"path": str(p), "reason": r} for p, r in failures]}  # fmt: skip
+    write_records(args, records, document={"results": records, **summary})
+    return 0
+
+
+def _eval_zeroshot(args: argparse.Namespace) -> int:
+    from ..zeroshot import read_label_file
+
+    root = Path(args.dataset)
+    if not root.is_dir():
+        raise CNClipError(f"dataset folder {root} does not exist")
+    label_file = Path(args.labels_file) if args.labels_file else next(
+        (p for p in (root / "label_cn.txt", root.parent / "label_cn.txt") if p.is_file()), root / "label_cn.txt")
+    labels = read_label_file(label_file)
+    model = load_model(args)
+    clf = _classifier(args, model, labels)
+    report = clf.evaluate(root, split=args.split, batch_size=args.batch_size, num_workers=args.workers,
+                          progress=not args.quiet)  # fmt: skip
+    report = {"dataset": str(root), "model": args.model, **report}
+    logger.info("top-1 %.4f top-5 %.4f on %d images (%d skipped)", report["top1"], report["top5"],
+                report["n_images"], report["n_skipped"])  # fmt: skip
+    rows = [{"class": name, **stats} for name, stats in report["per_class"].items()]
+    write_records(args, rows, document=report)
+    return 0
+
+
+def _add_label_options(parser: argparse.ArgumentParser, *, file_only: bool = False) -> None:
+    group = parser.add_argument_group("labels and prompts")
+    if not file_only:
+        group.add_argument("--labels", help="comma-separated Chinese class names, e.g. 猫,狗,兔子")
+    group.add_argument("--labels-file", help="file with one class name per line" +
+                       (" (default: DATASET/label_cn.txt)" if file_only else ""))  # fmt: skip
+    group.add_argument("--templates", choices=("default", "single", "none"), default="default",
+                       help="prompt templates: our 25 Chinese templates, one ('一张{}的照片。'), or the bare name "
+                            "(default: %(default)s)")  # fmt: skip
+    group.add_argument("--template-file", help="your own templates, one per line, each with a {} placeholder")
+    group.add_argument("--classifier-cache", help="safetensors file caching the class embeddings (written on the "
+                       "first run, read afterwards)")  # fmt: skip
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "classify",
+        help="zero-shot classification of images with Chinese labels",
+        description="Classify images zero-shot against Chinese class names (prompt-ensembled text embeddings). "
+        "IMAGES are files, folders (searched recursively) or list files (.txt, one path per line). Unreadable "
+        "files are reported on stderr and skipped. Prints, per image, the top-k labels and probabilities "
+        "(softmax of 100 x cosine over the labels).",
+    )
+    p.add_argument("images", nargs="+", help="image files, folders or .txt list files")
+    _add_label_options(p)
+    p.add_argument("-k", "--top-k", type=int, default=5, help="labels per image (default: %(default)s)")
+    add_model_options(p)
+    add_output_options(p)
+    p.set_defaults(func=_classify)
+
+    p = sub.add_parser(
+        "eval-zeroshot",
+        help="zero-shot accuracy on an ImageFolder-style dataset with label_cn.txt",
+        description="Evaluate zero-shot classification on DATASET/SPLIT/000/..., DATASET/SPLIT/001/... with "
+        "DATASET/label_cn.txt (line i names folder i), the ELEVATER layout of Chinese-CLIP. Reports top-1 and "
+        "top-5 accuracy, per-class accuracy and the most frequent confusions as JSON (or per-class rows as CSV).",
+    )
+    p.add_argument("dataset", help="dataset folder holding label_cn.txt and the split folder")
+    p.add_argument("--split", default="test", help="split folder name (default: %(default)s)")
+    _add_label_options(p, file_only=True)
+    add_model_options(p)
+    add_output_options(p)
+    p.set_defaults(func=_eval_zeroshot)
