@@ -11,6 +11,7 @@ from .errors import CheckpointError, CNClipError, ImageLoadError, UnknownModelEr
 from .factory import create_model, load
 from .model import ChineseCLIP, CLIPOutput
 from .processor import Processor
+from .retrieval import EmbeddingIndex, evaluate_retrieval, extract_image_embeddings, extract_text_embeddings
 from .tokenizer import Tokenizer, get_tokenizer, tokenize
 from .transforms import image_transform, load_image
 from .zeroshot import DEFAULT_TEMPLATES, ZeroShotClassifier
@@ -23,6 +24,7 @@ __all__ = [
     "CLIPOutput",
     "DEFAULT_TEMPLATES",
     "CNClipError",
+    "EmbeddingIndex",
     "CheckpointError",
     "ImageLoadError",
     "Processor",
@@ -33,6 +35,9 @@ __all__ = [
     "WeightsNotFoundError",
     "ZeroShotClassifier",
     "create_model",
+    "evaluate_retrieval",
+    "extract_image_embeddings",
+    "extract_text_embeddings",
     "get_tokenizer",
     "image_transform",
     "list_models",

@@ -10,11 +10,11 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import CNClipError
-from . import convert, retrieval, zeroshot
+from . import convert, retrieval, train, zeroshot
 
 __all__ = ["build_parser", "main"]
 
-_COMMAND_MODULES = (convert, zeroshot, retrieval)
+_COMMAND_MODULES = (convert, zeroshot, retrieval, train)
 
 
 def build_parser() -> argparse.ArgumentParser:

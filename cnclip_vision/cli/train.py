@@ -1,0 +1,69 @@
+"""``cnclip train``: contrastive training / fine-tuning (single process or under ``torchrun``)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+_OVERRIDES = {  # option -> (type, help)
+    "output_dir": (str, "folder for checkpoint.pt, metrics.jsonl and the final model/ directory"),
+    "train_data": (str, ".jsonl / .tsv of image path + caption, or a folder in the original Chinese-CLIP layout"),
+    "model": (str, "model name or path to fine-tune (a recipe may instead give a config for random init)"),
+    "split": (str, "split name for the original layout ({split}_imgs.tsv, {split}_texts.jsonl)"),
+    "epochs": (int, "number of epochs"),
+    "max_steps": (int, "stop after this many optimizer steps (overrides epochs)"),
+    "batch_size": (int, "global batch: summed over ranks and accumulation steps; all of it acts as negatives"),
+    "accum_steps": (int, "gradient accumulation steps (micro-batch = batch / ranks / accum)"),
+    "lr": (float, "peak learning rate of AdamW"),
+    "weight_decay": (float, "AdamW weight decay (not on gains, biases, embeddings, logit scale)"),
+    "warmup": (float, "warmup: a fraction of the steps (< 1) or a number of steps"),
+    "precision": (str, "fp32, bf16 (autocast; CPU or GPU) or fp16 (GPU only)"),
+    "seed": (int, "random seed (initialisation and data order)"),
+    "num_workers": (int, "DataLoader worker processes"),
+    "save_every": (int, "write checkpoint.pt every N steps (and at the end)"),
+    "log_every": (int, "append to metrics.jsonl every N steps"),
+    "eval_zeroshot": (str, "ImageFolder tree with label_cn.txt, evaluated after each epoch"),
+    "device": (str, "torch device (default: the local GPU under torchrun, else cuda if available, else cpu)"),
+}
+
+
+def _train(args: argparse.Namespace) -> int:
+    from ..train import TrainConfig, train
+
+    overrides = {name: getattr(args, name) for name in _OVERRIDES}
+    for flag in ("lock_image", "grad_checkpointing"):
+        if getattr(args, flag):
+            overrides[flag] = True
+    overrides["progress"] = not args.quiet
+    if args.config:
+        config = TrainConfig.from_file(args.config, **overrides)
+    else:
+        missing = [f"--{n.replace('_', '-')}" for n in ("output_dir", "train_data") if overrides[n] is None]
+        if missing:
+            raise ValueError(f"give --config RECIPE.json or at least {' and '.join(missing)}")
+        config = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
+    summary = train(config, resume=args.resume)
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        json.dump({"config": dataclasses.asdict(config), **summary}, sys.stdout, ensure_ascii=False, indent=2, default=list)
+        sys.stdout.write("\n")
+    return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="contrastive training / fine-tuning on image-caption pairs",
+        description="Train or fine-tune a Chinese-CLIP model with symmetric InfoNCE. Options come from a JSON "
+        "recipe (--config) and/or the flags below (flags win). Run under `torchrun --nproc_per_node N` for "
+        "data-parallel training (gloo on CPU, nccl on GPU). Progress and logs go to stderr, metrics to "
+        "OUTPUT_DIR/metrics.jsonl, the final model to OUTPUT_DIR/model; a JSON summary is printed at the end.",
+    )
+    p.add_argument("--config", help="JSON recipe with any of the options below (e.g. recipes/toy-tiny.json)")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt if it exists")
+    for name, (kind, text) in _OVERRIDES.items():
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=text)
+    p.add_argument("--lock-image", action="store_true", help="freeze the image tower (locked-image tuning)")
+    p.add_argument("--grad-checkpointing", action="store_true", help="trade compute for memory in both towers")
+    p.set_defaults(func=_train)
