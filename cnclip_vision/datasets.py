@@ -56,7 +56,10 @@ def read_pairs(path: str | os.PathLike[str]) -> tuple[list[tuple[Path, str]], li
     """``(image path, caption)`` pairs of a JSONL or TSV file and the list of problems (missing files)."""
     path = Path(path)
     pairs: list[tuple[Path, str]] = []
-    for number, line in _read_lines(path):
+    lines = _read_lines(path)
+    if path.suffix == ".tsv" and lines[0][1].strip().lower() in ("image\tcaption", "image\ttext"):
+        lines = lines[1:]  # an optional header row
+    for number, line in lines:
         where = f"{path}:{number}"
         if path.suffix == ".jsonl":
             try:

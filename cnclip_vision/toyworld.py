@@ -7,14 +7,15 @@ whose category names are colour+shape phrases (红色圆形). It is a test bed f
 open-vocabulary transfer without downloads, not a substitute for real data.
 
 Everything is drawn from a seed: the same seed gives the same pixels and captions on every run and
-machine for a given Pillow version (integer backgrounds, vertices on a fixed sub-pixel grid, no text
-rendering). Each dataset function derives its own random stream from the seed, so e.g.
-``generate_pairs(n, 0)`` and ``retrieval_set(n, 0)`` do not share scenes.
+machine for given Pillow and numpy versions (integer backgrounds, vertices on a fixed sub-pixel grid,
+no text rendering, no set-order dependence). Each dataset function derives its own random stream from
+the seed, so e.g. ``generate_pairs(n, 0)`` and ``retrieval_set(n, 0)`` do not share scenes.
 
->>> pairs = generate_pairs(1000, seed=0)           # pretraining pairs, HELD_OUT_COMBOS never shown
->>> pairs.images.shape, pairs.captions[0]
-((1000, 64, 64, 3), '...')
->>> write_imagefolder("toy_zs", n_per_class=10, seed=1)   # label_cn.txt + test/000/..., for eval-zeroshot
+Example::
+
+    pairs = generate_pairs(100_000, seed=0, workers=2)  # images [n, 64, 64, 3] uint8, captions, class sets
+    write_imagefolder("toy_zs", n_per_class=10, seed=1)  # label_cn.txt + test/000/... for eval-zeroshot
+    write_detection_set("toy_det", 500, seed=2)  # images/ + annotations.json (COCO)
 """
 
 from __future__ import annotations
@@ -201,7 +202,8 @@ def _unit_shapes() -> tuple[np.ndarray, ...]:
         end = start + 360.0 if end is None else end
         k = n if end - start >= 360.0 else n + 1
         step = (end - start) / n
-        return [(r * math.cos(math.radians(start + i * step)), r * math.sin(math.radians(start + i * step))) for i in range(k)]
+        angles = [math.radians(start + i * step) for i in range(k)]
+        return [(r * math.cos(a), r * math.sin(a)) for a in angles]
 
     t = 0.36  # half arm thickness of the cross
     cross = [(-t, -1), (t, -1), (t, -t), (1, -t), (1, t), (t, t), (t, 1), (-t, 1), (-t, t), (-1, t), (-1, -t), (-t, -t)]
@@ -209,7 +211,8 @@ def _unit_shapes() -> tuple[np.ndarray, ...]:
     heart = []
     for i in range(48):
         a = 2 * math.pi * i / 48
-        heart.append((16 * math.sin(a) ** 3, -(13 * math.cos(a) - 5 * math.cos(2 * a) - 2 * math.cos(3 * a) - math.cos(4 * a))))
+        y = 13 * math.cos(a) - 5 * math.cos(2 * a) - 2 * math.cos(3 * a) - math.cos(4 * a)
+        heart.append((16 * math.sin(a) ** 3, -y))
     shapes = {
         "圆形": ring(64),
         "正方形": [(-1, -1), (1, -1), (1, 1), (-1, 1)],
@@ -228,7 +231,9 @@ _UNIT_SHAPES = _unit_shapes()
 _ROTATION = {d: (round(math.cos(math.radians(d)), 9), round(math.sin(math.radians(d)), 9)) for d in range(-90, 91)}
 
 
-def _object_mask(shape_index: int, centre: tuple[float, float], radius: float, rotation: int) -> tuple[int, int, Image.Image]:
+def _object_mask(
+    shape_index: int, centre: tuple[float, float], radius: float, rotation: int
+) -> tuple[int, int, Image.Image]:
     """Anti-aliased coverage mask ("L") of one shape and the image position of its top-left pixel."""
     cos, sin = _ROTATION[rotation]
     unit = _UNIT_SHAPES[shape_index]
@@ -422,7 +427,10 @@ def sample_scene(
         raise ValueError(f"n_objects must be >= 1, got {n_objects}")
     if not 0 <= max_rotation <= 90:
         raise ValueError(f"max_rotation must be within 0..90 degrees, got {max_rotation}")
-    lo, hi = (radius_single or (12 * scale, 20 * scale)) if n_objects == 1 else (radius_multi or (10 * scale, 12 * scale))
+    if n_objects == 1:
+        lo, hi = radius_single or (12 * scale, 20 * scale)
+    else:
+        lo, hi = radius_multi or (10 * scale, 12 * scale)
     if not 0 < lo <= hi or 2 * hi + 2 > image_size:
         raise ValueError(f"radius range ({lo}, {hi}) does not fit a {image_size} px image")
 
@@ -441,7 +449,8 @@ def sample_scene(
         rotation = 0 if cat.shape == "圆形" else _uniform_int(rng, -max_rotation, max_rotation)
         rgb = tuple(min(max(v + _uniform_int(rng, -colour_jitter, colour_jitter), 0), 255) for v in cat.rgb)
         x0, y0, mask = _object_mask(cat.shape_index, (cx, cy), r, rotation)
-        objects.append(SceneObject(cat.id, _mask_box(x0, y0, mask, image_size), (cx, cy), r, rotation, rgb))  # type: ignore[arg-type]
+        box = _mask_box(x0, y0, mask, image_size)
+        objects.append(SceneObject(cat.id, box, (cx, cy), r, rotation, rgb))  # type: ignore[arg-type]
         masks.append((x0, y0, mask))
     scene = Scene(image_size, background, tuple(objects))
     object.__setattr__(scene, "_masks", tuple(masks))
@@ -449,11 +458,11 @@ def sample_scene(
 
 
 def _place(rng: np.random.Generator, radii: list[float], size: int, gap: float) -> list[tuple[float, float]]:
-    """Centres on a 1/8-pixel grid with every shape inside the image and ``gap`` px between circles; radii
-    shrink by 10% per failed attempt (only if a crowded layout is asked for)."""
+    """Centres on a 1/8-pixel grid with every shape inside the image and ``gap`` px between circles; after
+    10 failed layouts the radii shrink by 10% per further attempt (only if a crowded layout is asked for)."""
     rs = list(radii)
-    for attempt in range(30):
-        if attempt:
+    for attempt in range(40):
+        if attempt >= 10:
             rs = [_quantise(r * 0.9) for r in rs]
         placed: list[tuple[float, float]] = []
         for r in rs:
@@ -766,7 +775,8 @@ def classification_set(
     labels, ids = [], []
     for ci, cat in enumerate(cats):
         for j in range(n_per_class):
-            scene = sample_scene(rng, image_size=image_size, categories=_Pool((cat,)), n_objects=1, radius_single=radius)
+            scene = sample_scene(rng, image_size=image_size, categories=_Pool((cat,)), n_objects=1,
+                                 radius_single=radius)  # fmt: skip
             images[ci * n_per_class + j] = render_array(scene)
             labels.append(cat.name)
             ids.append(cat.id)
@@ -822,7 +832,8 @@ def coco_from_scenes(
     return {
         "info": {"description": "cnclip-vision toy world: coloured shapes (synthetic)", "version": "1.0",
                  "year": 2025, "contributor": "cnclip_vision.toyworld"},
-        "licenses": [{"id": 1, "name": "CC0 1.0 (synthetic data)", "url": "https://creativecommons.org/publicdomain/zero/1.0/"}],
+        "licenses": [{"id": 1, "name": "CC0 1.0 (synthetic data)",
+                      "url": "https://creativecommons.org/publicdomain/zero/1.0/"}],
         "images": images,
         "annotations": annotations,
         "categories": [
@@ -846,7 +857,8 @@ def detection_set(
 ) -> dict[str, Any]:
     """COCO dict of a detection set (file names ``000001.png``, ...); the images are those that
     :func:`write_detection_set` writes with the same arguments."""
-    scenes = detection_scenes(n_images, seed, image_size=image_size, objects=objects, categories=categories, radius=radius)
+    scenes = detection_scenes(n_images, seed, image_size=image_size, objects=objects, categories=categories,
+                              radius=radius)  # fmt: skip
     return coco_from_scenes(scenes, _file_names(n_images, image_format), categories=categories, annotate=annotate)
 
 
@@ -933,7 +945,9 @@ def write_pairs_tsv(
     return path
 
 
-def _write_pairs(out: Path, n: int, seed: int, image_format: str, options: dict[str, Any]) -> tuple[Path, list[tuple[str, str, tuple[int, ...]]]]:
+def _write_pairs(
+    out: Path, n: int, seed: int, image_format: str, options: dict[str, Any]
+) -> tuple[Path, list[tuple[str, str, tuple[int, ...]]]]:
     ext = _extension(image_format)
     pairs = generate_pairs(n, seed, **options)
     names = [f"{i:07d}{ext}" for i in range(n)]
@@ -980,7 +994,8 @@ def write_detection_set(
     """Write ``root/images/000001.png``, ... and ``root/annotations.json`` (COCO; ``file_name`` relative
     to ``root/images``). Returns the annotation path."""
     root = Path(root)
-    scenes = detection_scenes(n_images, seed, image_size=image_size, objects=objects, categories=categories, radius=radius)
+    scenes = detection_scenes(n_images, seed, image_size=image_size, objects=objects, categories=categories,
+                              radius=radius)  # fmt: skip
     names = _file_names(n_images, image_format)
     (root / "images").mkdir(parents=True, exist_ok=True)
     for scene, name in zip(scenes, names):

@@ -186,9 +186,8 @@ def _build_dataset(config: TrainConfig, image_size: int) -> Dataset:
             raise TrainingError(f"train_data must be a path or {{'toyworld': {{...}}}}, got keys {sorted(spec)}")
         from . import toyworld
 
-        images, captions, class_sets = toyworld.generate_pairs(**spec["toyworld"])
-        keys = [zlib.crc32(",".join(map(str, sorted(s))).encode()) for s in class_sets]
-        return _ArrayPairs(images, captions, keys, image_size)
+        pairs = toyworld.generate_pairs(**spec["toyworld"])
+        return _ArrayPairs(pairs.images, pairs.captions, toyworld.class_set_keys(pairs.class_sets).tolist(), image_size)
     from .datasets import open_dataset
     from .transforms import image_transform
 

@@ -241,3 +241,13 @@ def test_bad_inputs_name_the_problem():
     rn = timm.create_model("chinese_clip_resnet50_224")
     with pytest.raises(ValueError, match=r"\[N, 3, H, W\]"):
         rn(torch.randn(1, 4, 224, 224))
+
+
+def test_example_runs_offline(tmp_path):
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "timm_features.py"
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "features_only" in out.stdout and "(2, 512)" in out.stdout
