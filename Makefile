@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo clean
+.PHONY: install test test-fast demo toy-model clean
 
 install: $(STAMP)
 
@@ -26,6 +26,14 @@ test-fast: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py --output demo_output
+
+# The tiny toy-world model shipped in cnclip_vision/assets/toy-tiny: train (fixed seed, fp32), check the
+# quality bars on freshly generated held-out data, export in fp16.
+toy-model: $(STAMP)
+	$(BIN)/cnclip train --config recipes/toy-tiny.json --output-dir build/toy-tiny
+	$(BIN)/cnclip toy-eval --model build/toy-tiny/model --check --output build/toy-tiny/quality.json
+	$(BIN)/cnclip toy-export build/toy-tiny/model
+	$(BIN)/cnclip toy-eval --model toy-tiny --check
 
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache

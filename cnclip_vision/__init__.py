@@ -5,7 +5,7 @@
 >>> processor = model.get_processor()
 """
 
-from . import backbones, toymodel  # registers the timm models and the shipped toy model
+from . import backbones, toymodel  # noqa: F401  (registers the timm models and the shipped toy model)
 from .configs import CLIPConfig, TextConfig, VisionConfig, list_models
 from .errors import CheckpointError, CNClipError, ImageLoadError, UnknownModelError, WeightsNotFoundError
 from .factory import create_model, load

@@ -26,11 +26,9 @@ import math
 import multiprocessing
 import os
 import re
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -38,6 +36,8 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from .weights import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -868,21 +868,8 @@ def _file_names(n: int, image_format: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------- writing
-@contextmanager
-def _atomic(path: Path) -> Iterator[Path]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_text(path: Path, text: str) -> None:
-    with _atomic(path) as tmp:
+    with atomic_write(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
 
