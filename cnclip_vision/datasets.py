@@ -19,9 +19,10 @@ import base64
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
@@ -30,7 +31,7 @@ from .errors import CNClipError, ImageLoadError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CaptionDataset", "OriginalLayoutDataset", "PairSample", "open_dataset", "read_pairs"]
+__all__ = ["CaptionDataset", "OriginalLayoutDataset", "PairSample", "iter_jsonl", "open_dataset", "read_pairs"]
 
 
 @dataclass
@@ -41,6 +42,30 @@ class PairSample:
     pixel_values: torch.Tensor | None
     caption: str
     error: str | None = None
+
+
+def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for every non-blank line of a JSONL file (UTF-8, optional BOM); a line
+    that is not UTF-8, not JSON or not a JSON object raises :class:`CNClipError` naming ``file:line``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CNClipError(f"no such file: {path}")
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8").strip()
+            except UnicodeDecodeError as e:
+                raise CNClipError(f"{where}: not UTF-8 text ({e.reason})") from None
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CNClipError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise CNClipError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            yield number, record
 
 
 def _read_lines(path: Path) -> list[tuple[int, str]]:
@@ -56,21 +81,22 @@ def read_pairs(path: str | os.PathLike[str]) -> tuple[list[tuple[Path, str]], li
     """``(image path, caption)`` pairs of a JSONL or TSV file and the list of problems (missing files)."""
     path = Path(path)
     pairs: list[tuple[Path, str]] = []
-    lines = _read_lines(path)
-    if path.suffix == ".tsv" and lines[0][1].strip().lower() in ("image\tcaption", "image\ttext"):
-        lines = lines[1:]  # an optional header row
-    for number, line in lines:
+    if path.suffix == ".jsonl":
+        rows: list[tuple[int, Any]] = list(iter_jsonl(path))
+        if not rows:
+            raise CNClipError(f"dataset file {path} is empty")
+    else:
+        rows = _read_lines(path)
+        if rows[0][1].strip().lower() in ("image\tcaption", "image\ttext"):
+            rows = rows[1:]  # an optional header row
+    for number, row in rows:
         where = f"{path}:{number}"
         if path.suffix == ".jsonl":
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CNClipError(f"{where}: not valid JSON ({e.msg})") from e
-            if not isinstance(record, dict) or "image" not in record or not ({"caption", "text"} & set(record)):
+            if "image" not in row or not ({"caption", "text"} & set(row)):
                 raise CNClipError(f"{where}: expected an object with 'image' and 'caption' keys")
-            image, caption = record["image"], record.get("caption", record.get("text"))
+            image, caption = row["image"], row.get("caption", row.get("text"))
         else:
-            fields = line.split("\t")
+            fields = row.split("\t")
             if len(fields) != 2:
                 raise CNClipError(f"{where}: expected 'image path<TAB>caption', found {len(fields)} tab-separated fields")
             image, caption = fields
@@ -123,19 +149,14 @@ class OriginalLayoutDataset(Dataset):
             raise CNClipError(f"{self.images_path} does not exist (expected the original {split}_imgs.tsv)")
         self.offsets = self._index_images()
         self.transform = transform
+        from .retrieval import read_text_jsonl  # the same reader as the retrieval evaluation
+
         self.pairs: list[tuple[str, str]] = []
         missing = 0
-        for number, line in _read_lines(texts_path):
-            where = f"{texts_path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CNClipError(f"{where}: not valid JSON ({e.msg})") from e
-            if not isinstance(record, dict) or not {"text", "image_ids"} <= set(record):
-                raise CNClipError(f"{where}: expected an object with 'text_id', 'text' and 'image_ids'")
-            for image_id in record["image_ids"]:
-                if str(image_id) in self.offsets:
-                    self.pairs.append((str(image_id), str(record["text"])))
+        for record in read_text_jsonl(texts_path, require_image_ids=True):
+            for image_id in record.image_ids:
+                if image_id in self.offsets:
+                    self.pairs.append((image_id, record.text))
                 else:
                     missing += 1
         if missing:

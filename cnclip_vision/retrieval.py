@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from .datasets import iter_jsonl
 from .errors import CNClipError
 
 if TYPE_CHECKING:
@@ -106,38 +107,25 @@ def read_text_jsonl(path: str | os.PathLike[str], *, require_image_ids: bool = F
                           '{"text_id": 1, "text": "一只猫", "image_ids": [10]})')  # fmt: skip
     records: list[TextRecord] = []
     first_line: dict[str, int] = {}
-    with path.open("rb") as f:
-        for n, raw in enumerate(f, 1):
-            where = f"{path}:{n}"
-            try:
-                line = raw.decode("utf-8-sig" if n == 1 else "utf-8").strip()
-            except UnicodeDecodeError as e:
-                raise CNClipError(f"{where}: not UTF-8 text ({e.reason})") from None
-            if not line:
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CNClipError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise CNClipError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            keys = ("text_id", "text", "image_ids") if require_image_ids else ("text_id", "text")
-            missing = [k for k in keys if k not in obj]
-            if missing:
-                raise CNClipError(f"{where}: missing key{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
-            text_id = _as_id(obj["text_id"])
-            if text_id is None:
-                raise CNClipError(f"{where}: text_id must be an integer or a string, got {obj['text_id']!r}")
-            text = obj["text"]
-            if not isinstance(text, str) or not text.strip():
-                raise CNClipError(f"{where}: text must be a non-empty string, got {text!r}")
-            image_ids = obj.get("image_ids", [])
-            if not isinstance(image_ids, list) or any(_as_id(i) is None for i in image_ids):
-                raise CNClipError(f"{where}: image_ids must be a list of integers or strings, got {image_ids!r}")
-            if text_id in first_line:
-                raise CNClipError(f"{where}: duplicate text_id {text_id} (first on line {first_line[text_id]})")
-            first_line[text_id] = n
-            records.append(TextRecord(text_id, text, tuple(str(i) for i in image_ids), n))
+    for n, obj in iter_jsonl(path):
+        where = f"{path}:{n}"
+        keys = ("text_id", "text", "image_ids") if require_image_ids else ("text_id", "text")
+        missing = [k for k in keys if k not in obj]
+        if missing:
+            raise CNClipError(f"{where}: missing key{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
+        text_id = _as_id(obj["text_id"])
+        if text_id is None:
+            raise CNClipError(f"{where}: text_id must be an integer or a string, got {obj['text_id']!r}")
+        text = obj["text"]
+        if not isinstance(text, str) or not text.strip():
+            raise CNClipError(f"{where}: text must be a non-empty string, got {text!r}")
+        image_ids = obj.get("image_ids", [])
+        if not isinstance(image_ids, list) or any(_as_id(i) is None for i in image_ids):
+            raise CNClipError(f"{where}: image_ids must be a list of integers or strings, got {image_ids!r}")
+        if text_id in first_line:
+            raise CNClipError(f"{where}: duplicate text_id {text_id} (first on line {first_line[text_id]})")
+        first_line[text_id] = n
+        records.append(TextRecord(text_id, text, tuple(str(i) for i in image_ids), n))
     if not records:
         raise CNClipError(f"{path} holds no texts")
     return records

@@ -216,7 +216,7 @@ def test_original_layout(tmp_path):
     assert len(dataset) == 2 and dataset.skipped == 1  # image 999 is not in the TSV
     red = dataset[0]
     assert red.caption == "红色" and red.pixel_values[0].mean() > red.pixel_values[2].mean()
-    (tmp_path / "train_texts.jsonl").write_text('{"text": "x", "image_ids": [1000]}\n[broken\n')
+    (tmp_path / "train_texts.jsonl").write_text('{"text_id": 1, "text": "x", "image_ids": [1000]}\n[broken\n')
     with pytest.raises(CNClipError, match=r"train_texts\.jsonl:2"):
         OriginalLayoutDataset(tmp_path, "train", image_transform(32))
 
