@@ -105,11 +105,12 @@ class ChineseCLIP(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.text_projection.weight.dtype
+        # logit_scale is a plain parameter in every variant (also after dynamic quantisation of the Linears)
+        return self.logit_scale.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.text_projection.weight.device
+        return self.logit_scale.device
 
     @property
     def image_size(self) -> int:
