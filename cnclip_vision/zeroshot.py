@@ -34,6 +34,7 @@ __all__ = [
     "check_labels",
     "evaluate_folder",
     "read_label_file",
+    "resolve_templates",
 ]
 
 # Our own general-purpose Chinese prompts ("{}" is the class name).
@@ -67,7 +68,8 @@ DEFAULT_TEMPLATES: tuple[str, ...] = (
 SINGLE_TEMPLATE: tuple[str, ...] = ("一张{}的照片。",)
 
 
-def _resolve_templates(templates: Sequence[str] | str) -> tuple[str, ...]:
+def resolve_templates(templates: Sequence[str] | str) -> tuple[str, ...]:
+    """A list of templates with ``{}``, or the name "default", "single" or "none"."""
     if isinstance(templates, str):
         named = {"default": DEFAULT_TEMPLATES, "single": SINGLE_TEMPLATE, "none": ("{}",)}
         if templates not in named:
@@ -120,7 +122,7 @@ class ZeroShotClassifier:
     ) -> None:
         self.model = model
         self.labels = check_labels(labels)
-        self.templates = _resolve_templates(templates)
+        self.templates = resolve_templates(templates)
         self.image_transform = processor.image_transform if processor is not None else None
         if class_embeddings is None:
             class_embeddings = self._encode_classes(batch_size)

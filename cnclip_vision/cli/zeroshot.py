@@ -29,13 +29,13 @@ def _classifier(args: argparse.Namespace, model, labels: list[str]):
     return clf
 
 
-def _templates(args: argparse.Namespace):
+def _templates(args: argparse.Namespace) -> tuple[str, ...]:
+    from ..zeroshot import resolve_templates
+
     if args.template_file:
         lines = Path(args.template_file).read_text(encoding="utf-8").splitlines()
-        return [ln.strip() for ln in lines if ln.strip()]
-    from ..zeroshot import DEFAULT_TEMPLATES, SINGLE_TEMPLATE
-
-    return {"default": DEFAULT_TEMPLATES, "single": SINGLE_TEMPLATE, "none": ("{}",)}[args.templates]
+        return resolve_templates([ln.strip() for ln in lines if ln.strip()])
+    return resolve_templates(args.templates)
 
 
 def _classify(args: argparse.Namespace) -> int:
