@@ -243,7 +243,16 @@ class ViTDetBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         """Feature maps ``{"0": stride 4, "1": 8, "2": 16, "3": 32, "pool": 64}`` (``levels="p2-p6"``)."""
+        return self._pyramid(self._tokens(x, _SIZE_DIVISIBLE))
+
+    def forward_with_dense(
+        self, x: torch.Tensor, normalize: bool = False
+    ) -> tuple[OrderedDict[str, torch.Tensor], torch.Tensor]:
+        """``forward(x)`` and ``dense_embeddings(x)`` from one pass through the tower."""
         feature = self._tokens(x, _SIZE_DIVISIBLE)
+        return self._pyramid(feature), _project(self.tower.head, feature, normalize)
+
+    def _pyramid(self, feature: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         maps = [stage(feature) for stage in self.stages]
         names = [str(i) for i in range(len(maps))]
         maps, names = self.top_block(maps, maps, names)
@@ -287,7 +296,7 @@ def _weights_file(weights: str | os.PathLike[str]) -> Path:
 def vit_fpn_backbone(
     arch: str | CLIPConfig = "ViT-B-16",
     *,
-    weights: str | os.PathLike[str] | bool | None = None,
+    weights: str | os.PathLike[str] | bool | ChineseCLIP | None = None,
     trainable_layers: int = 0,
     out_channels: int = 256,
     levels: Levels = "p2-p6",
@@ -303,7 +312,8 @@ def vit_fpn_backbone(
             custom ViT :class:`CLIPConfig`.
         weights: ``None`` / ``False``: random initialisation. ``True``: the released weights from the Hub
             repo (registered sizes only). A path: a Hugging Face ``pytorch_model.bin`` / ``model.safetensors``,
-            an original ``clip_cn_*.pt``, a file written by ``save_pretrained``, or a directory holding one.
+            an original ``clip_cn_*.pt``, a file written by ``save_pretrained``, or a directory holding one. A
+            loaded :class:`ChineseCLIP`: its image tower is shared (same tensors, no copy).
         trainable_layers: 0 (default) freezes the tower; n trains its last n blocks and final norm.
         out_channels: channels of every pyramid level.
         levels: ``"p2-p6"`` (strides 4..64, names ``"0".."3", "pool"``) or ``"p3-p7"`` (strides 8..128, names
@@ -330,7 +340,9 @@ def vit_fpn_backbone(
         kwargs.update(patch_size=_STRIDE, img_size=config.vision.grid_size * _STRIDE)  # same grid, 16-px patches
     kwargs.update(tower_kwargs or {})
 
-    if weights is None or weights is False:
+    if isinstance(weights, ChineseCLIP):
+        tower = _shared_tower(weights, config, timm_name, kwargs)
+    elif weights is None or weights is False:
         tower = timm.create_model(timm_name, pretrained=False, **kwargs)
     elif weights is True:
         if match_registered(config) is None:
@@ -342,7 +354,9 @@ def vit_fpn_backbone(
         overlay = dict(file=str(file), num_classes=config.embed_dim)
         tower = timm.create_model(timm_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     else:
-        raise ValueError(f"weights={weights!r}; expected None, True, or a path to a weights file or directory")
+        raise ValueError(
+            f"weights={weights!r}; expected None, True, a ChineseCLIP model, or a path to a weights file or directory"
+        )
 
     if grad_checkpointing:
         tower.set_grad_checkpointing(True)
@@ -357,6 +371,23 @@ def vit_fpn_backbone(
         f", input resized by {backbone.patch_size}/16" if backbone.patch_size != _STRIDE else "",
     )
     return backbone
+
+
+def _shared_tower(model: ChineseCLIP, config: CLIPConfig, timm_name: str, kwargs: dict[str, Any]) -> VisionTransformer:
+    """A dynamic-size timm tower whose parameters are ``model.visual``'s own tensors (no copy)."""
+    if model.config.vision != config.vision or model.config.embed_dim != config.embed_dim:
+        raise ValueError("weights is a ChineseCLIP model of another architecture than arch")
+    if kwargs.get("patch_size", config.vision.patch_size) != config.vision.patch_size:
+        raise ValueError(
+            "patch14_mode='resample' changes the patch embedding and cannot share a model's tower; save the model "
+            "(model.save_pretrained(dir)) and pass weights=dir"
+        )
+    with torch.device("meta"):
+        tower = timm.create_model(timm_name, pretrained=False, **kwargs)
+    state = dict(model.visual.state_dict())
+    state.setdefault("head.bias", torch.zeros(config.embed_dim, dtype=model.dtype, device=model.device))
+    tower.load_state_dict(state, assign=True)
+    return tower
 
 
 # --- detectors ---------------------------------------------------------------------------------------

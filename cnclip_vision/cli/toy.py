@@ -19,7 +19,8 @@ def _toy_data(args: argparse.Namespace) -> int:
     elif args.kind == "pairs":
         toyworld.write_pairs_jsonl(args.out, args.n, args.seed, image_size=args.image_size)
     else:
-        toyworld.write_detection_set(args.out, args.n, args.seed, image_size=args.image_size)
+        annotate = toyworld.BASE_CATEGORIES if args.base_only else None
+        toyworld.write_detection_set(args.out, args.n, args.seed, image_size=args.image_size, annotate=annotate)
     write_records(args, [{"kind": args.kind, "out": args.out, "n": args.n, "seed": args.seed}])
     return 0
 
@@ -58,6 +59,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n", type=int, default=10, help="images per class / pairs / detection images (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--image-size", type=int, default=64, help="image side in pixels (default: %(default)s)")
+    p.add_argument("--base-only", action="store_true",
+                   help="detection: annotate only the 48 base categories (novel objects stay unlabelled, as OV-COCO)")  # fmt: skip
     add_output_options(p)
     p.set_defaults(func=_toy_data)
 

@@ -1,0 +1,260 @@
+"""``cnclip detect``, ``cnclip heatmap``, ``cnclip train-detector`` and the toy detector commands."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import CNClipError
+from .common import add_output_options, read_labels, resolve_device, write_records
+
+logger = logging.getLogger("cnclip_vision.cli")
+
+_PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def _parse_query(text: str) -> Any:
+    """``NAME=PATH`` or ``NAME=PATH@x1,y1,x2,y2`` -> ImageQuery."""
+    from ..detection import ImageQuery
+
+    name, sep, rest = text.partition("=")
+    if not sep or not name.strip() or not rest:
+        raise ValueError(f"--query {text!r}: expected NAME=IMAGE or NAME=IMAGE@x1,y1,x2,y2")
+    path, at, box_text = rest.rpartition("@") if "@" in rest else (rest, "", "")
+    box = None
+    if at:
+        try:
+            box = tuple(float(v) for v in box_text.split(","))
+        except ValueError as e:
+            raise ValueError(f"--query {text!r}: the box must be four numbers x1,y1,x2,y2") from e
+        if len(box) != 4:
+            raise ValueError(f"--query {text!r}: the box must be four numbers x1,y1,x2,y2")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--query {name}: image {path} does not exist")
+    return ImageQuery(path, name.strip(), box)  # type: ignore[arg-type]
+
+
+def _picture_paths(images: list[str], output: str | None) -> list[Path | None]:
+    if output is None:
+        return [None] * len(images)
+    out = Path(output)
+    if len(images) == 1 and out.suffix.lower() in _PICTURE_SUFFIXES:
+        return [out]
+    if out.suffix.lower() in _PICTURE_SUFFIXES:
+        raise ValueError(f"--output {out} is a picture file but {len(images)} images were given; pass a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    return [out / (Path(p).stem + ".png") for p in images]
+
+
+def _save_picture(picture: Any, path: Path) -> None:
+    from ..weights import atomic_write
+
+    with atomic_write(path) as tmp:
+        picture.save(tmp, format="JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else path.suffix[1:].upper())
+
+
+def _detect(args: argparse.Namespace) -> int:
+    from ..detection import OpenVocabDetector
+    from ..detection.visualize import draw_detections
+    from ..errors import ImageLoadError
+    from ..transforms import load_image
+
+    labels: list[Any] = read_labels(args.labels, args.labels_file) if (args.labels or args.labels_file) else []
+    labels += [_parse_query(q) for q in args.query or []]
+    if not labels:
+        raise ValueError("give the class names with --labels 猫,狗 (or --labels-file, or --query NAME=IMAGE)")
+    overrides = {"vlm_mode": args.vlm_mode} if args.vlm_mode else {}
+    detector = OpenVocabDetector.from_pretrained(args.detector, device=resolve_device(args.device), **overrides)
+    detector.set_vocabulary(labels)
+    pictures = _picture_paths(args.images, args.picture)
+    records, failed = [], 0
+    for path, picture_path in zip(args.images, pictures):
+        try:
+            image = load_image(path)
+        except (ImageLoadError, FileNotFoundError) as e:
+            logger.warning("skipped %s: %s", path, e)
+            failed += 1
+            continue
+        result = detector.predict([image], score_threshold=args.score_threshold, nms_threshold=args.nms_threshold,
+                                  max_detections=args.max_detections)[0]  # fmt: skip
+        records.append({
+            "image": path, "width": image.width, "height": image.height,
+            "detections": [{"label": n, "label_index": int(i), "score": round(float(s), 4),
+                            "box": [round(float(v), 2) for v in b]}
+                           for n, i, s, b in zip(result["label_names"], result["labels"], result["scores"], result["boxes"])],
+        })  # fmt: skip
+        if picture_path is not None:
+            _save_picture(draw_detections(image, result), picture_path)
+            logger.info("%s: %d detections, picture %s", path, len(result["scores"]), picture_path)
+    if failed == len(args.images):
+        raise CNClipError(f"none of the {failed} images could be read")
+    write_records(args, records)
+    return 0
+
+
+def _heatmap(args: argparse.Namespace) -> int:
+    from ..detection.heatmap import similarity_map
+    from ..detection.visualize import heatmap_overlay
+    from ..transforms import load_image
+    from .common import load_model
+
+    labels = read_labels(args.labels, args.labels_file)
+    model = load_model(args)
+    image = load_image(args.image)
+    maps = similarity_map(model, image, labels, size=args.size, templates=args.templates)
+    out = Path(args.picture)
+    paths = [out] if len(labels) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix or '.png'}") for i in range(len(labels))]
+    records = []
+    for label, heat, path in zip(labels, maps, paths):
+        _save_picture(heatmap_overlay(image, heat, caption=label), path)
+        peak = int(heat.flatten().argmax())
+        records.append({"label": label, "picture": str(path), "grid": list(heat.shape), "max_cosine": round(float(heat.max()), 4),
+                        "peak_cell": [peak // heat.shape[1], peak % heat.shape[1]]})  # fmt: skip
+    write_records(args, records)
+    return 0
+
+
+_TRAIN_OVERRIDES = {
+    "output_dir": (str, "folder for checkpoint.pt, metrics.jsonl and the final detector/ directory"),
+    "train_data": (str, "COCO annotation file (Chinese category names, or give --name-map)"),
+    "image_root": (str, "image folder of the training file (default: beside it, images/ if present)"),
+    "name_map": (str, "English -> Chinese category names (JSON object or two-column TSV)"),
+    "clip": (str, "the frozen CLIP the detector sits on: a name or a path"),
+    "epochs": (int, "number of epochs"),
+    "max_steps": (int, "stop after this many optimizer steps (overrides epochs)"),
+    "batch_size": (int, "global batch (images), summed over ranks and accumulation steps"),
+    "accum_steps": (int, "gradient accumulation steps"),
+    "lr": (float, "peak learning rate of AdamW"),
+    "weight_decay": (float, "AdamW weight decay"),
+    "precision": (str, "fp32, bf16 (autocast) or fp16 (GPU only)"),
+    "seed": (int, "random seed"),
+    "num_workers": (int, "DataLoader worker processes"),
+    "save_every": (int, "write checkpoint.pt every N steps (and at the end)"),
+    "log_every": (int, "append to metrics.jsonl every N steps"),
+    "eval_data": (str, "COCO file evaluated periodically (all its categories scored together)"),
+    "eval_every": (int, "evaluate every N steps (default: each epoch)"),
+    "device": (str, "torch device"),
+}
+
+
+def _train_detector(args: argparse.Namespace) -> int:
+    from ..detection.train import DetectorTrainConfig, train_detector
+
+    overrides = {name: getattr(args, name) for name in _TRAIN_OVERRIDES}
+    if args.categories:
+        overrides["categories"] = "base" if args.categories == "base" else read_labels(args.categories, None)
+    overrides["progress"] = not args.quiet
+    if args.config:
+        config = DetectorTrainConfig.from_file(args.config, **overrides)
+    else:
+        missing = [f"--{n.replace('_', '-')}" for n in ("output_dir", "train_data") if overrides[n] is None]
+        if missing:
+            raise ValueError(f"give --config RECIPE.json or at least {' and '.join(missing)}")
+        config = DetectorTrainConfig(**{k: v for k, v in overrides.items() if v is not None})
+    summary = train_detector(config, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        json.dump({"config": dataclasses.asdict(config), **summary}, sys.stdout, ensure_ascii=False, indent=2, default=list)
+        sys.stdout.write("\n")
+    return 0
+
+
+def _toy_detector_eval(args: argparse.Namespace) -> int:
+    from ..detection import OpenVocabDetector
+    from ..detection.toy import DETECTOR_QUALITY_BARS, evaluate_toy_detector, write_toy_detection_data
+
+    annotations = args.annotations
+    if annotations is None:
+        annotations = write_toy_detection_data(args.data_dir, n_train=0, n_val=args.n, val_seed=args.seed)["val"]
+    detector = OpenVocabDetector.from_pretrained(args.detector, device=resolve_device(args.device))
+    report = evaluate_toy_detector(detector, annotations, progress=not args.quiet)
+    report = {"detector": args.detector, "annotations": str(annotations), **report}
+    write_records(args, [report], document=report)
+    if args.check and not report.get("passes", False):
+        raise CNClipError(f"the toy detector misses the quality bars {DETECTOR_QUALITY_BARS}: {report['modes']}")
+    return 0
+
+
+def _toy_detector_export(args: argparse.Namespace) -> int:
+    from ..detection.toy import export_toy_detector
+
+    write_records(args, [{"source": args.src, "exported": str(export_toy_detector(args.src, args.dst))}])
+    return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "detect", help="open-vocabulary detection with Chinese labels; pictures with boxes",
+        description="Detect the given labels (also categories never seen in training) in images. Detections "
+        "are printed as JSON on stdout (or --output); --picture draws boxes with Chinese labels.",
+    )  # fmt: skip
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--detector", default="toy-detector", help="detector directory (default: %(default)s, the toy world's)")
+    p.add_argument("--labels", help="comma-separated labels, e.g. 猫,狗,电动车")
+    p.add_argument("--labels-file", help="a file with one label per line")
+    p.add_argument("--query", action="append", metavar="NAME=IMAGE[@x1,y1,x2,y2]",
+                   help="an image-conditioned query: the (cropped) image's embedding is the class (repeatable)")  # fmt: skip
+    p.add_argument("-o", "--output", dest="picture", default=None,
+                   help="picture with the boxes and labels: a .png/.jpg file for one image, else a folder")  # fmt: skip
+    p.add_argument("--json", dest="output", default=None, help="write the detections JSON here instead of stdout")
+    p.add_argument("--score-threshold", type=float, default=0.3, help="minimum score (default: %(default)s)")
+    p.add_argument("--nms-threshold", type=float, default=0.5, help="IoU of class-aware NMS (default: %(default)s)")
+    p.add_argument("--max-detections", type=int, default=100, help="per image (default: %(default)s)")
+    p.add_argument("--vlm-mode", choices=("crops", "dense", "off"), default=None, help="override the detector's VLM branch")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    p.set_defaults(func=_detect, format="json")
+
+    p = sub.add_parser("heatmap", help="similarity heat map of labels over an image (dense CLIP features)",
+                       description="Cosine similarity of each patch's dense embedding to each label, drawn over "
+                       "the image. With several labels, PICTURE gets a _0, _1, ... suffix per label.")  # fmt: skip
+    p.add_argument("image", help="image file")
+    p.add_argument("--labels", help="comma-separated labels")
+    p.add_argument("--labels-file", help="a file with one label per line")
+    p.add_argument("-o", "--output", dest="picture", required=True, help="output picture (.png)")
+    p.add_argument("--json", dest="output", default=None, help="write the JSON summary here instead of stdout")
+    p.add_argument("--size", type=int, default=None, help="input side in pixels (default: the model's)")
+    p.add_argument("--templates", default="default", help="prompt templates: default, single or none")
+    p.add_argument("--model", default="ViT-B-16", help="CLIP model name or path (default: %(default)s)")
+    p.add_argument("--arch", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--device", default=None, help="torch device")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="weights dtype")
+    p.set_defaults(func=_heatmap, format="json")
+
+    p = sub.add_parser(
+        "train-detector", help="train the open-vocabulary detector on COCO-format data",
+        description="Train the pyramid, RPN and region head of the detector on a frozen CLIP. Options come from "
+        "a JSON recipe (--config, e.g. recipes/toy-detector.json or recipes/ovcoco-vit-b-16.json) and/or flags "
+        "(flags win). Run under torchrun for data parallel training. Metrics go to OUTPUT_DIR/metrics.jsonl, "
+        "the detector to OUTPUT_DIR/detector; a JSON summary is printed at the end.",
+    )  # fmt: skip
+    p.add_argument("--config", help="JSON recipe")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt if it exists")
+    p.add_argument("--categories", help="train only on these categories (comma-separated names) or 'base'")
+    for name, (kind, text) in _TRAIN_OVERRIDES.items():
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=text)
+    p.set_defaults(func=_train_detector)
+
+    p = sub.add_parser("toy-detector-eval", help="AP50 base/novel of a toy-world detector per VLM mode",
+                       description="Evaluate a toy detector on freshly generated scenes with all 64 categories "
+                       "scored together: AP50 base / novel / all for each VLM mode and with random text "
+                       "embeddings for the novel categories.")  # fmt: skip
+    p.add_argument("--detector", default="toy-detector", help="detector directory (default: %(default)s)")
+    p.add_argument("--annotations", default=None, help="an existing toy COCO file (default: generate one)")
+    p.add_argument("--data-dir", default="build/toy-detector-eval", help="where generated scenes go")
+    p.add_argument("--n", type=int, default=500, help="generated scenes (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=777, help="seed of the generated scenes (default: %(default)s)")
+    p.add_argument("--check", action="store_true", help="exit with status 2 when a quality bar is missed")
+    p.add_argument("--device", default=None, help="torch device")
+    add_output_options(p, csv_ok=False)
+    p.set_defaults(func=_toy_detector_eval, format="json")
+
+    p = sub.add_parser("toy-detector-export", help="store a trained toy detector in the package (fp16)")
+    p.add_argument("src", help="trained detector directory (OUTPUT_DIR/detector of train-detector)")
+    p.add_argument("--dst", default=None, help="destination (default: the package's assets/toy-detector)")
+    add_output_options(p)
+    p.set_defaults(func=_toy_detector_export)

@@ -1,0 +1,43 @@
+"""Where in an image a label is: cosine similarity of every patch's dense CLIP embedding to the label."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..backbones.pyramid import dense_image_embeddings
+from ..model import ChineseCLIP
+from ..transforms import ImageSource, image_transform
+from ..zeroshot import resolve_templates
+
+__all__ = ["similarity_map"]
+
+
+@torch.no_grad()
+def similarity_map(
+    model: ChineseCLIP,
+    image: ImageSource,
+    labels: str | Sequence[str],
+    *,
+    size: int | None = None,
+    templates: Sequence[str] | str = "default",
+) -> torch.Tensor:
+    """``[len(labels), size/p, size/p]`` cosine similarities between each patch's projected token (the image
+    resized to ``size``, default the model's input size; patch p) and each label's template-averaged text
+    embedding. Dense CLIP features are coarsely aligned at best (DESIGN.md §7): read the map as a hint."""
+    from ..inference import encode_texts
+
+    labels = [labels] if isinstance(labels, str) else list(labels)
+    if not labels:
+        raise ValueError("labels is empty: pass at least one label")
+    size = size or model.image_size
+    patch = model.config.vision.patch_size
+    if size % patch:
+        raise ValueError(f"size={size} must be a multiple of the patch size {patch}")
+    pixels = image_transform(size)(image)[None]
+    dense = dense_image_embeddings(model, pixels, normalize=True)[0].float().cpu()  # [D, h, w]
+    names = resolve_templates(templates)
+    text = encode_texts(model, [t.format(x) for x in labels for t in names]).view(len(labels), len(names), -1).mean(1)
+    text = torch.nn.functional.normalize(text, dim=-1)
+    return torch.einsum("cd,dhw->chw", text, dense)

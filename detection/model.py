@@ -1,0 +1,564 @@
+"""The open-vocabulary detector: F-VLM / F-ViT on a frozen Chinese-CLIP ViT, with Chinese labels.
+
+Layout (Kuo et al., *F-VLM*, ICLR 2023; DESIGN.md §6)::
+
+    image -> GeneralizedRCNNTransform (resize the long side to image_size, CLIP mean/std, pad to 32)
+          -> frozen CLIP ViT tower -> ViTDet simple feature pyramid (strides 4..64)
+          -> class-agnostic RPN (torchvision) -> RoIAlign 7x7 -> two-layer MLP
+          -> region embedding (cosine to the vocabulary's text embeddings and to a learned background
+             embedding, learned temperature) + class-agnostic box regression
+    VLM branch (inference only), scoring each region against the same text embeddings with CLIP's own
+    temperature:  "dense" RoIAlign-mean of the tower's projected patch tokens (F-VLM; one tower pass),
+                  "crops" the top proposals cropped square (10% margin), resized to the CLIP input size and
+                  re-encoded by the image tower in batches (pooled embedding; slower, reliable where dense
+                  features are not aligned), or "off".
+    score(class c) = p_det(c) ** (1 - a_c) * p_vlm(c) ** a_c with a_c = alpha_seen for categories seen in
+    training and alpha_unseen otherwise; p_det is the softmax over background + classes (background
+    probability from the detector only), p_vlm the softmax over the classes. Class-aware NMS
+    (``torchvision.ops.batched_nms``).
+
+The CLIP model is referenced by :class:`DetectorConfig.clip` (a name or a path) and loaded separately;
+:meth:`OpenVocabDetector.save_pretrained` writes only the detector's own weights unless asked to copy it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.detection.faster_rcnn import TwoMLPHead
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import batched_nms, clip_boxes_to_image, remove_small_boxes, roi_align
+
+from ..backbones.pyramid import ViTDetBackbone, detector_kwargs, vit_fpn_backbone
+from ..errors import CheckpointError, CNClipError
+from ..model import ChineseCLIP
+from ..transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageSource, load_image
+from ..weights import atomic_write, write_json
+from ..zeroshot import resolve_templates
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DetectorConfig", "ImageQuery", "OpenVocabDetector", "Vocabulary", "VLM_MODES"]
+
+VLM_MODES = ("crops", "dense", "off")
+VLMMode = Literal["crops", "dense", "off"]
+CONFIG_NAME = "detector_config.json"
+WEIGHTS_NAME = "detector.safetensors"
+CLIP_SUBDIR = "clip"
+SHIPPED = {"toy-detector": Path(__file__).resolve().parent.parent / "assets" / "toy-detector"}
+
+
+@dataclass
+class DetectorConfig:
+    """Hyper-parameters of :class:`OpenVocabDetector` (saved as ``detector_config.json``)."""
+
+    clip: str = "ViT-B-16"  # the CLIP it sits on: a registered name or a path (relative: to the detector dir)
+    image_size: int = 640  # the long side of the network input (F-ViT: 640)
+    out_channels: int = 256  # pyramid channels
+    levels: Literal["p2-p6", "p3-p7"] = "p2-p6"  # pyramid strides 4..64 (ViTDet) or 8..128 (cheaper)
+    representation_size: int = 1024  # region MLP width
+    trainable_layers: int = 0  # tower blocks fine-tuned (0: frozen, as F-VLM)
+    rpn_pre_nms_top_n: tuple[int, int] = (2000, 1000)  # (train, test)
+    rpn_post_nms_top_n: tuple[int, int] = (1000, 1000)
+    rpn_batch_size_per_image: int = 256
+    box_batch_size_per_image: int = 512
+    box_positive_fraction: float = 0.25
+    background_weight: float = 0.2  # cross-entropy weight of the background class (F-ViT)
+    vlm_mode: VLMMode = "crops"
+    alpha_seen: float = 0.35  # VLM weight in the geometric ensemble, categories seen in training
+    alpha_unseen: float = 0.65  # the same for categories not seen in training
+    crop_top_k: int = 100  # proposals per image re-encoded in "crops" mode
+    crop_margin: float = 0.1  # context around a crop, per side, as a fraction of the box's long side
+    crop_batch_size: int = 64
+    dense_pool: int = 3  # RoIAlign grid (averaged) on the stride-16 dense embeddings in "dense" mode
+    templates: tuple[str, ...] | str = "default"  # prompt templates ({} = the label), or a named set
+    seen_categories: tuple[str, ...] = ()  # label names the region head was trained on
+    temperature_init: float = 0.02  # initial region-text temperature (learned)
+
+    def __post_init__(self) -> None:
+        self.rpn_pre_nms_top_n = tuple(self.rpn_pre_nms_top_n)  # type: ignore[assignment]
+        self.rpn_post_nms_top_n = tuple(self.rpn_post_nms_top_n)  # type: ignore[assignment]
+        self.seen_categories = tuple(self.seen_categories)
+        if not isinstance(self.templates, str):
+            self.templates = tuple(self.templates)
+        _check_mode(self.vlm_mode)
+        for name in ("alpha_seen", "alpha_unseen", "crop_margin", "background_weight"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0 <= value <= (1 if name.startswith("alpha") else 10):
+                raise ValueError(f"DetectorConfig.{name}={value!r} is out of range")
+        for name in ("image_size", "out_channels", "representation_size", "crop_top_k", "crop_batch_size", "dense_pool"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"DetectorConfig.{name}={value!r}; expected a positive int")
+        if self.image_size % 32:
+            raise ValueError(f"DetectorConfig.image_size={self.image_size} must be a multiple of 32")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> DetectorConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise CNClipError(f"{source}: unknown detector options {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in VLM_MODES:
+        raise ValueError(f"vlm_mode={mode!r}; allowed values: {', '.join(map(repr, VLM_MODES))}")
+
+
+@dataclass(frozen=True)
+class ImageQuery:
+    """An image-conditioned (one-shot) query: the class embedding is the image embedding of ``image``
+    (cropped to ``box`` = xyxy pixels, if given), named ``name`` in the predictions."""
+
+    image: ImageSource
+    name: str
+    box: tuple[float, float, float, float] | None = None
+
+
+@dataclass
+class Vocabulary:
+    """Class embeddings ``[C, embed_dim]`` (normalised) with their names and which were seen in training."""
+
+    names: list[str]
+    embeddings: torch.Tensor
+    seen: torch.Tensor = field(repr=False)  # bool [C]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+Label = str | ImageQuery
+
+
+class _RegionHead(nn.Module):
+    """RoI features -> (region embedding [R, D], class-agnostic box deltas [R, 4])."""
+
+    def __init__(self, in_features: int, representation_size: int, embed_dim: int) -> None:
+        super().__init__()
+        self.mlp = TwoMLPHead(in_features, representation_size)
+        self.embed = nn.Linear(representation_size, embed_dim)
+        self.bbox = nn.Linear(representation_size, 4)
+        nn.init.normal_(self.bbox.weight, std=0.001)
+        nn.init.zeros_(self.bbox.bias)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.mlp(x)
+        return F.normalize(self.embed(h), dim=-1), self.bbox(h)
+
+
+class OpenVocabDetector(nn.Module):
+    """Open-vocabulary detector with Chinese labels on a frozen Chinese-CLIP ViT.
+
+    >>> det = OpenVocabDetector.from_pretrained("my-detector")           # or OpenVocabDetector(clip, config)
+    >>> det.predict(["street.jpg"], ["猫", "狗", "电动车"])
+    [{'boxes': tensor([[x1, y1, x2, y2], ...]), 'scores': ..., 'labels': ..., 'label_names': [...]}]
+
+    Training: ``det.set_vocabulary(train_names)`` then ``losses = det(images, targets)`` with ``images`` a list
+    of float ``[3, H, W]`` tensors in 0..1 and ``targets`` dicts of ``boxes`` (xyxy pixels) and ``labels``
+    (indices into the vocabulary), as torchvision detectors.
+    """
+
+    def __init__(self, clip: ChineseCLIP, config: DetectorConfig | None = None) -> None:
+        super().__init__()
+        config = config or DetectorConfig()
+        if clip.config.vision.kind != "vit":
+            raise ValueError("the open-vocabulary detector needs a ViT image tower; RN50 is not supported")
+        self.config = config
+        self.clip = clip.eval().requires_grad_(False)
+        self.backbone: ViTDetBackbone = vit_fpn_backbone(
+            clip.config, weights=clip, out_channels=config.out_channels, levels=config.levels,
+            trainable_layers=config.trainable_layers,
+        )
+        embed_dim = clip.config.embed_dim
+        self.transform = GeneralizedRCNNTransform(
+            config.image_size, config.image_size, list(OPENAI_CLIP_MEAN), list(OPENAI_CLIP_STD), size_divisible=32
+        )
+        kwargs = detector_kwargs("faster_rcnn", self.backbone)
+        anchors = kwargs["rpn_anchor_generator"]
+        self.rpn = RegionProposalNetwork(
+            anchors, RPNHead(config.out_channels, anchors.num_anchors_per_location()[0]),
+            fg_iou_thresh=0.7, bg_iou_thresh=0.3, batch_size_per_image=config.rpn_batch_size_per_image,
+            positive_fraction=0.5,
+            pre_nms_top_n=dict(training=config.rpn_pre_nms_top_n[0], testing=config.rpn_pre_nms_top_n[1]),
+            post_nms_top_n=dict(training=config.rpn_post_nms_top_n[0], testing=config.rpn_post_nms_top_n[1]),
+            nms_thresh=0.7,
+        )  # fmt: skip
+        pool = kwargs["box_roi_pool"]  # RoIAlign 7x7 on every level but the top one
+        self.region_head = _RegionHead(config.out_channels * 49, config.representation_size, embed_dim)
+        # torchvision's RoIHeads for proposal sampling and box coding; scoring and losses are ours
+        self.roi_heads = RoIHeads(
+            pool, None, None, fg_iou_thresh=0.5, bg_iou_thresh=0.5,
+            batch_size_per_image=config.box_batch_size_per_image, positive_fraction=config.box_positive_fraction,
+            bbox_reg_weights=None, score_thresh=0.0, nms_thresh=0.5, detections_per_img=100,
+        )  # fmt: skip
+        self.background = nn.Parameter(F.normalize(torch.randn(embed_dim), dim=0))
+        self.log_inv_temperature = nn.Parameter(torch.tensor(math.log(1 / config.temperature_init)))
+        self._vocabulary: Vocabulary | None = None
+        self._cache: dict[tuple[Any, ...], Vocabulary] = {}
+
+    # ------------------------------------------------------------------------------------- vocabulary
+    @property
+    def vocabulary(self) -> Vocabulary | None:
+        return self._vocabulary
+
+    @property
+    def device(self) -> torch.device:
+        return self.background.device
+
+    def set_vocabulary(self, labels: Sequence[Label], *, seen: Sequence[bool] | None = None) -> Vocabulary:
+        """Encode the class embeddings of ``labels`` (Chinese names, template-averaged; or :class:`ImageQuery`
+        crops) once; later calls with the same labels reuse the cache. ``seen`` overrides which labels count
+        as seen in training (default: names listed in ``config.seen_categories``)."""
+        names = _check_vocabulary(labels)
+        key = (tuple(_query_key(x) for x in labels), None if seen is None else tuple(bool(s) for s in seen))
+        vocab = self._cache.get(key)
+        if vocab is None:
+            embeddings = self._encode_labels(labels)
+            if seen is None:
+                seen_set = set(self.config.seen_categories)
+                seen_mask = torch.tensor([isinstance(x, str) and x in seen_set for x in labels])
+            else:
+                if len(seen) != len(labels):
+                    raise ValueError(f"seen has {len(seen)} entries for {len(labels)} labels")
+                seen_mask = torch.tensor([bool(s) for s in seen])
+            vocab = Vocabulary(names, embeddings, seen_mask)
+            if len(self._cache) >= 16:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[key] = vocab
+        self._vocabulary = vocab
+        return vocab
+
+    def use_vocabulary(self, vocabulary: Vocabulary) -> None:
+        """Use already encoded class embeddings (e.g. computed elsewhere, or modified for an ablation)."""
+        if vocabulary.embeddings.shape != (len(vocabulary.names), self.clip.config.embed_dim):
+            raise ValueError(f"vocabulary embeddings have shape {tuple(vocabulary.embeddings.shape)}; expected "
+                             f"({len(vocabulary.names)}, {self.clip.config.embed_dim})")  # fmt: skip
+        self._vocabulary = vocabulary
+
+    @torch.no_grad()
+    def _encode_labels(self, labels: Sequence[Label]) -> torch.Tensor:
+        from ..inference import encode_texts
+
+        out = torch.empty(len(labels), self.clip.config.embed_dim)
+        texts = [(i, x) for i, x in enumerate(labels) if isinstance(x, str)]
+        if texts:
+            templates = resolve_templates(self.config.templates)
+            prompts = [t.format(x) for _, x in texts for t in templates]
+            features = encode_texts(self.clip, prompts).view(len(texts), len(templates), -1).mean(1)
+            out[[i for i, _ in texts]] = F.normalize(features, dim=-1)
+        queries = [(i, x) for i, x in enumerate(labels) if isinstance(x, ImageQuery)]
+        if queries:
+            crops = torch.stack([_query_pixels(q, self.clip.image_size) for _, q in queries])
+            out[[i for i, _ in queries]] = self.clip.encode_image(crops, normalize=True).float().cpu()
+        return out.to(self.device)
+
+    # ------------------------------------------------------------------------------------- training
+    def train(self, mode: bool = True) -> OpenVocabDetector:
+        super().train(mode)
+        self.clip.eval()
+        self.backbone.train(mode)  # keeps the frozen tower in eval mode
+        return self
+
+    def forward(
+        self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None
+    ) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
+        """Training (``targets`` given): the loss dict. Inference: raw detections per image (see
+        :meth:`detect`)."""
+        if targets is None:
+            return self.detect(images)
+        vocab = self._require_vocabulary()
+        targets = [{"boxes": t["boxes"].float(), "labels": t["labels"].long() + 1} for t in targets]  # 0: background
+        batch, targets = self.transform(images, targets)
+        features = self.backbone(batch.tensors)
+        proposals, rpn_losses = self.rpn(batch, features, targets)
+        proposals, _, labels, regression_targets = self.roi_heads.select_training_samples(proposals, targets)
+        embeddings, deltas = self.region_head(self.roi_heads.box_roi_pool(features, proposals, batch.image_sizes))
+        logits = self._det_logits(embeddings, vocab.embeddings)
+        labels_all = torch.cat(labels)
+        weight = torch.ones(logits.shape[1], device=logits.device)
+        weight[0] = self.config.background_weight
+        loss_classifier = F.cross_entropy(logits, labels_all, weight=weight)
+        positive = labels_all > 0
+        loss_box = F.smooth_l1_loss(deltas[positive], torch.cat(regression_targets)[positive], beta=1 / 9,
+                                    reduction="sum") / max(labels_all.numel(), 1)  # fmt: skip
+        return {"loss_classifier": loss_classifier, "loss_box_reg": loss_box, **rpn_losses}
+
+    def _det_logits(self, embeddings: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """``[R, 1 + C]`` region-text logits, column 0 the learned background."""
+        keys = torch.cat([F.normalize(self.background, dim=0)[None], classes.to(embeddings)])
+        return self.log_inv_temperature.exp().clamp(max=100.0) * embeddings @ keys.t()
+
+    def _require_vocabulary(self) -> Vocabulary:
+        if self._vocabulary is None:
+            raise CNClipError("no vocabulary: pass labels to predict() or call set_vocabulary(labels) first")
+        return self._vocabulary
+
+    # ------------------------------------------------------------------------------------- inference
+    @torch.no_grad()
+    def detect(
+        self,
+        images: list[torch.Tensor],
+        *,
+        score_threshold: float = 0.05,
+        nms_threshold: float = 0.5,
+        max_detections: int = 100,
+        vlm_mode: VLMMode | None = None,
+    ) -> list[dict[str, torch.Tensor]]:
+        """Detections of float ``[3, H, W]`` images in 0..1 with the current vocabulary: per image ``boxes``
+        (xyxy pixels of the input image), ``scores``, ``labels`` (vocabulary indices)."""
+        vocab = self._require_vocabulary()
+        mode = self.config.vlm_mode if vlm_mode is None else vlm_mode
+        _check_mode(mode)
+        original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+        batch, _ = self.transform(images)
+        if mode == "dense":
+            features, dense = self.backbone.forward_with_dense(batch.tensors, normalize=False)
+        else:
+            features, dense = self.backbone(batch.tensors), None
+        proposals, _ = self.rpn(batch, features)
+        embeddings, deltas = self.region_head(self.roi_heads.box_roi_pool(features, proposals, batch.image_sizes))
+        p_det = self._det_logits(embeddings, vocab.embeddings).softmax(-1)
+        boxes = self.roi_heads.box_coder.decode(deltas, proposals)[:, 0]  # class-agnostic: one box per proposal
+        results = []
+        for i, (p, b, size) in enumerate(zip(p_det.split([len(x) for x in proposals]), boxes.split([len(x) for x in proposals]), batch.image_sizes)):
+            b = clip_boxes_to_image(b, size)
+            keep = remove_small_boxes(b, 1e-2)
+            p, b = p[keep], b[keep]
+            scores = p[:, 1:]
+            if mode == "crops":
+                top = scores.max(-1).values.topk(min(self.config.crop_top_k, len(b))).indices
+                p, b, scores = p[top], b[top], scores[top]
+                vlm = self._crop_embeddings(batch.tensors[i], b)
+            elif mode == "dense":
+                vlm = self._dense_embeddings(dense[i : i + 1], b)  # type: ignore[index]
+            else:
+                vlm = None
+            if vlm is not None:
+                scale = self.clip.logit_scale.exp().clamp(max=100.0)
+                p_vlm = (scale * vlm @ vocab.embeddings.to(vlm).t()).softmax(-1)
+                alpha = torch.where(vocab.seen.to(p.device), self.config.alpha_seen, self.config.alpha_unseen)
+                scores = scores.clamp_min(1e-12) ** (1 - alpha) * p_vlm.clamp_min(1e-12) ** alpha
+            results.append(_select(b, scores, score_threshold, nms_threshold, max_detections))
+        return self.transform.postprocess(results, batch.image_sizes, original_sizes)
+
+    def _crop_embeddings(self, image: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """Pooled CLIP embeddings of square crops around ``boxes`` (normalised image ``[3, H, W]``)."""
+        if len(boxes) == 0:
+            return boxes.new_zeros(0, self.clip.config.embed_dim)
+        cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+        half = (boxes[:, 2:] - boxes[:, :2]).amax(-1) * (0.5 + self.config.crop_margin)
+        squares = torch.stack([cx - half, cy - half, cx + half, cy + half], dim=1)
+        size = self.clip.image_size
+        out = []
+        for chunk in squares.split(self.config.crop_batch_size):
+            crops = roi_align(image[None], [chunk], output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+            out.append(self.clip.encode_image(crops, normalize=True).float())
+        return torch.cat(out)
+
+    def _dense_embeddings(self, dense: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """RoIAlign-mean of the stride-16 projected patch embeddings inside ``boxes``, normalised."""
+        if len(boxes) == 0:
+            return boxes.new_zeros(0, self.clip.config.embed_dim)
+        k = self.config.dense_pool
+        pooled = roi_align(dense.float(), [boxes], output_size=k, spatial_scale=1 / 16, sampling_ratio=2, aligned=True)
+        return F.normalize(pooled.mean((2, 3)), dim=-1)
+
+    @torch.no_grad()
+    def predict(
+        self,
+        images: ImageSource | Sequence[ImageSource],
+        labels: Sequence[Label] | None = None,
+        *,
+        score_threshold: float = 0.3,
+        nms_threshold: float = 0.5,
+        max_detections: int = 100,
+        batch_size: int = 4,
+        vlm_mode: VLMMode | None = None,
+    ) -> list[dict[str, Any]]:
+        """Detect ``labels`` (Chinese names and/or :class:`ImageQuery` crops; default: the current
+        vocabulary) in images of any size and mode (paths, PIL, arrays, tensors). One dict per image:
+        ``boxes`` float ``[K, 4]`` (xyxy, pixels of the original image), ``scores`` ``[K]``, ``labels`` ``[K]``
+        (indices into ``labels``), ``label_names`` (``K`` strings), sorted by score."""
+        _check_thresholds(score_threshold, nms_threshold, max_detections)
+        if labels is not None:
+            self.set_vocabulary(labels)
+        vocab = self._require_vocabulary()
+        if isinstance(images, (str, bytes, os.PathLike)) or not isinstance(images, Sequence):
+            images = [images]  # type: ignore[list-item]
+        was_training = self.training
+        self.eval()
+        out: list[dict[str, Any]] = []
+        try:
+            for start in range(0, len(images), batch_size):
+                tensors = [_to_tensor(x).to(self.device) for x in images[start : start + batch_size]]
+                for r in self.detect(tensors, score_threshold=score_threshold, nms_threshold=nms_threshold,
+                                     max_detections=max_detections, vlm_mode=vlm_mode):  # fmt: skip
+                    r = {k: v.cpu() for k, v in r.items()}
+                    r["label_names"] = [vocab.names[j] for j in r["labels"].tolist()]
+                    out.append(r)
+        finally:
+            self.train(was_training)
+        return out
+
+    # ------------------------------------------------------------------------------------- persistence
+    def head_state_dict(self) -> dict[str, torch.Tensor]:
+        """The detector's own weights (pyramid, RPN, region head, background, temperature; and the tower
+        blocks it fine-tuned), without the CLIP model."""
+        trainable = {f"backbone.tower.{n}" for n, p in self.backbone.tower.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items()
+                if not k.startswith("clip.") and (not k.startswith("backbone.tower.") or k in trainable)}  # fmt: skip
+
+    def save_pretrained(self, directory: str | os.PathLike[str], *, include_clip: bool = False, half: bool = False) -> Path:
+        """Write ``detector_config.json`` and ``detector.safetensors`` (``half``: fp16, loads back as the
+        model's dtype); with ``include_clip`` also the CLIP model into ``directory/clip`` (otherwise the
+        config references ``config.clip``)."""
+        from safetensors.torch import save_file
+
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        config = dataclasses.replace(self.config)
+        if include_clip:
+            self.clip.save_pretrained(out / CLIP_SUBDIR)
+            config.clip = CLIP_SUBDIR
+        state = {k: v.detach().contiguous().cpu() for k, v in self.head_state_dict().items()}
+        if half:
+            state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+        with atomic_write(out / WEIGHTS_NAME) as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt", "cnclip_detector": "1"})
+        write_json(out / CONFIG_NAME, {"detector": config.to_dict(), "clip_config": self.clip.config.to_dict()})
+        logger.info("detector written to %s", out)
+        return out
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | os.PathLike[str],
+        *,
+        clip: ChineseCLIP | str | os.PathLike[str] | None = None,
+        device: torch.device | str | None = None,
+        **overrides: Any,
+    ) -> OpenVocabDetector:
+        """Load a detector written by :meth:`save_pretrained` (or ``"toy-detector"``, the shipped detector of the
+        toy world). ``clip`` overrides the referenced CLIP model; ``overrides`` change inference options of
+        the config (e.g. ``vlm_mode="dense"``)."""
+        from safetensors.torch import load_file
+
+        from ..factory import load
+
+        root = Path(directory)
+        if str(directory) in SHIPPED and not root.exists():
+            root = SHIPPED[str(directory)]
+        config_path = root / CONFIG_NAME
+        if not config_path.is_file():
+            raise CheckpointError(f"{root} is not a detector directory: {CONFIG_NAME} is missing")
+        try:
+            meta = json.loads(config_path.read_text(encoding="utf-8"))
+            config = DetectorConfig.from_dict({**meta["detector"], **overrides}, source=str(config_path))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{config_path}: not a detector config ({e})") from e
+        if clip is None:
+            ref = Path(config.clip)
+            clip = str(root / ref) if not ref.is_absolute() and (root / ref).exists() else config.clip
+        if not isinstance(clip, ChineseCLIP):
+            clip = load(clip, device=device)
+        detector = cls(clip, config)
+        try:
+            state = load_file(str(root / WEIGHTS_NAME))
+        except Exception as e:  # noqa: BLE001  safetensors raises several types for corrupt files
+            raise CheckpointError(f"cannot read {root / WEIGHTS_NAME}: {e}") from e
+        expected = detector.head_state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        shapes = [k for k in set(state) & set(expected) if state[k].shape != expected[k].shape]
+        state = {k: v.to(expected[k].dtype) if k in expected else v for k, v in state.items()}
+        if missing or unexpected or shapes:
+            raise CheckpointError(
+                f"{root / WEIGHTS_NAME} does not fit the detector config: missing {missing[:5]}, unexpected "
+                f"{unexpected[:5]}, shape mismatches {shapes[:5]}"
+            )
+        detector.load_state_dict(state, strict=False)
+        return detector.to(device or clip.device).eval()
+
+
+# ----------------------------------------------------------------------------------------- helpers
+def _select(boxes: torch.Tensor, scores: torch.Tensor, threshold: float, nms: float, limit: int) -> dict[str, torch.Tensor]:
+    """Every (box, class) pair above ``threshold``, class-aware NMS, the best ``limit``."""
+    idx, cls = (scores > threshold).nonzero(as_tuple=True)
+    b, s = boxes[idx], scores[idx, cls]
+    keep = batched_nms(b, s, cls, nms)[:limit]
+    return {"boxes": b[keep], "scores": s[keep], "labels": cls[keep]}
+
+
+def _check_thresholds(score_threshold: float, nms_threshold: float, max_detections: int) -> None:
+    if not 0 <= score_threshold <= 1:
+        raise ValueError(f"score_threshold={score_threshold!r}; expected a value in [0, 1]")
+    if not 0 < nms_threshold <= 1:
+        raise ValueError(f"nms_threshold={nms_threshold!r}; expected a value in (0, 1]")
+    if isinstance(max_detections, bool) or not isinstance(max_detections, int) or max_detections < 1:
+        raise ValueError(f"max_detections={max_detections!r}; expected a positive int")
+
+
+def _check_vocabulary(labels: Sequence[Label]) -> list[str]:
+    if isinstance(labels, (str, ImageQuery)) or not isinstance(labels, Sequence):
+        raise TypeError(f"labels must be a list of label names or ImageQuery objects, got {type(labels).__name__}")
+    if len(labels) == 0:
+        raise ValueError("the label list is empty: pass at least one label")
+    names = []
+    for i, x in enumerate(labels):
+        name = x.name if isinstance(x, ImageQuery) else x
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"labels[{i}]={x!r}: expected a non-empty string or an ImageQuery with a name")
+        names.append(name)
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"duplicate labels {dupes}: each label must be unique (merge synonyms into one name)")
+    return names
+
+
+def _query_key(x: Label) -> Any:
+    return x if isinstance(x, str) else ("query", x.name, id(x.image), x.box)
+
+
+def _query_pixels(query: ImageQuery, size: int) -> torch.Tensor:
+    """The query image cropped to its box, resized to ``size`` x ``size``, CLIP-normalised."""
+    from ..transforms import image_transform
+
+    image = load_image(query.image)
+    if query.box is not None:
+        try:
+            x1, y1, x2, y2 = (float(v) for v in query.box)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"ImageQuery {query.name!r}: box must be (x1, y1, x2, y2), got {query.box!r}") from e
+        x1, y1 = max(x1, 0.0), max(y1, 0.0)
+        x2, y2 = min(x2, float(image.width)), min(y2, float(image.height))
+        if x2 - x1 < 1 or y2 - y1 < 1:
+            raise ValueError(
+                f"ImageQuery {query.name!r}: the crop {query.box} has zero size inside the {image.width}x{image.height} image"
+            )
+        image = image.crop((x1, y1, x2, y2))
+    return image_transform(size)(image)
+
+
+def _to_tensor(image: ImageSource) -> torch.Tensor:
+    """Any image source -> float ``[3, H, W]`` in 0..1 (RGB; every mode, EXIF orientation applied)."""
+    from torchvision.transforms.v2.functional import pil_to_tensor
+
+    return pil_to_tensor(load_image(image)).float().div_(255)
