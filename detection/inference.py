@@ -43,6 +43,7 @@ def detect_coco(
     from .coco import CocoDetection
 
     dataset = CocoDetection(annotation_file, image_root, name_map=name_map, skip_crowd=False)
+    previous = detector.vocabulary  # restored afterwards (e.g. the training vocabulary during periodic evaluation)
     vocabulary = detector.set_vocabulary(list(dataset.category_names))
     if vocabulary_transform is not None:
         detector.use_vocabulary(vocabulary_transform(vocabulary))
@@ -65,6 +66,8 @@ def detect_coco(
                                     "bbox": [round(v, 3) for v in box], "score": round(score, 5)})  # fmt: skip
     finally:
         detector.train(was_training)
+        if previous is not None:
+            detector.use_vocabulary(previous)
     return results, dataset
 
 

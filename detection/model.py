@@ -225,11 +225,13 @@ class OpenVocabDetector(nn.Module):
 
     def set_vocabulary(self, labels: Sequence[Label], *, seen: Sequence[bool] | None = None) -> Vocabulary:
         """Encode the class embeddings of ``labels`` (Chinese names, template-averaged; or :class:`ImageQuery`
-        crops) once; later calls with the same labels reuse the cache. ``seen`` overrides which labels count
+        crops) once; later calls with the same text labels reuse the cache (image queries are re-encoded). ``seen`` overrides which labels count
         as seen in training (default: names listed in ``config.seen_categories``)."""
         names = _check_vocabulary(labels)
-        key = (tuple(_query_key(x) for x in labels), None if seen is None else tuple(bool(s) for s in seen))
-        vocab = self._cache.get(key)
+        # image queries are not cached: an image has no cheap identity (ids of freed objects are reused)
+        cacheable = all(isinstance(x, str) for x in labels)
+        key = (tuple(labels), None if seen is None else tuple(bool(s) for s in seen))
+        vocab = self._cache.get(key) if cacheable else None
         if vocab is None:
             embeddings = self._encode_labels(labels)
             if seen is None:
@@ -240,9 +242,10 @@ class OpenVocabDetector(nn.Module):
                     raise ValueError(f"seen has {len(seen)} entries for {len(labels)} labels")
                 seen_mask = torch.tensor([bool(s) for s in seen])
             vocab = Vocabulary(names, embeddings, seen_mask)
-            if len(self._cache) >= 16:
-                self._cache.pop(next(iter(self._cache)))
-            self._cache[key] = vocab
+            if cacheable:
+                if len(self._cache) >= 16:
+                    self._cache.pop(next(iter(self._cache)))
+                self._cache[key] = vocab
         self._vocabulary = vocab
         return vocab
 
@@ -471,9 +474,10 @@ class OpenVocabDetector(nn.Module):
             raise CheckpointError(f"{root} is not a detector directory: {CONFIG_NAME} is missing")
         try:
             meta = json.loads(config_path.read_text(encoding="utf-8"))
-            config = DetectorConfig.from_dict({**meta["detector"], **overrides}, source=str(config_path))
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{config_path}: not a detector config ({e})") from e
+            saved = DetectorConfig.from_dict(meta["detector"], source=str(config_path))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, CNClipError) as e:
+            raise CheckpointError(f"{config_path}: not a valid detector config ({e})") from e
+        config = DetectorConfig.from_dict({**saved.to_dict(), **overrides}, source="from_pretrained overrides")
         if clip is None:
             ref = Path(config.clip)
             clip = str(root / ref) if not ref.is_absolute() and (root / ref).exists() else config.clip
@@ -484,18 +488,22 @@ class OpenVocabDetector(nn.Module):
             state = load_file(str(root / WEIGHTS_NAME))
         except Exception as e:  # noqa: BLE001  safetensors raises several types for corrupt files
             raise CheckpointError(f"cannot read {root / WEIGHTS_NAME}: {e}") from e
-        expected = detector.head_state_dict()
+        detector.load_head_state_dict(state, source=str(root / WEIGHTS_NAME))
+        return detector.to(device or clip.device).eval()
+
+    def load_head_state_dict(self, state: dict[str, torch.Tensor], *, source: str) -> None:
+        """Load :meth:`head_state_dict` weights (cast to this detector's dtypes); keys and shapes must match
+        exactly, else :class:`CheckpointError` naming ``source``."""
+        expected = self.head_state_dict()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
-        shapes = [k for k in set(state) & set(expected) if state[k].shape != expected[k].shape]
-        state = {k: v.to(expected[k].dtype) if k in expected else v for k, v in state.items()}
+        shapes = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
         if missing or unexpected or shapes:
             raise CheckpointError(
-                f"{root / WEIGHTS_NAME} does not fit the detector config: missing {missing[:5]}, unexpected "
-                f"{unexpected[:5]}, shape mismatches {shapes[:5]}"
+                f"{source} does not fit the detector config: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+                f"shape mismatches {shapes[:5]}"
             )
-        detector.load_state_dict(state, strict=False)
-        return detector.to(device or clip.device).eval()
+        self.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=False)
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -531,10 +539,6 @@ def _check_vocabulary(labels: Sequence[Label]) -> list[str]:
     if dupes:
         raise ValueError(f"duplicate labels {dupes}: each label must be unique (merge synonyms into one name)")
     return names
-
-
-def _query_key(x: Label) -> Any:
-    return x if isinstance(x, str) else ("query", x.name, id(x.image), x.box)
 
 
 def _query_pixels(query: ImageQuery, size: int) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from ..errors import CNClipError
+from ..errors import CheckpointError, CNClipError
 from ..train import TrainingError, _init_distributed, _load_checkpoint, _schedule
 from ..weights import atomic_write
 from .model import DetectorConfig, OpenVocabDetector
@@ -120,6 +120,22 @@ def build_dataset(config: DetectorTrainConfig, image_size: int) -> Any:
                          transforms=lsj_transforms(image_size, config.scale_range, flip=config.flip))  # fmt: skip
 
 
+class _Seeded(torch.utils.data.Dataset):
+    """Items whose augmentation draws are a function of (seed, epoch, index) only: the same images whatever
+    the number of workers, and again after a resume."""
+
+    def __init__(self, dataset: Any, seed: int, epoch: int) -> None:
+        self.dataset, self.seed, self.epoch = dataset, seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch * 100_003 + index) % (2**63))
+            return self.dataset[index]
+
+
 class _Batches(torch.utils.data.Sampler[list[int]]):
     """This rank's batches of one epoch (a seeded permutation), from ``start`` on, for exact resume."""
 
@@ -188,7 +204,10 @@ def train_detector(config: DetectorTrainConfig, *, resume: bool = False) -> dict
     step = 0
     if resume and checkpoint_path.is_file():
         state = _load_checkpoint(checkpoint_path)
-        detector.load_state_dict(state["detector"], strict=False)
+        try:
+            detector.load_head_state_dict(state["detector"], source=str(checkpoint_path))
+        except CheckpointError as e:
+            raise TrainingError(f"cannot resume: {e} (was the detector config changed since the run started?)") from e
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state["scaler"]:
@@ -208,8 +227,9 @@ def train_detector(config: DetectorTrainConfig, *, resume: bool = False) -> dict
     while step < total:
         epoch = step // steps_per_epoch
         sampler = _Batches(len(dataset), micro, rank, world, config.seed, epoch, step % steps_per_epoch)
-        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=config.num_workers,
-                            collate_fn=collate_detection, pin_memory=device.type == "cuda")  # fmt: skip
+        loader = DataLoader(_Seeded(dataset, config.seed, epoch), batch_sampler=sampler, num_workers=config.num_workers,
+                            collate_fn=collate_detection, pin_memory=device.type == "cuda",
+                            generator=torch.Generator().manual_seed(config.seed + epoch))  # fmt: skip
         batches = iter(loader)
         for _ in range(len(sampler) // config.accum_steps):
             if step >= total:
@@ -229,6 +249,12 @@ def train_detector(config: DetectorTrainConfig, *, resume: bool = False) -> dict
                     parts[k] = parts.get(k, 0.0) + float(v.detach()) / config.accum_steps
                 images_seen += len(images) * world
             value = sum(parts.values())
+            if not parts:  # no image of this step could be read (each was reported by the dataset)
+                logger.warning("step %d: no readable image in the batch; the step is skipped", step + 1)
+                scheduler.step()
+                step += 1
+                bar.update(1)
+                continue
             if not math.isfinite(value):
                 raise TrainingError(
                     f"the loss became {value} at step {step + 1} ({parts}); stopping. The last good checkpoint is "

@@ -26,15 +26,16 @@ def _parse_query(text: str) -> Any:
     name, sep, rest = text.partition("=")
     if not sep or not name.strip() or not rest:
         raise ValueError(f"--query {text!r}: expected NAME=IMAGE or NAME=IMAGE@x1,y1,x2,y2")
-    path, at, box_text = rest.rpartition("@") if "@" in rest else (rest, "", "")
-    box = None
-    if at:
+    path, box = rest, None
+    head, at, tail = rest.rpartition("@")
+    if at and not Path(rest).is_file():  # a file name may contain "@" (logo@2x.png)
         try:
-            box = tuple(float(v) for v in box_text.split(","))
+            box = tuple(float(v) for v in tail.split(","))
         except ValueError as e:
-            raise ValueError(f"--query {text!r}: the box must be four numbers x1,y1,x2,y2") from e
+            raise ValueError(f"--query {text!r}: the box after '@' must be four numbers x1,y1,x2,y2") from e
         if len(box) != 4:
-            raise ValueError(f"--query {text!r}: the box must be four numbers x1,y1,x2,y2")
+            raise ValueError(f"--query {text!r}: the box after '@' must be four numbers x1,y1,x2,y2")
+        path = head
     if not Path(path).is_file():
         raise FileNotFoundError(f"--query {name}: image {path} does not exist")
     return ImageQuery(path, name.strip(), box)  # type: ignore[arg-type]
@@ -49,7 +50,9 @@ def _picture_paths(images: list[str], output: str | None) -> list[Path | None]:
     if out.suffix.lower() in _PICTURE_SUFFIXES:
         raise ValueError(f"--output {out} is a picture file but {len(images)} images were given; pass a folder")
     out.mkdir(parents=True, exist_ok=True)
-    return [out / (Path(p).stem + ".png") for p in images]
+    stems = [Path(p).stem for p in images]
+    unique = len(set(stems)) == len(stems)  # else number them: a/img.png and b/img.png must not collide
+    return [out / (f"{s}.png" if unique else f"{i:05d}_{s}.png") for i, s in enumerate(stems)]
 
 
 def _save_picture(picture: Any, path: Path) -> None:

@@ -1,0 +1,356 @@
+"""The detection commands of ``cnclip`` (``cnclip_vision.cli.main``): ``train-detector`` (recipe + flags),
+``detect`` (pictures, JSON, several images, image queries, unreadable images), ``heatmap``,
+``toy-detector-eval`` and ``toy-detector-export`` (into a temporary folder, never the package assets), and
+the one-line errors with exit status 2."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import cnclip_vision
+from cnclip_vision import toyworld
+from cnclip_vision.cli import main
+from cnclip_vision.detection import ImageQuery, OpenVocabDetector
+from cnclip_vision.detection.heatmap import similarity_map
+from cnclip_vision.detection.toy import TOY_DETECTOR_DIR
+from cnclip_vision.detection.visualize import draw_detections
+
+DETECTOR = dict(
+    image_size=128, out_channels=32, levels="p3-p7", representation_size=64, rpn_pre_nms_top_n=(200, 100),
+    rpn_post_nms_top_n=(100, 50), box_batch_size_per_image=32, crop_top_k=10, templates=["{}"],
+)  # fmt: skip
+BASE_NAMES = [c.name for c in sorted(toyworld.BASE_CATEGORIES, key=lambda c: c.id)]
+LABELS = [toyworld.CATEGORIES[0].name, toyworld.CATEGORIES[9].name]  # 红色圆形, 橙色正方形
+THRESHOLD = "0.001"  # a detector trained for two steps scores low; the contract holds at any threshold
+
+
+def _assets_state() -> list[tuple[str, float]]:
+    if not TOY_DETECTOR_DIR.exists():
+        return []
+    return sorted((p.name, p.stat().st_mtime) for p in TOY_DETECTOR_DIR.iterdir())
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    """A detector trained for two steps by ``cnclip train-detector`` (recipe file + flags that win)."""
+    root = tmp_path_factory.mktemp("cli-detector")
+    annotations = toyworld.write_detection_set(root / "train", 8, seed=0, annotate=toyworld.BASE_CATEGORIES)
+    recipe = root / "recipe.json"
+    recipe.write_text(json.dumps({"clip": "toy-tiny", "detector": DETECTOR, "batch_size": 8, "max_steps": 100,
+                                  "lr": 1e-3, "num_workers": 0, "log_every": 1}), encoding="utf-8")  # fmt: skip
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main(["-q", "train-detector", "--config", str(recipe), "--train-data", str(annotations),
+                     "--output-dir", str(root / "run"), "--max-steps", "2", "--batch-size", "4", "--categories",
+                     "base", "--device", "cpu"])  # fmt: skip
+    assert code == 0
+    return {
+        "dir": root / "run" / "detector",
+        "run": root / "run",
+        "summary": json.loads(stdout.getvalue()),
+        "images": sorted((root / "train" / "images").glob("*.png")),
+        "coco": json.loads(annotations.read_text(encoding="utf-8")),
+    }
+
+
+@pytest.fixture(scope="module")
+def api_detector(trained) -> OpenVocabDetector:
+    return OpenVocabDetector.from_pretrained(trained["dir"])
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def error_line(err: str, command: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got {lines}"
+    assert lines[0].startswith(f"cnclip {command}: error: ")
+    return lines[0]
+
+
+def check_records(records: list[dict], labels: list[str], threshold: float) -> None:
+    for record in records:
+        assert {"image", "width", "height", "detections"} <= set(record)
+        scores = [d["score"] for d in record["detections"]]
+        assert scores == sorted(scores, reverse=True)
+        for d in record["detections"]:
+            assert d["label"] in labels and labels[d["label_index"]] == d["label"]
+            assert d["score"] >= threshold
+            x1, y1, x2, y2 = d["box"]
+            assert 0 <= x1 <= x2 <= record["width"] and 0 <= y1 <= y2 <= record["height"]
+
+
+# ------------------------------------------------------------------------------------ train-detector
+def test_train_detector_command(trained):
+    summary = trained["summary"]
+    assert summary["steps"] == 2  # --max-steps 2 wins over the recipe's 100
+    assert summary["config"]["batch_size"] == 4 and summary["config"]["lr"] == 1e-3  # flag / recipe
+    assert summary["config"]["categories"] == "base" and summary["config"]["progress"] is False
+    assert summary["detector_dir"] == str(trained["dir"])
+    assert (trained["run"] / "checkpoint.pt").is_file()
+    metrics = [json.loads(ln) for ln in (trained["run"] / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2]
+    detector = OpenVocabDetector.from_pretrained(trained["dir"])
+    assert detector.config.seen_categories == tuple(BASE_NAMES)
+    assert detector.config.out_channels == DETECTOR["out_channels"]
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--output-dir", "OUT"], "--train-data"),
+        ([], "--output-dir and --train-data"),
+        (["--config", "MISSING"], "missing.json"),
+        (["--config", "UNKNOWN"], "learning_rate"),
+    ],
+)
+def test_train_detector_errors(capsys, tmp_path, argv, match):
+    recipe = tmp_path / "unknown.json"
+    recipe.write_text(json.dumps({"output_dir": str(tmp_path), "train_data": "x.json", "learning_rate": 1}))
+    replace = {"OUT": str(tmp_path / "out"), "MISSING": str(tmp_path / "missing.json"), "UNKNOWN": str(recipe)}
+    code, _, err = run(capsys, "train-detector", *[replace.get(a, a) for a in argv])
+    assert code == 2
+    assert match in error_line(err, "train-detector")
+
+
+# -------------------------------------------------------------------------------------------- detect
+def test_detect_picture_and_json(capsys, trained, api_detector, tmp_path):
+    image = trained["images"][0]
+    picture, out = tmp_path / "out.png", tmp_path / "det.json"
+    code, stdout, _ = run(capsys, "detect", image, "--detector", trained["dir"], "--labels", ",".join(LABELS),
+                          "-o", picture, "--json", out, "--score-threshold", THRESHOLD)  # fmt: skip
+    assert code == 0 and stdout == ""  # the JSON went to --json
+    records = json.loads(out.read_text(encoding="utf-8"))
+    assert len(records) == 1 and records[0]["image"] == str(image)
+    assert (records[0]["width"], records[0]["height"]) == Image.open(image).size
+    check_records(records, LABELS, float(THRESHOLD))
+    detections = records[0]["detections"]
+    assert detections, "no detections: the checks above were vacuous"
+
+    expected = api_detector.predict(image, LABELS, score_threshold=float(THRESHOLD))[0]  # the library's answer
+    assert [d["label"] for d in detections] == expected["label_names"]
+    np.testing.assert_allclose([d["score"] for d in detections], expected["scores"].numpy(), atol=1e-4)
+    np.testing.assert_allclose([d["box"] for d in detections], expected["boxes"].numpy(), atol=1e-2)
+
+    with Image.open(picture) as drawn:
+        assert drawn.format == "PNG"
+        reference = draw_detections(Image.open(image).convert("RGB"), expected)
+        assert drawn.size == reference.size
+        assert np.array_equal(np.asarray(drawn.convert("RGB")), np.asarray(reference))
+    assert not np.array_equal(np.asarray(reference), np.asarray(draw_detections(Image.open(image).convert("RGB"),
+                              {"boxes": torch.zeros(0, 4), "label_names": []})))  # boxes were drawn  # fmt: skip
+
+
+def test_detect_json_on_stdout_and_vlm_mode(capsys, trained):
+    image = trained["images"][1]
+    for mode in ("dense", "off"):  # "crops", the default, is run by the other tests
+        code, stdout, _ = run(capsys, "detect", image, "--detector", trained["dir"], "--labels", ",".join(LABELS),
+                              "--vlm-mode", mode, "--score-threshold", THRESHOLD, "--max-detections", "3")  # fmt: skip
+        assert code == 0
+        records = json.loads(stdout)
+        check_records(records, LABELS, float(THRESHOLD))
+        assert 0 < len(records[0]["detections"]) <= 3
+
+
+def test_detect_several_images_into_a_folder(capsys, trained, tmp_path):
+    images = trained["images"][:2]
+    folder, out = tmp_path / "pictures", tmp_path / "det.json"
+    code, _, _ = run(capsys, "detect", *images, "--detector", trained["dir"], "--labels", "，".join(LABELS),  # full-width comma
+                     "-o", folder, "--json", out, "--score-threshold", THRESHOLD)  # fmt: skip
+    assert code == 0
+    records = json.loads(out.read_text(encoding="utf-8"))
+    assert [r["image"] for r in records] == [str(p) for p in images]
+    check_records(records, LABELS, float(THRESHOLD))
+    assert sorted(p.name for p in folder.iterdir()) == [p.stem + ".png" for p in images]
+    for p in folder.iterdir():
+        with Image.open(p) as picture:
+            assert picture.format == "PNG"
+
+
+def test_detect_one_picture_for_several_images(capsys, trained, tmp_path):
+    code, _, err = run(capsys, "detect", *trained["images"][:2], "--detector", trained["dir"], "--labels", LABELS[0],
+                       "-o", tmp_path / "one.png")  # fmt: skip
+    assert code == 2
+    assert "pass a folder" in error_line(err, "detect")
+
+
+def test_detect_query(capsys, trained, api_detector, tmp_path):
+    image = trained["images"][0]
+    ann = next(a for a in trained["coco"]["annotations"] if a["image_id"] == 1)
+    x, y, w, h = ann["bbox"]
+    box = (x, y, x + w, y + h)
+    out = tmp_path / "q.json"
+    query = f"样例={image}@{','.join(str(v) for v in box)}"
+    code, _, _ = run(capsys, "detect", image, "--detector", trained["dir"], "--labels", LABELS[0], "--query", query,
+                     "--json", out, "--score-threshold", THRESHOLD)  # fmt: skip
+    assert code == 0
+    records = json.loads(out.read_text(encoding="utf-8"))
+    check_records(records, [LABELS[0], "样例"], float(THRESHOLD))
+    expected = api_detector.predict(image, [LABELS[0], ImageQuery(str(image), "样例", box)], score_threshold=float(THRESHOLD))[0]
+    assert [d["label"] for d in records[0]["detections"]] == expected["label_names"]
+    np.testing.assert_allclose([d["score"] for d in records[0]["detections"]], expected["scores"].numpy(), atol=1e-4)
+
+    code, stdout, _ = run(capsys, "detect", image, "--detector", trained["dir"], "--query", f"整图={image}",
+                          "--score-threshold", THRESHOLD)  # a query alone, without a box  # fmt: skip
+    assert code == 0
+    check_records(json.loads(stdout), ["整图"], float(THRESHOLD))
+
+
+def test_detect_query_path_with_at_sign(capsys, trained, tmp_path):
+    """"logo@2x.png" is a common file name: without a box after it, the "@" belongs to the path."""
+    image = tmp_path / "logo@2x.png"
+    image.write_bytes(trained["images"][0].read_bytes())
+    code, stdout, err = run(capsys, "detect", trained["images"][0], "--detector", trained["dir"], "--query",
+                            f"标志={image}", "--score-threshold", THRESHOLD)  # fmt: skip
+    assert code == 0, err
+    check_records(json.loads(stdout), ["标志"], float(THRESHOLD))
+
+
+@pytest.mark.parametrize(
+    "query, match",
+    [("样例", "NAME=IMAGE"), ("=IMG", "NAME=IMAGE"), ("样例=MISSING", "does not exist"),
+     ("样例=IMG@1,2,3", "four numbers"), ("样例=IMG@a,b,c,d", "four numbers"), ("样例=IMG@5,5,5,30", "zero size")],
+)  # fmt: skip
+def test_detect_bad_query(capsys, trained, tmp_path, query, match):
+    query = query.replace("IMG", str(trained["images"][0])).replace("MISSING", str(tmp_path / "missing.png"))
+    code, _, err = run(capsys, "detect", trained["images"][0], "--detector", trained["dir"], "--query", query)
+    assert code == 2
+    assert match in error_line(err, "detect")
+
+
+def test_detect_skips_unreadable_images(capsys, caplog, trained, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image at all")
+    good = trained["images"][0]
+    out = tmp_path / "det.json"
+    with caplog.at_level(logging.WARNING):
+        code, _, _ = run(capsys, "detect", bad, good, "--detector", trained["dir"], "--labels", LABELS[0], "--json", out)
+    assert code == 0
+    assert [r["image"] for r in json.loads(out.read_text(encoding="utf-8"))] == [str(good)]
+    assert any("bad.png" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+
+
+def test_detect_all_images_unreadable(capsys, trained, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image at all")
+    out = tmp_path / "det.json"
+    code, _, err = run(capsys, "detect", bad, tmp_path / "missing.jpg", "--detector", trained["dir"], "--labels",
+                       LABELS[0], "--json", out)  # fmt: skip
+    assert code == 2
+    assert "none of the 2 images could be read" in error_line(err, "detect")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--labels", ","], "empty"),
+        (["--labels", " ，, "], "empty"),
+        ([], "--labels"),
+        (["--labels", "猫,猫"], "duplicate"),
+        (["--labels", "猫", "--detector", "NO_DETECTOR"], "detector_config.json"),
+        (["--labels", "猫", "--score-threshold", "2"], "score_threshold"),
+    ],
+)
+def test_detect_errors(capsys, trained, tmp_path, argv, match):
+    argv = [str(tmp_path / "nothing-here") if a == "NO_DETECTOR" else a for a in argv]
+    if "--detector" not in argv:
+        argv += ["--detector", str(trained["dir"])]
+    code, _, err = run(capsys, "detect", trained["images"][0], *argv)
+    assert code == 2
+    assert match in error_line(err, "detect")
+
+
+# ------------------------------------------------------------------------------------------- heatmap
+@pytest.fixture(scope="module")
+def clip():
+    return cnclip_vision.load("toy-tiny")
+
+
+def test_heatmap(capsys, clip, trained, tmp_path):
+    image = trained["images"][0]
+    picture, out = tmp_path / "heat.png", tmp_path / "heat.json"
+    code, _, _ = run(capsys, "heatmap", image, "--model", "toy-tiny", "--labels", LABELS[0], "-o", picture, "--json", out)
+    assert code == 0
+    grid = clip.image_size // clip.config.vision.patch_size
+    records = json.loads(out.read_text(encoding="utf-8"))
+    assert len(records) == 1
+    record = records[0]
+    assert record["label"] == LABELS[0] and record["picture"] == str(picture)
+    assert record["grid"] == [grid, grid]
+    assert all(0 <= c < grid for c in record["peak_cell"])
+    heat = similarity_map(clip, image, [LABELS[0]])[0]  # what the command should report
+    assert record["max_cosine"] == pytest.approx(float(heat.max()), abs=1e-3)
+    assert heat[tuple(record["peak_cell"])] == pytest.approx(float(heat.max()), abs=1e-6)
+    with Image.open(picture) as p:
+        assert p.format == "PNG"
+
+
+def test_heatmap_several_labels_and_size(capsys, clip, trained, tmp_path):
+    picture = tmp_path / "heat.png"
+    code, stdout, _ = run(capsys, "heatmap", trained["images"][0], "--model", "toy-tiny", "--labels", ",".join(LABELS),
+                          "-o", picture, "--size", "96")  # fmt: skip
+    assert code == 0
+    records = json.loads(stdout)
+    grid = 96 // clip.config.vision.patch_size
+    assert [r["label"] for r in records] == LABELS
+    assert [r["grid"] for r in records] == [[grid, grid]] * 2
+    assert [Path(r["picture"]).name for r in records] == ["heat_0.png", "heat_1.png"]
+    assert all(Path(r["picture"]).is_file() for r in records)
+
+
+@pytest.mark.parametrize("argv, match", [(["--labels", ","], "empty"), (["--labels", "猫", "--size", "50"], "multiple")])
+def test_heatmap_errors(capsys, trained, tmp_path, argv, match):
+    code, _, err = run(capsys, "heatmap", trained["images"][0], "--model", "toy-tiny", "-o", tmp_path / "h.png", *argv)
+    assert code == 2
+    assert match in error_line(err, "heatmap")
+
+
+# ------------------------------------------------------------------------------------ toy detector
+def test_toy_detector_export(capsys, trained, api_detector, tmp_path):
+    before = _assets_state()
+    dst = tmp_path / "exported"
+    code, _, _ = run(capsys, "toy-detector-export", trained["dir"], "--dst", dst, "-o", tmp_path / "export.json")
+    assert code == 0
+    assert _assets_state() == before, "the package assets were touched"
+    assert json.loads((tmp_path / "export.json").read_text(encoding="utf-8"))[0]["exported"] == str(dst)
+    stored = load_file(dst / "detector.safetensors")
+    assert {v.dtype for v in stored.values() if v.is_floating_point()} == {torch.float16}
+    exported = OpenVocabDetector.from_pretrained(dst)
+    assert exported.config.clip == "toy-tiny" and exported.config.seen_categories == tuple(BASE_NAMES)
+    for k, v in api_detector.head_state_dict().items():
+        torch.testing.assert_close(exported.head_state_dict()[k], v, atol=2e-3, rtol=2e-3)
+
+    other = tmp_path / "on-a-copied-clip"
+    api_detector.save_pretrained(other, include_clip=True)  # sits on "clip", not on toy-tiny
+    code, _, err = run(capsys, "toy-detector-export", other, "--dst", tmp_path / "nope")
+    assert code == 2
+    assert "toy-tiny" in error_line(err, "toy-detector-export")
+    assert _assets_state() == before
+
+
+def test_toy_detector_eval(capsys, trained, tmp_path):
+    report_path = tmp_path / "report.json"
+    code, _, err = run(capsys, "-q", "toy-detector-eval", "--detector", trained["dir"], "--n", "2", "--data-dir",
+                       tmp_path / "data", "--seed", "3", "-o", report_path, "--check")  # fmt: skip
+    assert code == 2  # two training steps cannot reach the quality bars
+    assert "quality bars" in error_line(err, "toy-detector-eval")
+    report = json.loads(report_path.read_text(encoding="utf-8"))  # written before the check
+    assert report["passes"] is False
+    assert report["annotations"] == str(tmp_path / "data" / "val" / "annotations.json")
+    assert set(report["modes"]) == {"crops", "dense", "off"}
+    for metrics in [*report["modes"].values(), report["random_novel_embeddings"]]:
+        assert all(-1 <= metrics[k] <= 1 for k in ("AP50", "AP50_base", "AP50_novel"))
