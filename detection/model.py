@@ -45,6 +45,7 @@ from torchvision.ops import batched_nms, clip_boxes_to_image, remove_small_boxes
 from ..backbones.pyramid import ViTDetBackbone, detector_kwargs, vit_fpn_backbone
 from ..errors import CheckpointError, CNClipError
 from ..model import ChineseCLIP
+from ..toymodel import TOY_MODEL_DIR
 from ..transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageSource, load_image
 from ..weights import atomic_write, write_json
 from ..zeroshot import resolve_templates
@@ -58,7 +59,7 @@ VLMMode = Literal["crops", "dense", "off"]
 CONFIG_NAME = "detector_config.json"
 WEIGHTS_NAME = "detector.safetensors"
 CLIP_SUBDIR = "clip"
-SHIPPED = {"toy-detector": Path(__file__).resolve().parent.parent / "assets" / "toy-detector"}
+SHIPPED = {"toy-detector": TOY_MODEL_DIR.parent / "toy-detector"}  # package data beside the toy CLIP
 
 
 @dataclass

@@ -16,14 +16,14 @@ import torch
 import torch.nn.functional as F
 
 from .. import toyworld
-from .model import VLM_MODES, OpenVocabDetector, Vocabulary
+from .model import SHIPPED, VLM_MODES, OpenVocabDetector, Vocabulary
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["TOY_DETECTOR_DIR", "DETECTOR_QUALITY_BARS", "write_toy_detection_data", "evaluate_toy_detector",
            "export_toy_detector"]  # fmt: skip
 
-TOY_DETECTOR_DIR = Path(toyworld.__file__).resolve().parent / "assets" / "toy-detector"  # package data
+TOY_DETECTOR_DIR = SHIPPED["toy-detector"]
 DETECTOR_QUALITY_BARS = {"AP50_base": 0.7, "AP50_novel": 0.4}
 
 

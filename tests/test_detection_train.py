@@ -329,3 +329,28 @@ def test_unreadable_training_image_is_skipped(data, tmp_path, caplog):
     assert [r["step"] for r in train_records(tmp_path / "out" / "metrics.jsonl")] == list(range(1, steps + 1))
     assert all(math.isfinite(r["loss"]) for r in train_records(tmp_path / "out" / "metrics.jsonl"))
     OpenVocabDetector.from_pretrained(summary["detector_dir"])
+
+
+# ------------------------------------------------------------------------------------ data parallel
+@pytest.mark.skipif(__import__("sys").platform != "linux", reason="torchrun with gloo is exercised on Linux")
+def test_torchrun_two_processes(data, tmp_path):
+    """Two gloo processes train one detector (DDP averages the gradients): the run completes, logs every step
+    and writes a detector that loads. (Losses are not compared with one process: the RPN and RoI samplers
+    draw from each process's own RNG.)"""
+    import os
+    import subprocess
+    import sys
+
+    recipe = dataclasses.asdict(make_config(tmp_path / "ddp", data["train"], max_steps=3, save_every=100))
+    (tmp_path / "recipe.json").write_text(json.dumps(recipe, default=list), encoding="utf-8")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    out = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "cnclip_vision.cli", "-q", "train-detector",
+         "--config", str(tmp_path / "recipe.json")],
+        capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert [r["step"] for r in train_records(tmp_path / "ddp" / "metrics.jsonl")] == [1, 2, 3]
+    summary = json.loads(out.stdout)
+    assert summary["steps"] == 3
+    OpenVocabDetector.from_pretrained(tmp_path / "ddp" / "detector")
