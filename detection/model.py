@@ -226,8 +226,9 @@ class OpenVocabDetector(nn.Module):
 
     def set_vocabulary(self, labels: Sequence[Label], *, seen: Sequence[bool] | None = None) -> Vocabulary:
         """Encode the class embeddings of ``labels`` (Chinese names, template-averaged; or :class:`ImageQuery`
-        crops) once; later calls with the same text labels reuse the cache (image queries are re-encoded). ``seen`` overrides which labels count
-        as seen in training (default: names listed in ``config.seen_categories``)."""
+        crops) once; later calls with the same text labels reuse the cache (image queries are re-encoded).
+        ``seen`` overrides which labels count as seen in training (default: the names in
+        ``config.seen_categories``)."""
         names = _check_vocabulary(labels)
         # image queries are not cached: an image has no cheap identity (ids of freed objects are reused)
         cacheable = all(isinstance(x, str) for x in labels)

@@ -106,7 +106,7 @@ def _detection(args: argparse.Namespace, out: Path) -> dict:
         found = "  ".join(f"{n}{'*' if n in novel else ''} {s:.2f}" for n, s in zip(result["label_names"], result["scores"].tolist()))
         pictures.append(out / f"detection_{i}.png")
         draw_detections(image, result).save(pictures[-1])
-        print(f"  {image.name}: {found or "nothing above 0.5"}  -> {pictures[-1].name}")
+        print(f"  {image.name}: {found or 'nothing above 0.5'}  -> {pictures[-1].name}")
     results, dataset = detect_coco(detector, annotations, progress=False)
     metrics = evaluate_coco(dataset.coco, results, output=out / "detection" / "results_coco.json")
     summary = {k: round(metrics[k], 4) for k in ("AP", "AP50", "AP50_base", "AP50_novel")}
