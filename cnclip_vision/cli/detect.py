@@ -256,7 +256,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     add_output_options(p, csv_ok=False)
     p.set_defaults(func=_toy_detector_eval, format="json")
 
-    p = sub.add_parser("toy-detector-export", help="store a trained toy detector in the package (fp16)")
+    p = sub.add_parser("toy-detector-export", help="store a trained toy detector in the package (fp16)",
+                       description="Copy a trained toy detector (head weights in half precision; it references "
+                       "toy-tiny) into the package so that OpenVocabDetector.from_pretrained('toy-detector') and "
+                       "`cnclip detect` find it.")  # fmt: skip
     p.add_argument("src", help="trained detector directory (OUTPUT_DIR/detector of train-detector)")
     p.add_argument("--dst", default=None, help="destination (default: the package's assets/toy-detector)")
     add_output_options(p)
