@@ -27,7 +27,7 @@ from .weights import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["create_model", "load", "resolve_dtype"]
+__all__ = ["PRECISIONS", "create_model", "load", "resolve_dtype"]
 
 _DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
@@ -48,9 +48,51 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}") from None
 
 
-def _finish(model: ChineseCLIP, device: torch.device | str | None, dtype: torch.dtype | str | None) -> ChineseCLIP:
-    model = model.to(device=device or "cpu", dtype=resolve_dtype(dtype))
-    return model.eval()
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+
+
+def _dtype_of(dtype: torch.dtype | str | None, precision: str | None) -> torch.dtype:
+    if precision is None:
+        return resolve_dtype(dtype)
+    if dtype is not None:
+        raise ValueError("give either dtype= or precision=, not both")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}; allowed values: {', '.join(PRECISIONS)}")
+    return torch.float32 if precision == "int8" else resolve_dtype(precision)
+
+
+def _finish(
+    model: ChineseCLIP,
+    device: torch.device | str | None,
+    dtype: torch.dtype,
+    precision: str | None = None,
+    compile: bool = False,
+) -> ChineseCLIP:
+    """Move / cast, then the optional speed levers: dynamic int8 Linear layers (CPU) and ``torch.compile``.
+
+    bf16: every weight in bf16; PyTorch's LayerNorm and SDPA softmax accumulate in fp32 for bf16 inputs, so
+    both stay numerically safe. int8: ``torch.ao.quantization.quantize_dynamic`` on every ``nn.Linear`` of
+    both towers (weights int8, activations quantised per batch, fp32 elsewhere) — CPU only.
+    """
+    device = torch.device(device or "cpu")
+    if precision == "fp16" and device.type == "cpu":
+        raise ValueError("precision='fp16' needs a GPU (device='cuda'); on the CPU use fp32, int8 or bf16")
+    model = model.to(device=device, dtype=dtype).eval()
+    if precision == "int8":
+        if device.type != "cpu":
+            raise ValueError("precision='int8' (dynamic quantisation) runs on the CPU only")
+        import warnings
+
+        from torch.ao.quantization import quantize_dynamic
+
+        with warnings.catch_warnings():  # torch >= 2.10 announces a move of these functions to torchao
+            warnings.simplefilter("ignore", (UserWarning, DeprecationWarning, FutureWarning))
+            model.visual = quantize_dynamic(model.visual, {torch.nn.Linear}, dtype=torch.qint8)
+            model.text = quantize_dynamic(model.text, {torch.nn.Linear}, dtype=torch.qint8)
+    if compile:
+        model.visual.compile(dynamic=True)
+        model.text.compile(dynamic=True)
+    return model
 
 
 def create_model(
@@ -59,14 +101,18 @@ def create_model(
     *,
     device: torch.device | str | None = None,
     dtype: torch.dtype | str | None = None,
+    precision: str | None = None,
+    compile: bool = False,
 ) -> ChineseCLIP:
     """A model of a registered size (or a custom :class:`CLIPConfig`), randomly initialised unless
-    ``pretrained`` (then the released weights through :func:`load`)."""
+    ``pretrained`` (then the released weights through :func:`load`). ``precision`` and ``compile`` as in
+    :func:`load`."""
     if pretrained:
         if isinstance(arch, CLIPConfig):
             raise ValueError("pretrained=True needs a registered model name, not a CLIPConfig")
-        return load(arch, device=device, dtype=dtype)
-    return _finish(ChineseCLIP(get_config(arch)), device, dtype)
+        return load(arch, device=device, dtype=dtype, precision=precision, compile=compile)
+    target = _dtype_of(dtype, precision)
+    return _finish(ChineseCLIP(get_config(arch)), device, target, precision, compile)
 
 
 def _weights_in_dir(directory: Path) -> Path:
@@ -110,6 +156,8 @@ def load(
     arch: str | CLIPConfig | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | str | None = None,
+    precision: str | None = None,
+    compile: bool = False,
 ) -> ChineseCLIP:
     """Load a Chinese-CLIP model in eval mode.
 
@@ -118,6 +166,12 @@ def load(
     ``pytorch_model.bin``), an original ``clip_cn_*.pt`` file, or a file / directory written by
     :meth:`ChineseCLIP.save_pretrained`. ``arch`` overrides the architecture, which is otherwise read
     from the config or inferred from tensor shapes. Loading is strict and never unpickles code.
+
+    Speed: ``precision`` is ``"fp32"`` (default), ``"bf16"`` (weights and compute in bf16; fast only on
+    CPUs/GPUs with bf16 matrix units), ``"fp16"`` (GPU only) or ``"int8"`` (dynamic int8 quantisation of
+    every Linear layer, CPU serving); ``dtype`` is the older spelling of the first three. ``compile=True``
+    applies ``torch.compile`` to both towers (the first call of each new shape is slow). The measured
+    accuracy cost of each is in the README's "Performance" section.
     """
     weights, config = _resolve(name_or_path)
     state, metadata = read_state_dict(weights)
@@ -129,13 +183,13 @@ def load(
     elif config is None:
         config = infer_config(state)
         logger.info("architecture inferred from %s: %s", weights, describe(config))
-    target = resolve_dtype(dtype)
+    target = _dtype_of(dtype, precision)
     state = {k: (v.to(target) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
     with torch.device("meta"):
         model = ChineseCLIP(config)
     load_native_state_dict(model, state, source=str(weights), assign=True)
     _materialize_buffers(model)
-    return _finish(model, device, target)
+    return _finish(model, device, target, precision, compile)
 
 
 def _materialize_buffers(model: torch.nn.Module) -> None:

@@ -26,8 +26,10 @@ def add_model_options(parser: argparse.ArgumentParser, *, batch_size: int = 64) 
     group.add_argument("--arch", default=None, help="architecture when it cannot be inferred from the checkpoint")
     group.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)")
     group.add_argument("--batch-size", type=_positive_int, default=batch_size, help="images or texts per batch (default: %(default)s)")
-    group.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                       help="weights and compute dtype; fp16 only on GPU (default: %(default)s)")  # fmt: skip
+    group.add_argument("--precision", choices=("fp32", "bf16", "fp16", "int8"), default="fp32",
+                       help="fp32, bf16 (fast only with bf16 matrix units), fp16 (GPU only) or int8 (dynamic "
+                            "quantisation of the Linear layers, CPU) (default: %(default)s)")  # fmt: skip
+    group.add_argument("--compile", action="store_true", help="torch.compile both towers (slow first batch)")
     group.add_argument("--workers", type=int, default=None, help="DataLoader worker processes for decoding images")
 
 
@@ -58,9 +60,10 @@ def load_model(args: argparse.Namespace) -> Any:
 
     device = resolve_device(args.device)
     if args.precision == "fp16" and not device.startswith("cuda"):
-        raise ValueError("--precision fp16 needs a GPU (--device cuda); use bf16 on the CPU")
+        raise ValueError("--precision fp16 needs a GPU (--device cuda); use fp32 or int8 on the CPU")
     logger.info("loading %s on %s (%s)", args.model, device, args.precision)
-    return load(args.model, arch=args.arch, device=device, dtype=args.precision)
+    return load(args.model, arch=args.arch, device=device, precision=args.precision,
+                compile=getattr(args, "compile", False))  # fmt: skip
 
 
 def write_records(args: argparse.Namespace, records: Sequence[dict[str, Any]], document: Any = None) -> None:
