@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo toy-model toy-detector clean
+.PHONY: install test test-fast demo bench toy-model toy-detector clean
 
 install: $(STAMP)
 
@@ -26,6 +26,11 @@ test-fast: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py --output demo_output
+
+# Side-by-side benchmarks (ours vs transformers / onnxruntime on the same random full-size weights): figures,
+# never asserts. About 20-25 minutes on a 2-core CPU; results also in build/bench/results.{json,md}.
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py
 
 # The tiny toy-world model shipped in cnclip_vision/assets/toy-tiny: train (fixed seed, fp32), check the
 # quality bars on freshly generated held-out data, export in fp16.
