@@ -10,11 +10,11 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import CNClipError
-from . import coco, convert, detect, retrieval, toy, train, zeroshot
+from . import coco, convert, detect, onnx, retrieval, toy, train, zeroshot
 
 __all__ = ["build_parser", "main"]
 
-_COMMAND_MODULES = (convert, zeroshot, retrieval, train, toy, coco, detect)
+_COMMAND_MODULES = (convert, zeroshot, retrieval, train, toy, coco, detect, onnx)
 
 
 def build_parser() -> argparse.ArgumentParser:
