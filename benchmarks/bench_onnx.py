@@ -1,0 +1,103 @@
+"""ONNX Runtime image embedding next to our PyTorch fp32, on the same random weights (reported, no target).
+
+``cnclip_vision.onnx_export.export_onnx(model, dir)`` writes ``image_encoder.onnx`` (input ``pixel_values``,
+output ``image_embeds``); onnxruntime (CPU provider, as many intra-op threads as torch) runs it at batch
+``--batch-size`` (32) against ``model.encode_image`` in fp32, warmed up, alternating, median of
+``--repeats`` (onnxruntime's thread spinning is off: in one process its idle threads would otherwise
+take the cores from torch's next run). The export (both encoders; not timed in the throughput) and its duration are reported with
+the max abs difference and the cosine of the embeddings. Prints "skipped: ..." when the exporter or
+onnxruntime is not installed. Figures, never asserts.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import common
+import torch
+
+SCRIPT = "bench_onnx"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = common.base_parser(__doc__)
+    parser.add_argument("--arch", default="ViT-B-16")
+    parser.add_argument("--batch-size", type=int, default=None, help="default 32 (quick: 4)")
+    args = parser.parse_args(argv)
+    common.setup(args)
+    config = common.bench_config(args.arch, args.quick)
+    batch = args.batch_size or (4 if args.quick else 32)
+    repeats = args.repeats or (2 if args.quick else 3)
+    measure = f"image embedding, ONNX Runtime ({common.arch_name(config)}, batch {batch})"
+    roofline = common.get_roofline("cpu", args.quick)
+    report = common.Report(SCRIPT, common.machine_info(), roofline)
+    try:
+        from cnclip_vision.onnx_export import (
+            export_onnx,  # lazily: another part of the library
+        )
+    except ImportError as e:
+        report.skipped(measure, f"cnclip_vision.onnx_export.export_onnx is not available ({e})")
+        report.done()
+        return 0
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        report.skipped(measure, f"onnxruntime is not installed ({e}); pip install 'cnclip-vision[onnx]'")
+        report.done()
+        return 0
+
+    import cnclip_vision
+
+    with common.weights_dir(config, args.seed) as directory, tempfile.TemporaryDirectory(prefix="cnclip-bench-onnx-") as out:
+        model = cnclip_vision.load(directory, precision="fp32")
+        start = time.perf_counter()
+        try:
+            export_onnx(model, out, check=False)
+        except TypeError:  # an exporter without the check switch
+            export_onnx(model, out)
+        export_seconds = time.perf_counter() - start
+        common.log(f"exported in {export_seconds:.0f} s")
+        onnx_file = Path(out) / "image_encoder.onnx"
+        if not onnx_file.is_file():
+            report.skipped(measure, f"export_onnx wrote no {onnx_file.name} (files: {sorted(p.name for p in Path(out).iterdir())})")
+            report.done()
+            return 0
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # onnxruntime's idle threads spin after each run and would steal the cores from torch's next run
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = ort.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
+        input_name = session.get_inputs()[0].name
+        output_name = session.get_outputs()[0].name
+        size = model.image_size
+        pixels = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(args.seed))
+        feed = {input_name: pixels.numpy()}
+
+        def torch_run():
+            with torch.inference_mode():
+                return model.encode_image(pixels)
+
+        cases = {"onnxruntime": lambda: torch.from_numpy(session.run([output_name], feed)[0]), "pytorch": torch_run}
+        times, outputs = common.alternate(cases, repeats, log=common.log)
+        gflop = common.count_gflop(lambda x: model.encode_image(x), pixels[:1])
+
+    report.add(
+        measure, f"onnxruntime {ort.__version__} fp32 ({onnx_file.name}, {input_name} -> {output_name})",
+        "ours PyTorch fp32 (encode_image)", unit="img/s", ours_value=batch / common.median(times["onnxruntime"]),
+        ref_value=batch / common.median(times["pytorch"]), cosine=common.cosine_min(outputs["onnxruntime"], outputs["pytorch"]),
+        ours_roofline=roofline.items_per_s("fp32", gflop), ref_roofline=roofline.items_per_s("fp32", gflop),
+        ours_gflop=gflop, ref_gflop=gflop, batch=batch, repeats=repeats, export_seconds=export_seconds,
+        max_abs_diff=common.max_abs_diff(outputs["onnxruntime"], outputs["pytorch"]),
+        notes=f"max abs diff {common.max_abs_diff(outputs['onnxruntime'], outputs['pytorch']):.2e}; "
+              f"export (both encoders) {export_seconds:.0f} s, not timed",
+    )  # fmt: skip
+    report.done()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
