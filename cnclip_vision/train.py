@@ -86,29 +86,42 @@ class TrainConfig:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], **overrides: Any) -> TrainConfig:
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise CNClipError(f"cannot read training config {path}: {e}") from e
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise CNClipError(f"{path}: unknown training options {unknown}; known: {sorted(known)}")
-        if "betas" in data:
-            data["betas"] = tuple(data["betas"])
-        return cls(**data)
+        return read_recipe(cls, path, overrides, tuples=("betas",))
 
     def validate(self, world_size: int) -> None:
-        if self.batch_size % (world_size * self.accum_steps):
-            raise TrainingError(
-                f"batch_size {self.batch_size} must be divisible by world size x accum_steps "
-                f"= {world_size} x {self.accum_steps}"
-            )
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise TrainingError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
-        if self.epochs < 1 and not self.max_steps:
-            raise TrainingError("give epochs >= 1 or max_steps")
+        validate_common(self, world_size)
+
+
+def read_recipe(
+    cls: type, path: str | os.PathLike[str], overrides: dict[str, Any], *, tuples: Sequence[str] = (), kind: str = "training"
+) -> Any:
+    """``cls(**recipe)`` from a JSON file, ``overrides`` (not None) winning; unknown keys name the file."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise CNClipError(f"cannot read training config {path}: {e}") from e
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise CNClipError(f"{path}: unknown {kind} options {unknown}; known: {sorted(known)}")
+    for key in tuples:
+        if key in data:
+            data[key] = tuple(data[key])
+    return cls(**data)
+
+
+def validate_common(config: Any, world_size: int) -> None:
+    """Checks every training config shares: batch split, precision, length."""
+    if config.batch_size % (world_size * config.accum_steps):
+        raise TrainingError(
+            f"batch_size {config.batch_size} must be divisible by world size x accum_steps "
+            f"= {world_size} x {config.accum_steps}"
+        )
+    if config.precision not in ("fp32", "bf16", "fp16"):
+        raise TrainingError(f"precision must be fp32, bf16 or fp16, got {config.precision!r}")
+    if config.epochs < 1 and not config.max_steps:
+        raise TrainingError("give epochs >= 1 or max_steps")
 
 
 def clip_loss(

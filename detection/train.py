@@ -24,8 +24,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from ..errors import CheckpointError, CNClipError
-from ..train import TrainingError, _init_distributed, _load_checkpoint, _schedule
+from ..errors import CheckpointError
+from ..train import TrainingError, _init_distributed, _load_checkpoint, _schedule, read_recipe, validate_common
 from ..weights import atomic_write
 from .model import DetectorConfig, OpenVocabDetector
 
@@ -72,28 +72,10 @@ class DetectorTrainConfig:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], **overrides: Any) -> DetectorTrainConfig:
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise CNClipError(f"cannot read training config {path}: {e}") from e
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise CNClipError(f"{path}: unknown detector training options {unknown}; known: {sorted(known)}")
-        for key in ("betas", "scale_range"):
-            if key in data:
-                data[key] = tuple(data[key])
-        return cls(**data)
+        return read_recipe(cls, path, overrides, tuples=("betas", "scale_range"), kind="detector training")
 
     def validate(self, world_size: int) -> None:
-        if self.batch_size % (world_size * self.accum_steps):
-            raise TrainingError(f"batch_size {self.batch_size} must be divisible by world size x accum_steps "
-                                f"= {world_size} x {self.accum_steps}")  # fmt: skip
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise TrainingError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
-        if self.epochs < 1 and not self.max_steps:
-            raise TrainingError("give epochs >= 1 or max_steps")
+        validate_common(self, world_size)
         lo, hi = self.scale_range
         if not 0 < lo <= hi:
             raise TrainingError(f"scale_range must be (low, high) with 0 < low <= high, got {self.scale_range}")
