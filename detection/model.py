@@ -39,7 +39,7 @@ from torch import nn
 from torchvision.models.detection.faster_rcnn import TwoMLPHead
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
-from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import batched_nms, clip_boxes_to_image, remove_small_boxes, roi_align
 
 from ..backbones.pyramid import ViTDetBackbone, detector_kwargs, vit_fpn_backbone
@@ -362,7 +362,9 @@ class OpenVocabDetector(nn.Module):
                 alpha = torch.where(vocab.seen.to(p.device), self.config.alpha_seen, self.config.alpha_unseen)
                 scores = scores.clamp_min(1e-12) ** (1 - alpha) * p_vlm.clamp_min(1e-12) ** alpha
             results.append(_select(b, scores, score_threshold, nms_threshold, max_detections))
-        return self.transform.postprocess(results, batch.image_sizes, original_sizes)
+        for r, size, original in zip(results, batch.image_sizes, original_sizes):  # also right in train mode
+            r["boxes"] = resize_boxes(r["boxes"], size, original)
+        return results
 
     def _crop_embeddings(self, image: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         """Pooled CLIP embeddings of square crops around ``boxes`` (normalised image ``[3, H, W]``)."""
