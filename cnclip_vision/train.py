@@ -344,6 +344,18 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
         raise TrainingError(f"cannot read the training checkpoint {path}: {e}") from e
 
 
+def restore_loop_state(state: dict[str, Any], optimizer, scheduler, scaler, path: Path) -> int:
+    """Optimizer, scheduler, scaler and RNG from a checkpoint written by a training loop; returns its step."""
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"])
+    step = int(state["step"])
+    logger.info("resumed from %s at step %d", path, step)
+    return step
+
+
 # ----------------------------------------------------------------------------------------- the loop
 def _collate(tokenizer):
     def collate(items: list[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -382,13 +394,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     if resume and checkpoint_path.is_file():
         state = _load_checkpoint(checkpoint_path)
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state["scaler"]:
-            scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"])
-        step = int(state["step"])
-        logger.info("resumed from %s at step %d", checkpoint_path, step)
+        step = restore_loop_state(state, optimizer, scheduler, scaler, checkpoint_path)
     elif resume:
         logger.info("no checkpoint in %s: starting from scratch", out)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from ..errors import CheckpointError
-from ..train import TrainingError, _init_distributed, _load_checkpoint, _schedule, read_recipe, validate_common
+from ..train import TrainingError, _init_distributed, _load_checkpoint, _schedule, read_recipe, restore_loop_state, validate_common
 from ..weights import atomic_write
 from .model import DetectorConfig, OpenVocabDetector
 
@@ -190,13 +190,7 @@ def train_detector(config: DetectorTrainConfig, *, resume: bool = False) -> dict
             detector.load_head_state_dict(state["detector"], source=str(checkpoint_path))
         except CheckpointError as e:
             raise TrainingError(f"cannot resume: {e} (was the detector config changed since the run started?)") from e
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state["scaler"]:
-            scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"])
-        step = int(state["step"])
-        logger.info("resumed from %s at step %d", checkpoint_path, step)
+        step = restore_loop_state(state, optimizer, scheduler, scaler, checkpoint_path)
     elif resume:
         logger.info("no checkpoint in %s: starting from scratch", out)
     detector.train()
