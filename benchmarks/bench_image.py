@@ -38,22 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--autocast-batch", type=int, default=8, help="images the autocast reference is timed on")
     parser.add_argument("--skip-autocast", action="store_true")
     args = parser.parse_args(argv)
-    common.setup(args)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("skipped: --device cuda but torch sees no CUDA GPU", flush=True)
-        return 2
-    config = common.bench_config(args.arch, args.quick)
-    roofline = common.get_roofline(args.device, args.quick)
-    report = common.Report(SCRIPT, common.machine_info(args.device), roofline)
-    with common.weights_dir(config, args.seed) as directory:
-        if args.precision is None:
-            if args.device != "cpu":
-                parser.error("the default suite is the CPU one; with --device cuda give --precision bf16|fp16|fp32")
-            cpu_suite(args, config, directory, roofline, report)
-        else:
-            same_precision(args, config, directory, roofline, report)
-    report.done()
-    return 0
+    return common.run_suites(parser, args, SCRIPT, cpu_suite, same_precision)
 
 
 def _images(batch: int, size: int, seed: int) -> torch.Tensor:

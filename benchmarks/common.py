@@ -510,3 +510,25 @@ def mark_headline(rows: list[dict[str, Any]], min_cosine: float = 0.999) -> dict
     best = max(good, key=lambda r: r["ours_value"])
     best["headline"] = True
     return best
+
+
+def run_suites(parser: Any, args: Any, script: str, cpu_suite: Any, same_precision: Any) -> int:
+    """The shared main of bench_image / bench_text: the CPU suite by default, else the same-precision
+    comparison (``--precision``, e.g. on a GPU)."""
+    setup(args)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("skipped: --device cuda but torch sees no CUDA GPU", flush=True)
+        return 2
+    config = bench_config(args.arch, args.quick)
+    roofline = get_roofline(args.device, args.quick)
+    report = Report(script, machine_info(args.device), roofline)
+    with weights_dir(config, args.seed) as directory:
+        if args.precision is None:
+            if args.device != "cpu":
+                parser.error("the default suite is the CPU one; with --device cuda give --precision bf16|fp16|fp32")
+            cpu_suite(args, config, directory, roofline, report)
+        else:
+            same_precision(args, config, directory, roofline, report)
+    report.done()
+    return 0
+
