@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo bench toy-model toy-detector clean
+.PHONY: install test test-fast demo bench toy-model toy-detector clean serve-demo bench-serve
 
 install: $(STAMP)
 
@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	$(BIN)/python -m pip install -q --no-deps "cn-clip==1.6.0"
+	@# the `cnclip serve` browser test drives Debian's chromium (with a CJK font); without them it fails with this hint
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null && fc-list 2>/dev/null | grep -qi "Noto Sans CJK" || \
+		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver fonts-noto-cjk) || \
+		echo "WARNING: could not install chromium chromium-driver fonts-noto-cjk (apt-get, as root): the browser test will fail"
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -50,6 +54,17 @@ toy-detector: $(STAMP)
 	$(BIN)/cnclip train-detector --config recipes/toy-detector.json
 	$(BIN)/cnclip toy-detector-eval --detector build/toy-detector/detector --annotations $(TOY_DET_DATA)/val/annotations.json --check --output build/toy-detector/quality.json
 	$(BIN)/cnclip toy-detector-export build/toy-detector/detector
+
+# The service and its web page on the toy world, offline: http://127.0.0.1:8000 (toy-tiny, toy-detector, a toy index)
+SERVE_DEMO := build/serve-demo
+serve-demo: $(STAMP)
+	$(BIN)/python -m cnclip_vision.serve.demo $(SERVE_DEMO)
+	$(BIN)/cnclip serve --index $(SERVE_DEMO)/index --model toy-tiny --detector toy-detector
+
+# Load test of `cnclip serve` on loopback (1 and 8 clients x 200 requests per scenario); figures, never asserts
+bench-serve: $(STAMP)
+	mkdir -p build/bench
+	$(BIN)/python benchmarks/bench_serve.py --json build/bench/serve.json
 
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache

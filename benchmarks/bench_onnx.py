@@ -1,6 +1,6 @@
 """ONNX Runtime image embedding next to our PyTorch fp32, on the same random weights (reported, no target).
 
-``cnclip_vision.onnx_export.export_onnx(model, dir)`` writes ``image_encoder.onnx`` (input ``pixel_values``,
+``cnclip_vision.export.onnx.export_onnx(model, dir)`` writes ``image_encoder.onnx`` (input ``pixel_values``,
 output ``image_embeds``); onnxruntime (CPU provider, as many intra-op threads as torch) runs it at batch
 ``--batch-size`` (32) against ``model.encode_image`` in fp32, warmed up, alternating, median of
 ``--repeats`` (onnxruntime's thread spinning is off: in one process its idle threads would otherwise
@@ -35,11 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     roofline = common.get_roofline("cpu", args.quick)
     report = common.Report(SCRIPT, common.machine_info(), roofline)
     try:
-        from cnclip_vision.onnx_export import (
-            export_onnx,  # lazily: another part of the library
-        )
+        from cnclip_vision.export.onnx import export_onnx
     except ImportError as e:
-        report.skipped(measure, f"cnclip_vision.onnx_export.export_onnx is not available ({e})")
+        report.skipped(measure, f"cnclip_vision.export.onnx.export_onnx is not available ({e})")
         report.done()
         return 0
     try:

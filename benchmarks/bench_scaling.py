@@ -120,18 +120,19 @@ def main(argv: list[str] | None = None) -> int:
 
     # --- detector -----------------------------------------------------------------------------------
     if not args.skip_detector:
-        from cnclip_vision.detection import DetectorConfig, OpenVocabDetector
+        from cnclip_vision.detection import DetectionPredictor, DetectorConfig, OpenVocabDetector
         from torch.nn.attention import SDPBackend, sdpa_kernel
         from torch.utils.flop_counter import FlopCounterMode
 
         det_config = DetectorConfig(clip=name if isinstance(config, str) else "ViT-B-16", image_size=det_size, **small)
         detector = OpenVocabDetector(models["fp32"], det_config).eval()
-        detector.set_vocabulary(["猫", "狗", "电动车"])
+        predictor = DetectionPredictor(detector, score_threshold=0.05, batch_size=1)
+        predictor.set_vocabulary(["猫", "狗", "电动车"])
         image = np.random.default_rng(args.seed).integers(0, 256, (det_size, det_size, 3), dtype=np.uint8)
         for mode in ("dense", "off"):
 
             def predict(mode=mode):
-                return detector.predict([image], score_threshold=0.05, vlm_mode=mode, batch_size=1)
+                return predictor.predict([image], vlm_mode=mode)
 
             with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
                 start = time.perf_counter()

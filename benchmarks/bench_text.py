@@ -3,7 +3,7 @@
 Workload: the 25 templates of ``cnclip_vision.zeroshot.DEFAULT_TEMPLATES`` x 40 Chinese labels = 1,000
 prompts, tokenisation included on both sides, batches of ``--batch-size`` (256).
 
-CPU suite (default): ours ``cnclip_vision.inference.encode_texts`` (length-bucketed dynamic padding) in fp32
+CPU suite (default): ours ``cnclip_vision.models.encode.encode_texts`` (length-bucketed dynamic padding) in fp32
 and int8, against
 * transformers fp32 (``BertTokenizer`` + ``get_text_features``) padded to 52 tokens as the original
   Chinese-CLIP does — target >= 8x. Every padded prompt costs the same, so the reference is timed on a
@@ -106,7 +106,7 @@ def cpu_suite(args, config, directory, roofline: common.Roofline, report: common
     from transformers import BertTokenizer
 
     import cnclip_vision
-    from cnclip_vision.inference import encode_texts
+    from cnclip_vision.models.encode import encode_texts
 
     repeats = args.repeats or (2 if args.quick else 3)
     prompts = prompts_for(args.quick)
@@ -180,7 +180,7 @@ def same_precision(args, config, directory, roofline: common.Roofline, report: c
     from transformers import BertTokenizer
 
     import cnclip_vision
-    from cnclip_vision.inference import encode_texts
+    from cnclip_vision.models.encode import encode_texts
 
     device, precision = args.device, args.precision
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]

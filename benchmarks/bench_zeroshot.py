@@ -4,7 +4,7 @@ Both sides start from the file paths and a loaded model (loading is not timed) a
 matrix ``[n_images, 100]``; the class (text) embeddings are computed once per run and are part of the time.
 
 * ours: ``ZeroShotClassifier(model, labels, templates=...)`` for the class embeddings, then
-  ``cnclip_vision.data.iter_image_batches(paths, image_transform(224), batch_size, num_workers)`` (decode and
+  ``cnclip_vision.data.images.iter_image_batches(paths, image_transform(224), batch_size, num_workers)`` (decode and
   resize in DataLoader workers) + ``classifier.image_features`` + ``scores_from_features``; fp32 and int8;
 * transformers, the documented usage: ``ChineseCLIPProcessor`` + ``ChineseCLIPModel``, the text features
   computed once (``processor(text=..., padding=True)``), then per image ``Image.open`` ->
@@ -58,7 +58,7 @@ def templates_for(name: str) -> tuple[str, ...]:
 
 def ours_pipeline(model, labels: Sequence[str], templates, paths: Sequence[Path], batch_size: int, workers: int | None):
     from cnclip_vision import ZeroShotClassifier, image_transform
-    from cnclip_vision.data import iter_image_batches
+    from cnclip_vision.data.images import iter_image_batches
 
     def run() -> tuple[torch.Tensor, torch.Tensor]:
         classifier = ZeroShotClassifier(model, labels, templates=templates)

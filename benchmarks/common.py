@@ -132,7 +132,7 @@ def bench_config(arch: str, quick: bool) -> Any:
     """The registered size ``arch`` (full size), or with ``quick`` a tiny config of the same patch/image size."""
     if not quick:
         return arch
-    from cnclip_vision.configs import CLIPConfig, TextConfig, VisionConfig, get_config
+    from cnclip_vision.models.configs import CLIPConfig, TextConfig, VisionConfig, get_config
 
     v = get_config(arch).vision
     head = v.width // v.heads

@@ -45,12 +45,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .datasets import iter_jsonl
-from .errors import CNClipError
+from cnclip_vision.data.jsonl import TextRecord, read_text_jsonl
+from cnclip_vision.errors import CNClipError
 
 if TYPE_CHECKING:
-    from .model import ChineseCLIP
-    from .transforms import ImageSource
+    from cnclip_vision.models.clip import ChineseCLIP
+    from cnclip_vision.data.transforms import ImageSource
 
 logger = logging.getLogger(__name__)
 
@@ -76,61 +76,6 @@ _SHARD_RE = re.compile(r"^shard-(\d{5,})\.safetensors$")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
-# ------------------------------------------------------------------------------------------ text input
-@dataclass(frozen=True)
-class TextRecord:
-    """One line of a Chinese-CLIP / MUGE text file: ``{"text_id": 8428, "text": "...", "image_ids": [1076345]}``.
-    Ids are kept as strings (integer ids become their decimal form)."""
-
-    text_id: str
-    text: str
-    image_ids: tuple[str, ...] = ()
-    line: int = 0
-
-
-def _as_id(value: Any) -> str | None:
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        return None
-    return str(value)
-
-
-def read_text_jsonl(path: str | os.PathLike[str], *, require_image_ids: bool = False) -> list[TextRecord]:
-    """Parse a JSONL of ``{"text_id", "text", "image_ids"}`` objects; blank lines are ignored.
-
-    Raises :class:`CNClipError` naming ``file:line`` for a line that is not JSON, not an object, lacks
-    ``text_id`` / ``text`` (or ``image_ids`` when ``require_image_ids``), has ids that are not integers or
-    strings, an empty text, or a ``text_id`` seen before.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CNClipError(f"no such text file: {path} (expected JSONL lines like "
-                          '{"text_id": 1, "text": "一只猫", "image_ids": [10]})')  # fmt: skip
-    records: list[TextRecord] = []
-    first_line: dict[str, int] = {}
-    for n, obj in iter_jsonl(path):
-        where = f"{path}:{n}"
-        keys = ("text_id", "text", "image_ids") if require_image_ids else ("text_id", "text")
-        missing = [k for k in keys if k not in obj]
-        if missing:
-            raise CNClipError(f"{where}: missing key{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
-        text_id = _as_id(obj["text_id"])
-        if text_id is None:
-            raise CNClipError(f"{where}: text_id must be an integer or a string, got {obj['text_id']!r}")
-        text = obj["text"]
-        if not isinstance(text, str) or not text.strip():
-            raise CNClipError(f"{where}: text must be a non-empty string, got {text!r}")
-        image_ids = obj.get("image_ids", [])
-        if not isinstance(image_ids, list) or any(_as_id(i) is None for i in image_ids):
-            raise CNClipError(f"{where}: image_ids must be a list of integers or strings, got {image_ids!r}")
-        if text_id in first_line:
-            raise CNClipError(f"{where}: duplicate text_id {text_id} (first on line {first_line[text_id]})")
-        first_line[text_id] = n
-        records.append(TextRecord(text_id, text, tuple(str(i) for i in image_ids), n))
-    if not records:
-        raise CNClipError(f"{path} holds no texts")
-    return records
-
-
 # ------------------------------------------------------------------------------------ shard machinery
 def _shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
@@ -146,7 +91,7 @@ def _digest(ids: Sequence[str]) -> str:
 def _model_info(model: ChineseCLIP) -> dict[str, Any]:
     """Config, dtype and a fingerprint of the weights (projections and logit scale, cheap to hash) so a
     resumed extraction never mixes the embeddings of two models or precisions."""
-    from .weights import describe
+    from cnclip_vision.models.weights import describe
 
     h = hashlib.sha1(json.dumps(model.config.to_dict(), sort_keys=True).encode())
     h.update(str(model.dtype).encode())
@@ -238,7 +183,7 @@ class _ShardWriter:
 def _write_shard(path: Path, embeddings: torch.Tensor, meta: dict[str, Any]) -> None:
     from safetensors.torch import save_file
 
-    from .weights import atomic_write
+    from cnclip_vision.io import atomic_write
 
     with atomic_write(path) as tmp:
         metadata = {_META_KEY: json.dumps(meta, ensure_ascii=False)}
@@ -317,7 +262,7 @@ def _extract(
         for item_id, reason in meta["failures"]:
             where = {"path": path_of[item_id]} if item_id in path_of else {}
             failures.append({"id": item_id, **where, "reason": reason})
-    from .weights import atomic_write, write_json
+    from cnclip_vision.io import atomic_write, write_json
 
     with atomic_write(out / IDS_FILE) as tmp:
         tmp.write_text("".join(i + "\n" for i in all_ids), encoding="utf-8")
@@ -347,7 +292,7 @@ def _check_ids(ids: Sequence[str], what: str) -> None:
 def _image_ids(images: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> tuple[list[Path], list[str]]:
     """Paths and ids: paths relative to the folder, or as written in the list file (relative to its folder),
     or as given in a Python list."""
-    from .data import list_images
+    from cnclip_vision.data.images import list_images
 
     paths = list_images(images)
     if isinstance(images, (list, tuple)):
@@ -377,9 +322,9 @@ def extract_image_embeddings(
     With ``resume``, finished shards of an earlier run with the same inputs and model are kept. Returns
     the manifest without its shard list, plus ``out_dir``, ``num_shards`` and ``reused_shards``.
     """
-    from .data import iter_image_batches
-    from .inference import encode_images
-    from .transforms import image_transform
+    from cnclip_vision.data.images import iter_image_batches
+    from cnclip_vision.models.encode import encode_images
+    from cnclip_vision.data.transforms import image_transform
 
     paths, ids = _image_ids(images)
     _check_ids(ids, "image")
@@ -414,7 +359,7 @@ def extract_text_embeddings(
     first (errors name ``file:line``)."""
     from tqdm.auto import tqdm
 
-    from .inference import encode_texts
+    from cnclip_vision.models.encode import encode_texts
 
     records = read_text_jsonl(jsonl_path)
     ids = [r.text_id for r in records]
@@ -623,7 +568,7 @@ class EmbeddingIndex:
 
     def search_text(self, model: ChineseCLIP, texts: str | Sequence[str], k: int = 10) -> list[list[Hit]]:
         """Text queries: text→image on an image index, text→text on a text index. One hit list per text."""
-        from .inference import encode_texts
+        from cnclip_vision.models.encode import encode_texts
 
         self._check_model(model)
         return self.search_hits(encode_texts(model, [texts] if isinstance(texts, str) else list(texts)), k)
@@ -631,7 +576,7 @@ class EmbeddingIndex:
     def search_image(self, model: ChineseCLIP, images: Sequence[ImageSource] | torch.Tensor, k: int = 10) -> list[list[Hit]]:
         """Image queries (paths, PIL images, arrays or a preprocessed batch): image→image on an image index,
         image→text on a text index. One hit list per image."""
-        from .inference import encode_images
+        from cnclip_vision.models.encode import encode_images
 
         self._check_model(model)
         return self.search_hits(encode_images(model, images), k)

@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 
-from .errors import CNClipError
-from .inference import encode_images, encode_texts
-from .model import ChineseCLIP
-from .tokenizer import DEFAULT_CONTEXT_LENGTH, find_truncated
-from .transforms import ImageSource
-from .weights import atomic_write
+from cnclip_vision.errors import CNClipError
+from cnclip_vision.models.encode import encode_images, encode_texts
+from cnclip_vision.models.clip import ChineseCLIP
+from cnclip_vision.data.tokenizer import DEFAULT_CONTEXT_LENGTH, find_truncated
+from cnclip_vision.data.transforms import ImageSource
+from cnclip_vision.io import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ __all__ = [
     "ZeroShotClassifier",
     "calibrate_threshold",
     "check_labels",
+    "class_embeddings",
     "evaluate_folder",
     "read_label_file",
     "resolve_templates",
@@ -102,6 +103,24 @@ def check_labels(labels: Sequence[str], context_length: int = DEFAULT_CONTEXT_LE
     return labels
 
 
+def class_embeddings(
+    model: ChineseCLIP,
+    labels: Sequence[str],
+    templates: Sequence[str] | str = DEFAULT_TEMPLATES,
+    *,
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """``[len(labels), embed_dim]`` normalised class embeddings on the CPU: every label filled into every
+    template, encoded, averaged over the templates and normalised again (CLIP's prompt ensembling). The one
+    place this is computed: zero-shot classification, the detector's vocabulary and heat maps use it."""
+    names = resolve_templates(templates)
+    prompts = [t.format(label) for label in labels for t in names]
+    logger.info("encoding %d labels x %d templates", len(labels), len(names))
+    features = encode_texts(model, prompts, batch_size=batch_size, progress=len(prompts) > 2000)
+    mean = features.view(len(labels), len(names), -1).mean(dim=1)
+    return torch.nn.functional.normalize(mean, dim=-1)
+
+
 class ZeroShotClassifier:
     """Zero-shot classifier over a fixed list of Chinese class names.
 
@@ -134,11 +153,7 @@ class ZeroShotClassifier:
         self.class_embeddings = class_embeddings.float()
 
     def _encode_classes(self, batch_size: int) -> torch.Tensor:
-        prompts = [t.format(label) for label in self.labels for t in self.templates]
-        logger.info("encoding %d labels x %d templates", len(self.labels), len(self.templates))
-        features = encode_texts(self.model, prompts, batch_size=batch_size, progress=len(prompts) > 2000)
-        mean = features.view(len(self.labels), len(self.templates), -1).mean(dim=1)
-        return torch.nn.functional.normalize(mean, dim=-1)
+        return class_embeddings(self.model, self.labels, self.templates, batch_size=batch_size)
 
     @property
     def logit_scale(self) -> float:
@@ -248,8 +263,8 @@ def evaluate_folder(
     """Top-1 / top-5 accuracy, per-class accuracy and the most frequent confusions on
     ``root/{split}/{000,001,...}/*`` (the ELEVATER / Chinese-CLIP layout; ``root`` may also be the split
     folder itself). Unreadable images are reported, skipped and counted."""
-    from .data import iter_image_batches, list_images
-    from .transforms import image_transform
+    from cnclip_vision.data.images import iter_image_batches, list_images
+    from cnclip_vision.data.transforms import image_transform
 
     root = Path(root)
     split_dir = root / split if (root / split).is_dir() else root

@@ -10,37 +10,34 @@ evaluation (:mod:`.evaluation`, :func:`evaluate_detector`), training (:mod:`.tra
 (:mod:`.visualize`) and similarity heat maps (:mod:`.heatmap`).
 """
 
-from .coco import CocoDetection, CocoFormatError, collate_detection, convert_ovcoco, lsj_transforms, validate_coco
-from .coco_names import COCO_CATEGORIES, OVCOCO_BASE_IDS, OVCOCO_NOVEL_IDS, chinese_name, read_name_map
-from .evaluation import COCOEvaluator, evaluate_coco
-from .heatmap import similarity_map
-from .inference import detect_coco, evaluate_detector
-from .model import VLM_MODES, DetectorConfig, ImageQuery, OpenVocabDetector, Vocabulary
-from .visualize import draw_detections, find_cjk_font, heatmap_overlay
+from cnclip_vision._imports import lazy_exports
 
-__all__ = [
-    "COCOEvaluator",
-    "COCO_CATEGORIES",
-    "CocoDetection",
-    "CocoFormatError",
-    "DetectorConfig",
-    "ImageQuery",
-    "OVCOCO_BASE_IDS",
-    "OVCOCO_NOVEL_IDS",
-    "OpenVocabDetector",
-    "VLM_MODES",
-    "Vocabulary",
-    "chinese_name",
-    "collate_detection",
-    "convert_ovcoco",
-    "detect_coco",
-    "draw_detections",
-    "evaluate_coco",
-    "evaluate_detector",
-    "find_cjk_font",
-    "heatmap_overlay",
-    "lsj_transforms",
-    "read_name_map",
-    "similarity_map",
-    "validate_coco",
-]
+_EXPORTS = {
+    "CocoDetection": "cnclip_vision.detection.coco",
+    "CocoFormatError": "cnclip_vision.detection.coco",
+    "collate_detection": "cnclip_vision.detection.coco",
+    "convert_ovcoco": "cnclip_vision.detection.coco",
+    "lsj_transforms": "cnclip_vision.detection.coco",
+    "validate_coco": "cnclip_vision.detection.coco",
+    "COCO_CATEGORIES": "cnclip_vision.detection.coco_names",
+    "OVCOCO_BASE_IDS": "cnclip_vision.detection.coco_names",
+    "OVCOCO_NOVEL_IDS": "cnclip_vision.detection.coco_names",
+    "chinese_name": "cnclip_vision.detection.coco_names",
+    "read_name_map": "cnclip_vision.detection.coco_names",
+    "COCOEvaluator": "cnclip_vision.detection.evaluation",
+    "evaluate_coco": "cnclip_vision.detection.evaluation",
+    "similarity_map": "cnclip_vision.detection.heatmap",
+    "detect_coco": "cnclip_vision.detection.inference",
+    "evaluate_detector": "cnclip_vision.detection.inference",
+    "VLM_MODES": "cnclip_vision.detection.vocabulary",
+    "DetectorConfig": "cnclip_vision.detection.model",
+    "ImageQuery": "cnclip_vision.detection.vocabulary",
+    "OpenVocabDetector": "cnclip_vision.detection.model",
+    "Vocabulary": "cnclip_vision.detection.vocabulary",
+    "DetectionPredictor": "cnclip_vision.detection.predictor",
+    "draw_detections": "cnclip_vision.detection.visualize",
+    "find_cjk_font": "cnclip_vision.detection.visualize",
+    "heatmap_overlay": "cnclip_vision.detection.visualize",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

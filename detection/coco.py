@@ -23,15 +23,10 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from cnclip_vision.errors import CNClipError
-from cnclip_vision.transforms import load_image
-from cnclip_vision.weights import atomic_write
+from cnclip_vision.data.transforms import load_image
+from cnclip_vision.io import atomic_write
 
-from .coco_names import (
-    OVCOCO_BASE_IDS,
-    OVCOCO_NOVEL_IDS,
-    get_coco_category,
-    read_name_map,
-)
+from cnclip_vision.detection.coco_names import OVCOCO_BASE_IDS, OVCOCO_NOVEL_IDS, get_coco_category, read_name_map
 
 __all__ = [
     "CocoDetection",
@@ -294,24 +289,41 @@ def _map_names(names: list[str], name_map: Mapping[str, str] | PathLike | None) 
     return [mapping.get(n, n) for n in names]
 
 
+def category_lookup(records: Sequence[Mapping[str, Any]], names: Sequence[str] | None = None) -> dict[str | int, int]:
+    """Category id by id, name, mapped name (``names[i]`` for ``records[i]``), English name or synonym. A name
+    always wins over another category's English name, and that over a synonym (then the first category wins),
+    so a synonym can never hide a category's own name."""
+    lookup: dict[str | int, int] = {r["id"]: r["id"] for r in records}
+    mapped = names if names is not None else [r["name"] for r in records]
+    tiers = (
+        lambda r, n: (r["name"], n),
+        lambda r, n: (r.get("english_name"),),
+        lambda r, n: tuple(r.get("synonyms") or ()),
+    )
+    for aliases in tiers:
+        for record, name in zip(records, mapped):
+            for alias in aliases(record, name):
+                if isinstance(alias, str):
+                    lookup.setdefault(alias, record["id"])
+    return lookup
+
+
+def resolve_categories(keys: Iterable[str | int], lookup: Mapping[str | int, int], what: str) -> tuple[list[int], list[Any]]:
+    """``(ids found, keys not found)`` of category names or ids (names stripped of surrounding spaces)."""
+    if isinstance(keys, (str, bytes)):
+        raise TypeError(f"{what} must be a sequence of category names or ids, not a single string")
+    found, unknown = [], []
+    for key in keys:
+        hit = lookup.get(key.strip() if isinstance(key, str) else key)
+        (unknown.append(key) if hit is None else found.append(hit))
+    return found, unknown
+
+
 def _select_categories(
     keys: Sequence[str | int], records: Sequence[dict[str, Any]], names: Sequence[str], *, source: str
 ) -> set[int]:
-    if isinstance(keys, (str, bytes)):
-        raise TypeError("categories must be a sequence of names or ids, not a single string")
-    lookup: dict[str | int, int] = {}
-    for record, name in zip(records, names):
-        for alias in (record["name"], name, record.get("english_name"), *(record.get("synonyms") or ())):
-            if isinstance(alias, str):
-                lookup.setdefault(alias, record["id"])
-        lookup[record["id"]] = record["id"]
-    chosen, unknown = set(), []
-    for key in keys:
-        found = lookup.get(key.strip() if isinstance(key, str) else key)
-        if found is None:
-            unknown.append(key)
-        else:
-            chosen.add(found)
+    found, unknown = resolve_categories(keys, category_lookup(records, names), "categories")
+    chosen = set(found)
     if unknown:
         known = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
         raise CocoFormatError(f"{source}: unknown categories {unknown} (the file has: {known})")

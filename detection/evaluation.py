@@ -29,10 +29,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from torchvision.ops import box_convert
 
-from cnclip_vision.weights import atomic_write
+from cnclip_vision.io import atomic_write
 
-from .coco import CocoFormatError, check_coco_structure, read_coco
+from cnclip_vision.detection.coco import (
+    CocoFormatError,
+    category_lookup,
+    check_coco_structure,
+    read_coco,
+    resolve_categories,
+)
 
 __all__ = ["COCOEvaluator", "evaluate_coco", "read_results"]
 
@@ -109,21 +116,7 @@ def _load_ground_truth(ground_truth: Mapping[str, Any] | PathLike) -> tuple[dict
 def _resolve_split(
     keys: Iterable[int | str], categories: Sequence[Mapping[str, Any]], what: str, source: str
 ) -> list[int]:
-    if isinstance(keys, (str, bytes)):
-        raise TypeError(f"{what} must be a list of category ids or names, not a single string")
-    lookup: dict[int | str, int] = {}
-    for c in categories:
-        for alias in (c.get("english_name"), *(c.get("synonyms") or ()), c["name"]):
-            if isinstance(alias, str):
-                lookup[alias] = c["id"]
-        lookup[c["id"]] = c["id"]
-    ids, unknown = [], []
-    for key in keys:
-        found = lookup.get(key.strip() if isinstance(key, str) else key)
-        if found is None:
-            unknown.append(key)
-        else:
-            ids.append(found)
+    ids, unknown = resolve_categories(keys, category_lookup(categories), what)
     if unknown:
         raise CocoFormatError(f"{source}: {what} categories {unknown} are not in the ground truth")
     return sorted(set(ids))
@@ -332,7 +325,8 @@ class COCOEvaluator:
             if len(labels) and (labels.min() < 0 or labels.max() >= len(self.category_ids)):
                 raise ValueError(f"prediction for image {image_id}: labels must be in [0, {len(self.category_ids)}), "
                                  f"got {labels.min().item()}..{labels.max().item()}")  # fmt: skip
-            xywh = torch.cat([boxes[:, :2], (boxes[:, 2:] - boxes[:, :2]).clamp(min=0)], dim=1)
+            xywh = box_convert(boxes, "xyxy", "xywh")
+            xywh[:, 2:] = xywh[:, 2:].clamp(min=0)  # inverted boxes: zero width / height
             if image_id in self._results:
                 logger.debug("image %d processed again; the new predictions replace the old", image_id)
             self._results[image_id] = [

@@ -6,10 +6,10 @@ from collections.abc import Sequence
 
 import torch
 
-from ..backbones.pyramid import dense_image_embeddings
-from ..model import ChineseCLIP
-from ..transforms import ImageSource, image_transform
-from ..zeroshot import resolve_templates
+from cnclip_vision.backbones.pyramid import dense_image_embeddings
+from cnclip_vision.models.clip import ChineseCLIP
+from cnclip_vision.data.transforms import ImageSource, image_transform
+from cnclip_vision.zeroshot import class_embeddings
 
 __all__ = ["similarity_map"]
 
@@ -26,8 +26,6 @@ def similarity_map(
     """``[len(labels), size/p, size/p]`` cosine similarities between each patch's projected token (the image
     resized to ``size``, default the model's input size; patch p) and each label's template-averaged text
     embedding. Dense CLIP features are coarsely aligned at best (DESIGN.md §7): read the map as a hint."""
-    from ..inference import encode_texts
-
     labels = [labels] if isinstance(labels, str) else list(labels)
     if not labels:
         raise ValueError("labels is empty: pass at least one label")
@@ -37,7 +35,5 @@ def similarity_map(
         raise ValueError(f"size={size} must be a multiple of the patch size {patch}")
     pixels = image_transform(size)(image)[None]
     dense = dense_image_embeddings(model, pixels, normalize=True)[0].float().cpu()  # [D, h, w]
-    names = resolve_templates(templates)
-    text = encode_texts(model, [t.format(x) for x in labels for t in names]).view(len(labels), len(names), -1).mean(1)
-    text = torch.nn.functional.normalize(text, dim=-1)
+    text = class_embeddings(model, labels, templates)
     return torch.einsum("cd,dhw->chw", text, dense)

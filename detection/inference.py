@@ -9,8 +9,11 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
+from torchvision.ops import box_convert
 
-from .model import OpenVocabDetector, VLMMode, Vocabulary
+from cnclip_vision.detection.model import OpenVocabDetector
+from cnclip_vision.detection.vocabulary import VLMMode, Vocabulary
+from cnclip_vision.detection.predictor import DetectionPredictor
 
 logger = logging.getLogger(__name__)
 
@@ -40,34 +43,26 @@ def detect_coco(
     encoded vocabulary (ablations, e.g. random embeddings for some classes)."""
     from tqdm.auto import tqdm
 
-    from .coco import CocoDetection
+    from cnclip_vision.detection.coco import CocoDetection
 
     dataset = CocoDetection(annotation_file, image_root, name_map=name_map, skip_crowd=False)
-    previous = detector.vocabulary  # restored afterwards (e.g. the training vocabulary during periodic evaluation)
-    vocabulary = detector.set_vocabulary(list(dataset.category_names))
+    predictor = DetectionPredictor(detector, score_threshold=score_threshold, max_detections=max_detections,
+                                   vlm_mode=vlm_mode)  # fmt: skip
+    vocabulary = predictor.set_vocabulary(list(dataset.category_names))
     if vocabulary_transform is not None:
-        detector.use_vocabulary(vocabulary_transform(vocabulary))
-    was_training = detector.training
-    detector.eval()
+        predictor.use_vocabulary(vocabulary_transform(vocabulary))
     loader = DataLoader(_Indexed(dataset), batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
     results: list[dict[str, Any]] = []
     device = detector.device
-    try:
-        for images, image_ids in tqdm(loader, desc="detect", unit="batch", disable=not progress):
-            if not images:
-                continue
-            xs = [im.as_subclass(torch.Tensor).to(device).float().div_(255) for im in images]
-            for image_id, r in zip(image_ids, detector.detect(xs, score_threshold=score_threshold,
-                                                             max_detections=max_detections, vlm_mode=vlm_mode)):  # fmt: skip
-                boxes = r["boxes"].cpu()
-                boxes[:, 2:] -= boxes[:, :2]
-                for box, score, label in zip(boxes.tolist(), r["scores"].tolist(), r["labels"].tolist()):
-                    results.append({"image_id": image_id, "category_id": dataset.category_ids[label],
-                                    "bbox": [round(v, 3) for v in box], "score": round(score, 5)})  # fmt: skip
-    finally:
-        detector.train(was_training)
-        if previous is not None:
-            detector.use_vocabulary(previous)
+    for images, image_ids in tqdm(loader, desc="detect", unit="batch", disable=not progress):
+        if not images:
+            continue
+        xs = [im.as_subclass(torch.Tensor).to(device).float().div_(255) for im in images]
+        for image_id, r in zip(image_ids, predictor.detect(xs)):
+            boxes = box_convert(r["boxes"].cpu(), "xyxy", "xywh")
+            for box, score, label in zip(boxes.tolist(), r["scores"].tolist(), r["labels"].tolist()):
+                results.append({"image_id": image_id, "category_id": dataset.category_ids[label],
+                                "bbox": [round(v, 3) for v in box], "score": round(score, 5)})  # fmt: skip
     return results, dataset
 
 
@@ -99,7 +94,7 @@ def evaluate_detector(
     """:func:`detect_coco` then :func:`~cnclip_vision.detection.evaluation.evaluate_coco` on the dataset's
     cleaned ground truth: AP, AP50, AP75, APs/m/l, per-category AP and AP50 on base / novel / all (from the
     categories' ``split`` field). ``output`` receives the COCO results JSON."""
-    from .evaluation import evaluate_coco
+    from cnclip_vision.detection.evaluation import evaluate_coco
 
     results, dataset = detect_coco(detector, annotation_file, image_root, **kwargs)
     return evaluate_coco(dataset.coco, results, output=output)

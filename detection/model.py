@@ -29,7 +29,7 @@ import logging
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,24 +42,32 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import batched_nms, clip_boxes_to_image, remove_small_boxes, roi_align
 
-from ..backbones.pyramid import ViTDetBackbone, detector_kwargs, vit_fpn_backbone
-from ..errors import CheckpointError, CNClipError
-from ..model import ChineseCLIP
-from ..toymodel import TOY_MODEL_DIR
-from ..transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageSource, load_image
-from ..weights import atomic_write, write_json
-from ..zeroshot import resolve_templates
+from cnclip_vision.backbones.pyramid import ViTDetBackbone, detector_kwargs, vit_fpn_backbone
+from cnclip_vision.errors import CheckpointError, CNClipError
+from cnclip_vision.models.clip import ChineseCLIP
+from cnclip_vision.models.configs import TOY_DETECTOR_DIR
+from cnclip_vision.data.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageSource, load_image
+from cnclip_vision.io import atomic_write, write_json
+from cnclip_vision.detection.vocabulary import (
+    VLM_MODES,
+    ImageQuery,
+    Label,
+    VLMMode,
+    Vocabulary,
+    check_labels,
+    check_thresholds,
+    check_vlm_mode,
+)
+from cnclip_vision.zeroshot import class_embeddings
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["DetectorConfig", "ImageQuery", "OpenVocabDetector", "Vocabulary", "VLM_MODES"]
 
-VLM_MODES = ("crops", "dense", "off")
-VLMMode = Literal["crops", "dense", "off"]
 CONFIG_NAME = "detector_config.json"
 WEIGHTS_NAME = "detector.safetensors"
 CLIP_SUBDIR = "clip"
-SHIPPED = {"toy-detector": TOY_MODEL_DIR.parent / "toy-detector"}  # package data beside the toy CLIP
+SHIPPED = {"toy-detector": TOY_DETECTOR_DIR}  # package data (cnclip_vision/assets/)
 
 
 @dataclass
@@ -95,7 +103,7 @@ class DetectorConfig:
         self.seen_categories = tuple(self.seen_categories)
         if not isinstance(self.templates, str):
             self.templates = tuple(self.templates)
-        _check_mode(self.vlm_mode)
+        check_vlm_mode(self.vlm_mode)
         for name in ("alpha_seen", "alpha_unseen", "crop_margin", "background_weight"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0 <= value <= (1 if name.startswith("alpha") else 10):
@@ -119,36 +127,6 @@ class DetectorConfig:
         return cls(**data)
 
 
-def _check_mode(mode: str) -> None:
-    if mode not in VLM_MODES:
-        raise ValueError(f"vlm_mode={mode!r}; allowed values: {', '.join(map(repr, VLM_MODES))}")
-
-
-@dataclass(frozen=True)
-class ImageQuery:
-    """An image-conditioned (one-shot) query: the class embedding is the image embedding of ``image``
-    (cropped to ``box`` = xyxy pixels, if given), named ``name`` in the predictions."""
-
-    image: ImageSource
-    name: str
-    box: tuple[float, float, float, float] | None = None
-
-
-@dataclass
-class Vocabulary:
-    """Class embeddings ``[C, embed_dim]`` (normalised) with their names and which were seen in training."""
-
-    names: list[str]
-    embeddings: torch.Tensor
-    seen: torch.Tensor = field(repr=False)  # bool [C]
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-
-Label = str | ImageQuery
-
-
 class _RegionHead(nn.Module):
     """RoI features -> (region embedding [R, D], class-agnostic box deltas [R, 4])."""
 
@@ -166,15 +144,22 @@ class _RegionHead(nn.Module):
 
 
 class OpenVocabDetector(nn.Module):
-    """Open-vocabulary detector with Chinese labels on a frozen Chinese-CLIP ViT.
+    """Open-vocabulary detector with Chinese labels on a frozen Chinese-CLIP ViT. Stateless: class embeddings go
+    in with the images; the vocabulary, its cache and the thresholds live in a
+    :class:`~cnclip_vision.detection.predictor.DetectionPredictor` beside it (as segment-anything's predictor).
 
     >>> det = OpenVocabDetector.from_pretrained("my-detector")           # or OpenVocabDetector(clip, config)
-    >>> det.predict(["street.jpg"], ["猫", "狗", "电动车"])
+    >>> det.predict(["street.jpg"], ["猫", "狗", "电动车"])                # convenience: one predictor per call
     [{'boxes': tensor([[x1, y1, x2, y2], ...]), 'scores': ..., 'labels': ..., 'label_names': [...]}]
 
-    Training: ``det.set_vocabulary(train_names)`` then ``losses = det(images, targets)`` with ``images`` a list
-    of float ``[3, H, W]`` tensors in 0..1 and ``targets`` dicts of ``boxes`` (xyxy pixels) and ``labels``
-    (indices into the vocabulary), as torchvision detectors.
+    ``forward(images, vocabulary, targets)``: ``images`` a list of float ``[3, H, W]`` tensors in 0..1, the
+    :class:`Vocabulary` from :meth:`encode_vocabulary`; in training mode with ``targets`` (dicts of ``boxes``
+    xyxy pixels and ``labels`` = vocabulary indices) the loss dict, in eval mode the detections, as torchvision
+    detectors.
+
+    The CLIP model is held, not copied: its tower is the detector's frozen backbone tower (one object); with
+    ``trainable_layers > 0`` the detector trains a copy of the tower. The detector never changes the CLIP's
+    weights, ``requires_grad`` flags or train/eval mode.
     """
 
     def __init__(self, clip: ChineseCLIP, config: DetectorConfig | None = None) -> None:
@@ -183,11 +168,11 @@ class OpenVocabDetector(nn.Module):
         if clip.config.vision.kind != "vit":
             raise ValueError("the open-vocabulary detector needs a ViT image tower; RN50 is not supported")
         self.config = config
-        self.clip = clip.eval().requires_grad_(False)
+        self.clip = clip
         self.backbone: ViTDetBackbone = vit_fpn_backbone(
             clip.config, weights=clip, out_channels=config.out_channels, levels=config.levels,
             trainable_layers=config.trainable_layers,
-        )
+        )  # fmt: skip
         embed_dim = clip.config.embed_dim
         self.transform = GeneralizedRCNNTransform(
             config.image_size, config.image_size, list(OPENAI_CLIP_MEAN), list(OPENAI_CLIP_STD), size_divisible=32
@@ -204,7 +189,7 @@ class OpenVocabDetector(nn.Module):
         )  # fmt: skip
         pool = kwargs["box_roi_pool"]  # RoIAlign 7x7 on every level but the top one
         self.region_head = _RegionHead(config.out_channels * 49, config.representation_size, embed_dim)
-        # torchvision's RoIHeads for proposal sampling and box coding; scoring and losses are ours
+        # torchvision's RoIHeads for proposal sampling, pooling and box coding; scoring and losses are ours
         self.roi_heads = RoIHeads(
             pool, None, None, fg_iou_thresh=0.5, bg_iou_thresh=0.5,
             batch_size_per_image=config.box_batch_size_per_image, positive_fraction=config.box_positive_fraction,
@@ -212,91 +197,128 @@ class OpenVocabDetector(nn.Module):
         )  # fmt: skip
         self.background = nn.Parameter(F.normalize(torch.randn(embed_dim), dim=0))
         self.log_inv_temperature = nn.Parameter(torch.tensor(math.log(1 / config.temperature_init)))
-        self._vocabulary: Vocabulary | None = None
-        self._cache: dict[tuple[Any, ...], Vocabulary] = {}
-
-    # ------------------------------------------------------------------------------------- vocabulary
-    @property
-    def vocabulary(self) -> Vocabulary | None:
-        return self._vocabulary
 
     @property
     def device(self) -> torch.device:
         return self.background.device
 
-    def set_vocabulary(self, labels: Sequence[Label], *, seen: Sequence[bool] | None = None) -> Vocabulary:
-        """Encode the class embeddings of ``labels`` (Chinese names, template-averaged; or :class:`ImageQuery`
-        crops) once; later calls with the same text labels reuse the cache (image queries are re-encoded).
-        ``seen`` overrides which labels count as seen in training (default: the names in
-        ``config.seen_categories``)."""
-        names = _check_vocabulary(labels)
-        # image queries are not cached: an image has no cheap identity (ids of freed objects are reused)
-        cacheable = all(isinstance(x, str) for x in labels)
-        key = (tuple(labels), None if seen is None else tuple(bool(s) for s in seen))
-        vocab = self._cache.get(key) if cacheable else None
-        if vocab is None:
-            embeddings = self._encode_labels(labels)
-            if seen is None:
-                seen_set = set(self.config.seen_categories)
-                seen_mask = torch.tensor([isinstance(x, str) and x in seen_set for x in labels])
-            else:
-                if len(seen) != len(labels):
-                    raise ValueError(f"seen has {len(seen)} entries for {len(labels)} labels")
-                seen_mask = torch.tensor([bool(s) for s in seen])
-            vocab = Vocabulary(names, embeddings, seen_mask)
-            if cacheable:
-                if len(self._cache) >= 16:
-                    self._cache.pop(next(iter(self._cache)))
-                self._cache[key] = vocab
-        self._vocabulary = vocab
-        return vocab
+    @property
+    def embed_dim(self) -> int:
+        return self.clip.config.embed_dim
 
-    def use_vocabulary(self, vocabulary: Vocabulary) -> None:
-        """Use already encoded class embeddings (e.g. computed elsewhere, or modified for an ablation)."""
-        if vocabulary.embeddings.shape != (len(vocabulary.names), self.clip.config.embed_dim):
-            raise ValueError(f"vocabulary embeddings have shape {tuple(vocabulary.embeddings.shape)}; expected "
-                             f"({len(vocabulary.names)}, {self.clip.config.embed_dim})")  # fmt: skip
-        self._vocabulary = vocabulary
-
+    # ------------------------------------------------------------------------------------- vocabulary
     @torch.no_grad()
-    def _encode_labels(self, labels: Sequence[Label]) -> torch.Tensor:
-        from ..inference import encode_texts
-
-        out = torch.empty(len(labels), self.clip.config.embed_dim)
+    def encode_vocabulary(self, labels: Sequence[Label], *, seen: Sequence[bool] | None = None) -> Vocabulary:
+        """Class embeddings of ``labels``: Chinese names template-averaged (:func:`cnclip_vision.zeroshot.class_embeddings`
+        with ``config.templates``) and :class:`ImageQuery` crops through the image tower. ``seen`` says which labels
+        count as seen in training (default: the names in ``config.seen_categories``)."""
+        names = check_labels(labels)
+        out = torch.empty(len(labels), self.embed_dim)
         texts = [(i, x) for i, x in enumerate(labels) if isinstance(x, str)]
         if texts:
-            templates = resolve_templates(self.config.templates)
-            prompts = [t.format(x) for _, x in texts for t in templates]
-            features = encode_texts(self.clip, prompts).view(len(texts), len(templates), -1).mean(1)
-            out[[i for i, _ in texts]] = F.normalize(features, dim=-1)
+            out[[i for i, _ in texts]] = class_embeddings(self.clip, [x for _, x in texts], self.config.templates)
         queries = [(i, x) for i, x in enumerate(labels) if isinstance(x, ImageQuery)]
         if queries:
             crops = torch.stack([_query_pixels(q, self.clip.image_size) for _, q in queries])
             out[[i for i, _ in queries]] = self.clip.encode_image(crops, normalize=True).float().cpu()
-        return out.to(self.device)
+        if seen is None:
+            seen_set = set(self.config.seen_categories)
+            seen_mask = torch.tensor([isinstance(x, str) and x in seen_set for x in labels])
+        else:
+            if len(seen) != len(labels):
+                raise ValueError(f"seen has {len(seen)} entries for {len(labels)} labels")
+            seen_mask = torch.tensor([bool(s) for s in seen])
+        return Vocabulary(names, out.to(self.device), seen_mask)
 
-    # ------------------------------------------------------------------------------------- training
+    def check_vocabulary(self, vocabulary: Vocabulary) -> Vocabulary:
+        """``vocabulary`` if its embeddings fit this detector, else ValueError."""
+        shape = tuple(vocabulary.embeddings.shape)
+        if shape != (len(vocabulary.names), self.embed_dim) or len(vocabulary.seen) != len(vocabulary.names):
+            raise ValueError(f"vocabulary embeddings have shape {shape} and {len(vocabulary.seen)} seen flags for "
+                             f"{len(vocabulary.names)} names; expected ({len(vocabulary.names)}, {self.embed_dim})")  # fmt: skip
+        return vocabulary
+
+    # ------------------------------------------------------------------------------------- parameters
     def train(self, mode: bool = True) -> OpenVocabDetector:
-        super().train(mode)
-        self.clip.eval()
-        self.backbone.train(mode)  # keeps the frozen tower in eval mode
+        """The detector's own modules follow ``mode``; the CLIP (and a frozen tower) are left as they are."""
+        for name, child in self.named_children():
+            if name != "clip":
+                child.train(mode)
+        self.training = mode
         return self
 
+    def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """What training updates: pyramid, RPN, region head, background, temperature and the tower blocks of
+        ``config.trainable_layers`` (never the CLIP's own tensors)."""
+        tower = {f"backbone.tower.{n}" for n in self.backbone.trainable_tower_parameter_names()}
+        return [(n, p) for n, p in self.named_parameters(remove_duplicate=False) if _is_own(n, tower)]
+
+    # ------------------------------------------------------------------------------------- the pipeline
     def forward(
-        self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None
+        self,
+        images: list[torch.Tensor],
+        vocabulary: Vocabulary,
+        targets: list[dict[str, torch.Tensor]] | None = None,
+        *,
+        vlm_mode: VLMMode | None = None,
+        score_threshold: float = 0.05,
+        nms_threshold: float = 0.5,
+        max_detections: int = 100,
     ) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
-        """Training (``targets`` given): the loss dict. Inference: raw detections per image (see
-        :meth:`detect`)."""
-        if targets is None:
-            return self.detect(images)
-        vocab = self._require_vocabulary()
-        targets = [{"boxes": t["boxes"].float(), "labels": t["labels"].long() + 1} for t in targets]  # 0: background
+        """One pipeline for training and inference (torchvision's ``GeneralizedRCNN`` order and convention: transform,
+        backbone, RPN, RoI heads, postprocess; training mode returns losses, eval mode detections).
+
+        Training mode (``targets`` required): the loss dict (``loss_classifier``, ``loss_box_reg``, ``loss_objectness``,
+        ``loss_rpn_box_reg``). Eval mode: per image ``boxes`` (xyxy pixels of the input image), ``scores``,
+        ``labels`` (vocabulary indices) and ``embeddings`` (the region embeddings ``[K, embed_dim]``), with the
+        VLM branch ``vlm_mode`` (default ``config.vlm_mode``) ensembled in.
+        """
+        vocab = self.check_vocabulary(vocabulary)
+        if self.training:
+            if targets is None:
+                raise ValueError("in training mode the detector needs targets; call detector.eval() to detect")
+            targets = [{"boxes": t["boxes"].float(), "labels": t["labels"].long() + 1} for t in targets]  # 0: background
+            mode = "off"  # the VLM branch is inference-only (F-VLM)
+        else:
+            targets = None
+            mode = self.config.vlm_mode if vlm_mode is None else vlm_mode
+            check_vlm_mode(mode)
+            check_thresholds(score_threshold, nms_threshold, max_detections)
+        original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
         batch, targets = self.transform(images, targets)
-        features = self.backbone(batch.tensors)
+        if mode == "dense":
+            features, dense = self.backbone.forward_with_dense(batch.tensors, normalize=False)
+        else:
+            features, dense = self.backbone(batch.tensors), None
         proposals, rpn_losses = self.rpn(batch, features, targets)
-        proposals, _, labels, regression_targets = self.roi_heads.select_training_samples(proposals, targets)
+        if targets is not None:
+            proposals, _, labels, regression_targets = self.roi_heads.select_training_samples(proposals, targets)
         embeddings, deltas = self.region_head(self.roi_heads.box_roi_pool(features, proposals, batch.image_sizes))
         logits = self._det_logits(embeddings, vocab.embeddings)
+        if targets is not None:
+            return {**self._losses(logits, deltas, labels, regression_targets), **rpn_losses}
+        boxes = self.roi_heads.box_coder.decode(deltas, proposals)[:, 0]  # class-agnostic: one box per proposal
+        counts = [len(x) for x in proposals]
+        results = []
+        for i, (p, b, e, size) in enumerate(
+            zip(logits.softmax(-1).split(counts), boxes.split(counts), embeddings.split(counts), batch.image_sizes)
+        ):
+            b = clip_boxes_to_image(b, size)
+            keep = remove_small_boxes(b, 1e-2)
+            scores, b, e = p[keep, 1:], b[keep], e[keep]
+            if mode == "crops":
+                top = scores.max(-1).values.topk(min(self.config.crop_top_k, len(b))).indices
+                scores, b, e = scores[top], b[top], e[top]
+                scores = self._ensemble(scores, self._crop_embeddings(batch.tensors[i], b), vocab)
+            elif mode == "dense":
+                scores = self._ensemble(scores, self._dense_embeddings(dense[i : i + 1], b), vocab)  # type: ignore[index]
+            results.append(_select(b, e, scores, score_threshold, nms_threshold, max_detections))
+        for r, size, original in zip(results, batch.image_sizes, original_sizes):
+            r["boxes"] = resize_boxes(r["boxes"], size, original)
+        return results
+
+    def _losses(self, logits: torch.Tensor, deltas: torch.Tensor, labels: list[torch.Tensor],
+                regression_targets: list[torch.Tensor]) -> dict[str, torch.Tensor]:  # fmt: skip
         labels_all = torch.cat(labels)
         weight = torch.ones(logits.shape[1], device=logits.device)
         weight[0] = self.config.background_weight
@@ -304,72 +326,26 @@ class OpenVocabDetector(nn.Module):
         positive = labels_all > 0
         loss_box = F.smooth_l1_loss(deltas[positive], torch.cat(regression_targets)[positive], beta=1 / 9,
                                     reduction="sum") / max(labels_all.numel(), 1)  # fmt: skip
-        return {"loss_classifier": loss_classifier, "loss_box_reg": loss_box, **rpn_losses}
+        return {"loss_classifier": loss_classifier, "loss_box_reg": loss_box}
 
     def _det_logits(self, embeddings: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """``[R, 1 + C]`` region-text logits, column 0 the learned background."""
         keys = torch.cat([F.normalize(self.background, dim=0)[None], classes.to(embeddings)])
         return self.log_inv_temperature.exp().clamp(max=100.0) * embeddings @ keys.t()
 
-    def _require_vocabulary(self) -> Vocabulary:
-        if self._vocabulary is None:
-            raise CNClipError("no vocabulary: pass labels to predict() or call set_vocabulary(labels) first")
-        return self._vocabulary
+    def _ensemble(self, p_det: torch.Tensor, vlm: torch.Tensor, vocab: Vocabulary) -> torch.Tensor:
+        """``p_det ** (1 - a) * p_vlm ** a`` per class, ``a`` = alpha_seen or alpha_unseen."""
+        scale = self.clip.logit_scale.detach().exp().clamp(max=100.0)
+        p_vlm = (scale * vlm @ vocab.embeddings.to(vlm).t()).softmax(-1)
+        alpha = torch.where(vocab.seen.to(p_det.device), self.config.alpha_seen, self.config.alpha_unseen)
+        return p_det.clamp_min(1e-12) ** (1 - alpha) * p_vlm.clamp_min(1e-12) ** alpha
 
-    # ------------------------------------------------------------------------------------- inference
     @torch.no_grad()
-    def detect(
-        self,
-        images: list[torch.Tensor],
-        *,
-        score_threshold: float = 0.05,
-        nms_threshold: float = 0.5,
-        max_detections: int = 100,
-        vlm_mode: VLMMode | None = None,
-    ) -> list[dict[str, torch.Tensor]]:
-        """Detections of float ``[3, H, W]`` images in 0..1 with the current vocabulary: per image ``boxes``
-        (xyxy pixels of the input image), ``scores``, ``labels`` (vocabulary indices)."""
-        vocab = self._require_vocabulary()
-        mode = self.config.vlm_mode if vlm_mode is None else vlm_mode
-        _check_mode(mode)
-        original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
-        batch, _ = self.transform(images)
-        if mode == "dense":
-            features, dense = self.backbone.forward_with_dense(batch.tensors, normalize=False)
-        else:
-            features, dense = self.backbone(batch.tensors), None
-        proposals, _ = self.rpn(batch, features)
-        embeddings, deltas = self.region_head(self.roi_heads.box_roi_pool(features, proposals, batch.image_sizes))
-        p_det = self._det_logits(embeddings, vocab.embeddings).softmax(-1)
-        boxes = self.roi_heads.box_coder.decode(deltas, proposals)[:, 0]  # class-agnostic: one box per proposal
-        results = []
-        for i, (p, b, size) in enumerate(zip(p_det.split([len(x) for x in proposals]), boxes.split([len(x) for x in proposals]), batch.image_sizes)):
-            b = clip_boxes_to_image(b, size)
-            keep = remove_small_boxes(b, 1e-2)
-            p, b = p[keep], b[keep]
-            scores = p[:, 1:]
-            if mode == "crops":
-                top = scores.max(-1).values.topk(min(self.config.crop_top_k, len(b))).indices
-                p, b, scores = p[top], b[top], scores[top]
-                vlm = self._crop_embeddings(batch.tensors[i], b)
-            elif mode == "dense":
-                vlm = self._dense_embeddings(dense[i : i + 1], b)  # type: ignore[index]
-            else:
-                vlm = None
-            if vlm is not None:
-                scale = self.clip.logit_scale.exp().clamp(max=100.0)
-                p_vlm = (scale * vlm @ vocab.embeddings.to(vlm).t()).softmax(-1)
-                alpha = torch.where(vocab.seen.to(p.device), self.config.alpha_seen, self.config.alpha_unseen)
-                scores = scores.clamp_min(1e-12) ** (1 - alpha) * p_vlm.clamp_min(1e-12) ** alpha
-            results.append(_select(b, scores, score_threshold, nms_threshold, max_detections))
-        for r, size, original in zip(results, batch.image_sizes, original_sizes):  # also right in train mode
-            r["boxes"] = resize_boxes(r["boxes"], size, original)
-        return results
-
     def _crop_embeddings(self, image: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        """Pooled CLIP embeddings of square crops around ``boxes`` (normalised image ``[3, H, W]``)."""
+        """Pooled CLIP embeddings of square crops around ``boxes`` (normalised image ``[3, H, W]``), through the
+        CLIP's own (frozen) tower."""
         if len(boxes) == 0:
-            return boxes.new_zeros(0, self.clip.config.embed_dim)
+            return boxes.new_zeros(0, self.embed_dim)
         cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
         half = (boxes[:, 2:] - boxes[:, :2]).amax(-1) * (0.5 + self.config.crop_margin)
         squares = torch.stack([cx - half, cy - half, cx + half, cy + half], dim=1)
@@ -383,55 +359,31 @@ class OpenVocabDetector(nn.Module):
     def _dense_embeddings(self, dense: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         """RoIAlign-mean of the stride-16 projected patch embeddings inside ``boxes``, normalised."""
         if len(boxes) == 0:
-            return boxes.new_zeros(0, self.clip.config.embed_dim)
+            return boxes.new_zeros(0, self.embed_dim)
         k = self.config.dense_pool
         pooled = roi_align(dense.float(), [boxes], output_size=k, spatial_scale=1 / 16, sampling_ratio=2, aligned=True)
         return F.normalize(pooled.mean((2, 3)), dim=-1)
 
-    @torch.no_grad()
+    # ------------------------------------------------------------------------------------- convenience
     def predict(
         self,
         images: ImageSource | Sequence[ImageSource],
-        labels: Sequence[Label] | None = None,
-        *,
-        score_threshold: float = 0.3,
-        nms_threshold: float = 0.5,
-        max_detections: int = 100,
-        batch_size: int = 4,
-        vlm_mode: VLMMode | None = None,
+        labels: Sequence[Label],
+        **kwargs: Any,
     ) -> list[dict[str, Any]]:
-        """Detect ``labels`` (Chinese names and/or :class:`ImageQuery` crops; default: the current
-        vocabulary) in images of any size and mode (paths, PIL, arrays, tensors). One dict per image:
-        ``boxes`` float ``[K, 4]`` (xyxy, pixels of the original image), ``scores`` ``[K]``, ``labels`` ``[K]``
-        (indices into ``labels``), ``label_names`` (``K`` strings), sorted by score."""
-        _check_thresholds(score_threshold, nms_threshold, max_detections)
-        if labels is not None:
-            self.set_vocabulary(labels)
-        vocab = self._require_vocabulary()
-        if isinstance(images, (str, bytes, os.PathLike)) or not isinstance(images, Sequence):
-            images = [images]  # type: ignore[list-item]
-        was_training = self.training
-        self.eval()
-        out: list[dict[str, Any]] = []
-        try:
-            for start in range(0, len(images), batch_size):
-                tensors = [_to_tensor(x).to(self.device) for x in images[start : start + batch_size]]
-                for r in self.detect(tensors, score_threshold=score_threshold, nms_threshold=nms_threshold,
-                                     max_detections=max_detections, vlm_mode=vlm_mode):  # fmt: skip
-                    r = {k: v.cpu() for k, v in r.items()}
-                    r["label_names"] = [vocab.names[j] for j in r["labels"].tolist()]
-                    out.append(r)
-        finally:
-            self.train(was_training)
-        return out
+        """``DetectionPredictor(self).predict(images, labels, **kwargs)``: detect ``labels`` (Chinese names and/or
+        :class:`ImageQuery` crops) in images of any size and mode. The labels are encoded on every call; keep a
+        :class:`~cnclip_vision.detection.predictor.DetectionPredictor` to encode a vocabulary once."""
+        from cnclip_vision.detection.predictor import DetectionPredictor
+
+        return DetectionPredictor(self).predict(images, labels, **kwargs)
 
     # ------------------------------------------------------------------------------------- persistence
     def head_state_dict(self) -> dict[str, torch.Tensor]:
         """The detector's own weights (pyramid, RPN, region head, background, temperature; and the tower
         blocks it fine-tuned), without the CLIP model."""
-        trainable = {f"backbone.tower.{n}" for n, p in self.backbone.tower.named_parameters() if p.requires_grad}
-        return {k: v for k, v in self.state_dict().items()
-                if not k.startswith("clip.") and (not k.startswith("backbone.tower.") or k in trainable)}  # fmt: skip
+        tower = {f"backbone.tower.{n}" for n in self.backbone.trainable_tower_parameter_names()}
+        return {k: v for k, v in self.state_dict().items() if _is_own(k, tower)}
 
     def save_pretrained(self, directory: str | os.PathLike[str], *, include_clip: bool = False, half: bool = False) -> Path:
         """Write ``detector_config.json`` and ``detector.safetensors`` (``half``: fp16, loads back as the
@@ -468,7 +420,7 @@ class OpenVocabDetector(nn.Module):
         the config (e.g. ``vlm_mode="dense"``)."""
         from safetensors.torch import load_file
 
-        from ..factory import load
+        from cnclip_vision.models.factory import load
 
         root = Path(directory)
         if str(directory) in SHIPPED and not root.exists():
@@ -511,43 +463,25 @@ class OpenVocabDetector(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------- helpers
-def _select(boxes: torch.Tensor, scores: torch.Tensor, threshold: float, nms: float, limit: int) -> dict[str, torch.Tensor]:
+def _is_own(name: str, trained_tower: set[str]) -> bool:
+    """Whether a parameter / state key is the detector's own (not the CLIP's, not a frozen tower's)."""
+    if name.startswith("clip."):
+        return False
+    return not name.startswith("backbone.tower.") or name in trained_tower
+
+
+def _select(boxes: torch.Tensor, embeddings: torch.Tensor, scores: torch.Tensor, threshold: float, nms: float,
+            limit: int) -> dict[str, torch.Tensor]:  # fmt: skip
     """Every (box, class) pair above ``threshold``, class-aware NMS, the best ``limit``."""
     idx, cls = (scores > threshold).nonzero(as_tuple=True)
     b, s = boxes[idx], scores[idx, cls]
     keep = batched_nms(b, s, cls, nms)[:limit]
-    return {"boxes": b[keep], "scores": s[keep], "labels": cls[keep]}
-
-
-def _check_thresholds(score_threshold: float, nms_threshold: float, max_detections: int) -> None:
-    if not 0 <= score_threshold <= 1:
-        raise ValueError(f"score_threshold={score_threshold!r}; expected a value in [0, 1]")
-    if not 0 < nms_threshold <= 1:
-        raise ValueError(f"nms_threshold={nms_threshold!r}; expected a value in (0, 1]")
-    if isinstance(max_detections, bool) or not isinstance(max_detections, int) or max_detections < 1:
-        raise ValueError(f"max_detections={max_detections!r}; expected a positive int")
-
-
-def _check_vocabulary(labels: Sequence[Label]) -> list[str]:
-    if isinstance(labels, (str, ImageQuery)) or not isinstance(labels, Sequence):
-        raise TypeError(f"labels must be a list of label names or ImageQuery objects, got {type(labels).__name__}")
-    if len(labels) == 0:
-        raise ValueError("the label list is empty: pass at least one label")
-    names = []
-    for i, x in enumerate(labels):
-        name = x.name if isinstance(x, ImageQuery) else x
-        if not isinstance(name, str) or not name.strip():
-            raise ValueError(f"labels[{i}]={x!r}: expected a non-empty string or an ImageQuery with a name")
-        names.append(name)
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ValueError(f"duplicate labels {dupes}: each label must be unique (merge synonyms into one name)")
-    return names
+    return {"boxes": b[keep], "scores": s[keep], "labels": cls[keep], "embeddings": embeddings[idx][keep]}
 
 
 def _query_pixels(query: ImageQuery, size: int) -> torch.Tensor:
     """The query image cropped to its box, resized to ``size`` x ``size``, CLIP-normalised."""
-    from ..transforms import image_transform
+    from cnclip_vision.data.transforms import image_transform
 
     image = load_image(query.image)
     if query.box is not None:
@@ -563,10 +497,3 @@ def _query_pixels(query: ImageQuery, size: int) -> torch.Tensor:
             )
         image = image.crop((x1, y1, x2, y2))
     return image_transform(size)(image)
-
-
-def _to_tensor(image: ImageSource) -> torch.Tensor:
-    """Any image source -> float ``[3, H, W]`` in 0..1 (RGB; every mode, EXIF orientation applied)."""
-    from torchvision.transforms.v2.functional import pil_to_tensor
-
-    return pil_to_tensor(load_image(image)).float().div_(255)

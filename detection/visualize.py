@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageColor, ImageDraw, ImageFont
 
-from ..transforms import ImageSource, load_image
+from cnclip_vision.data.transforms import ImageSource, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -319,7 +319,7 @@ def draw_detections(
 ) -> Image.Image:
     """Draw detection boxes with a filled "猫 0.87" tag each, in a colour per label name.
 
-    ``image``: anything :func:`cnclip_vision.transforms.load_image` takes (PIL image, path, HxWxC array,
+    ``image``: anything :func:`cnclip_vision.data.transforms.load_image` takes (PIL image, path, HxWxC array,
     CxHxW tensor). ``detections``: one detector output: ``boxes`` [N, 4] (x1, y1, x2, y2) in pixels of
     ``image``, ``scores`` [N] (optional) and ``label_names`` (N str; integer ``labels`` are shown when it
     is absent). The tag sits above its box, or inside at the top when there is no room; higher scores are

@@ -22,8 +22,8 @@ import torch
 from PIL import Image
 
 import cnclip_vision
-from cnclip_vision import toyworld
-from cnclip_vision.inference import encode_images, encode_texts
+from cnclip_vision.toy import world as toyworld
+from cnclip_vision.models.encode import encode_images, encode_texts
 
 
 def main() -> int:

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from cnclip_vision.configs import CLIPConfig, TextConfig, VisionConfig, get_config
+from cnclip_vision.models.configs import CLIPConfig, TextConfig, VisionConfig, get_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
 torch.set_num_threads(min(2, torch.get_num_threads()))

@@ -14,7 +14,7 @@ from timm.data import create_transform, resolve_data_config
 
 import cnclip_vision
 from cnclip_vision.backbones import TIMM_NAMES
-from cnclip_vision.configs import get_config
+from cnclip_vision.models.configs import get_config
 from cnclip_vision.errors import CheckpointError
 
 from .conftest import reference_clip, small_config
@@ -53,7 +53,7 @@ def test_pretrained_cfg_reproduces_preprocessing(name):
     model = timm.create_model(name, pretrained=False, **({} if name.endswith("resnet50_224") else _small_kwargs(name)))
     cfg = model.pretrained_cfg
     size = get_config(TIMM_NAMES[name]).vision.image_size
-    assert cfg["hf_hub_id"] == cnclip_vision.configs.get_model_info(TIMM_NAMES[name]).hub_id
+    assert cfg["hf_hub_id"] == cnclip_vision.models.configs.get_model_info(TIMM_NAMES[name]).hub_id
     data_cfg = resolve_data_config({}, model=model)
     assert data_cfg["input_size"] == (3, size, size)
     assert data_cfg["interpolation"] == "bicubic" and data_cfg["crop_pct"] == 1.0 and data_cfg["crop_mode"] == "squash"

@@ -16,7 +16,7 @@ import torch
 from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
 
 import cnclip_vision
-from cnclip_vision.configs import get_config
+from cnclip_vision.models.configs import get_config
 from cnclip_vision.backbones.pyramid import (
     ViTDetBackbone,
     anchor_generator,

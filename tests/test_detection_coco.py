@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
-from cnclip_vision import toyworld
+from cnclip_vision.toy import world as toyworld
 from cnclip_vision.cli import main
 from cnclip_vision.detection import coco_names as cn
 from cnclip_vision.detection.coco import (
@@ -494,3 +494,20 @@ def test_cli_errors_are_one_line(tmp_path, capsys) -> None:
     assert main(["make-ovcoco", "--instances", str(gt), "--split", "train", "--output", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "cnclip make-ovcoco: error:" in err and "are missing" in err
+
+
+def test_category_lookup_priority():
+    """One lookup for training selection and evaluation splits: a category's own name beats another's English
+    name, which beats a synonym (earlier the two readers gave opposite answers when names collided)."""
+    from cnclip_vision.detection.coco import category_lookup, resolve_categories
+
+    records = [
+        {"id": 1, "name": "伞", "english_name": "umbrella", "synonyms": ["雨伞"]},
+        {"id": 2, "name": "雨伞", "english_name": "parasol", "synonyms": ["伞", "umbrella"]},
+    ]
+    lookup = category_lookup(records)
+    assert lookup["伞"] == 1 and lookup["雨伞"] == 2  # own names win over the other's synonyms
+    assert lookup["umbrella"] == 1 and lookup["parasol"] == 2 and lookup[2] == 2
+    assert resolve_categories([" 伞 ", 2, "猫"], lookup, "categories") == ([1, 2], ["猫"])
+    with pytest.raises(TypeError, match="single string"):
+        resolve_categories("伞", lookup, "categories")

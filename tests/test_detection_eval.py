@@ -14,7 +14,7 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from cnclip_vision import toyworld
+from cnclip_vision.toy import world as toyworld
 from cnclip_vision.detection.coco import CocoFormatError
 from cnclip_vision.detection.evaluation import COCOEvaluator, evaluate_coco
 

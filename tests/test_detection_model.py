@@ -20,13 +20,14 @@ from safetensors.torch import load_file, save_file
 from torchvision.ops import box_iou
 
 import cnclip_vision
-import cnclip_vision.inference
-from cnclip_vision import toyworld
-from cnclip_vision.configs import get_config
-from cnclip_vision.detection import DetectorConfig, ImageQuery, OpenVocabDetector, Vocabulary
+import cnclip_vision.models.encode
+import cnclip_vision.zeroshot
+from cnclip_vision.toy import world as toyworld
+from cnclip_vision.models.configs import get_config
+from cnclip_vision.detection import DetectionPredictor, DetectorConfig, ImageQuery, OpenVocabDetector, Vocabulary
 from cnclip_vision.errors import CheckpointError, CNClipError
-from cnclip_vision.model import ChineseCLIP
-from cnclip_vision.transforms import image_transform
+from cnclip_vision.models.clip import ChineseCLIP
+from cnclip_vision.data.transforms import image_transform
 
 SMALL = dict(
     clip="toy-tiny", image_size=128, out_channels=32, levels="p3-p7", representation_size=64,
@@ -135,33 +136,62 @@ def test_rn50_clip_is_rejected():
 )
 def test_bad_vocabulary(detector, labels, error, match):
     with pytest.raises(error, match=match):
-        detector.set_vocabulary(labels)
+        detector.encode_vocabulary(labels)
+    with pytest.raises(error, match=match):
+        DetectionPredictor(detector).set_vocabulary(labels)
 
 
-def test_vocabulary_is_cached(clip, monkeypatch):
-    det = fresh(clip)
+def _count_text_encodings(monkeypatch) -> list:
     calls = []
-    real = cnclip_vision.inference.encode_texts
+    real = cnclip_vision.zeroshot.encode_texts
 
     def counting(model, texts, **kwargs):
         calls.append(list(texts))
         return real(model, texts, **kwargs)
 
-    monkeypatch.setattr(cnclip_vision.inference, "encode_texts", counting)
-    first = det.set_vocabulary(["红色圆形", "蓝色方形"])
+    monkeypatch.setattr(cnclip_vision.zeroshot, "encode_texts", counting)
+    return calls
+
+
+def test_vocabulary_is_cached(clip, monkeypatch):
+    predictor = DetectionPredictor(fresh(clip))
+    calls = _count_text_encodings(monkeypatch)
+    first = predictor.set_vocabulary(["红色圆形", "蓝色方形"])
     assert len(calls) == 1 and calls[0] == ["红色圆形", "蓝色方形"]
-    again = det.set_vocabulary(["红色圆形", "蓝色方形"])
+    again = predictor.set_vocabulary(["红色圆形", "蓝色方形"])
     assert len(calls) == 1, "the same labels were encoded twice"
-    assert again is first and det.vocabulary is first
-    det.predict(np.zeros((64, 64, 3), np.uint8), ("红色圆形", "蓝色方形"), vlm_mode="off")  # predict reuses it too
+    assert again is first and predictor.vocabulary is first
+    predictor.predict(np.zeros((64, 64, 3), np.uint8), ("红色圆形", "蓝色方形"), vlm_mode="off")  # predict reuses it too
     assert len(calls) == 1
-    det.set_vocabulary(["蓝色方形", "红色圆形"])  # another order is another vocabulary
+    predictor.set_vocabulary(["蓝色方形", "红色圆形"])  # another order is another vocabulary
     assert len(calls) == 2
-    assert torch.equal(det.vocabulary.embeddings, first.embeddings.flip(0))
+    assert torch.equal(predictor.vocabulary.embeddings, first.embeddings.flip(0))
+
+
+def test_vocabulary_cache_keeps_the_most_recent(clip, monkeypatch):
+    predictor = DetectionPredictor(fresh(clip), cache_size=2)
+    calls = _count_text_encodings(monkeypatch)
+    for labels in (["甲"], ["乙"], ["甲"], ["丙"], ["甲"], ["乙"]):  # 甲 is used again before 丙 arrives: 乙 is dropped
+        predictor.set_vocabulary(labels)
+    assert [c[0] for c in calls] == ["甲", "乙", "丙", "乙"]
+
+
+def test_detector_is_stateless(detector, scene_image):
+    """The model holds no vocabulary: two vocabularies in turn give the same answers as each one alone."""
+    a, b = detector.encode_vocabulary(LABELS[:3]), detector.encode_vocabulary(LABELS[3:])
+    x = [torch.from_numpy(np.array(scene_image)).permute(2, 0, 1).float() / 255]
+    with torch.no_grad():
+        first, _, again = detector(x, a, vlm_mode="off")[0], detector(x, b, vlm_mode="off"), detector(x, a, vlm_mode="off")[0]
+    assert not hasattr(detector, "set_vocabulary") and not hasattr(detector, "vocabulary")
+    for k in ("boxes", "scores", "labels", "embeddings"):
+        assert torch.equal(first[k], again[k]), k
+    e = first["embeddings"]
+    assert e.shape == (len(first["scores"]), detector.embed_dim) and len(e) > 0
+    torch.testing.assert_close(e.norm(dim=-1), torch.ones(len(e)), atol=1e-5, rtol=0)  # region embeddings, unit norm
 
 
 def test_seen_mask(clip):
-    det = fresh(clip, seen_categories=("红色圆形",))
+    det = DetectionPredictor(fresh(clip, seen_categories=("红色圆形",)))
     assert det.set_vocabulary(["红色圆形", "蓝色方形"]).seen.tolist() == [True, False]
     assert det.set_vocabulary(["红色圆形", "蓝色方形"], seen=[False, True]).seen.tolist() == [False, True]
     assert det.set_vocabulary(["红色圆形", "蓝色方形"]).seen.tolist() == [True, False]  # not the override's entry
@@ -173,14 +203,14 @@ def test_template_averaged_text_embedding(clip):
     templates = ("{}", "一张{}的图片。", "图中是一个{}。")
     det = fresh(clip, templates=templates)
     labels = ["红色圆形", "蓝色三角形", "猫"]
-    vocab = det.set_vocabulary(labels)
+    vocab = det.encode_vocabulary(labels)
     assert vocab.names == labels and vocab.embeddings.shape == (3, clip.config.embed_dim)
     for i, label in enumerate(labels):
-        per_template = cnclip_vision.inference.encode_texts(clip, [t.format(label) for t in templates])  # normalised
+        per_template = cnclip_vision.models.encode.encode_texts(clip, [t.format(label) for t in templates])  # normalised
         expected = F.normalize(per_template.mean(0), dim=0)
         torch.testing.assert_close(vocab.embeddings[i], expected, atol=1e-5, rtol=1e-5)
-    single = fresh(clip).set_vocabulary(labels).embeddings  # templates ("{}",): the plain name
-    torch.testing.assert_close(single, cnclip_vision.inference.encode_texts(clip, labels), atol=1e-5, rtol=1e-5)
+    single = fresh(clip).encode_vocabulary(labels).embeddings  # templates ("{}",): the plain name
+    torch.testing.assert_close(single, cnclip_vision.models.encode.encode_texts(clip, labels), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(single, vocab.embeddings, atol=1e-3)
 
 
@@ -192,18 +222,18 @@ def _image_embedding(clip, image: Image.Image) -> torch.Tensor:
 def test_image_query_embedding(detector, clip, scene_image):
     scene = toyworld.detection_scenes(1, seed=3)[0]
     box = tuple(int(round(v)) for v in scene.objects[0].box)
-    vocab = detector.set_vocabulary(["红色圆形", ImageQuery(scene_image, "样例", box), ImageQuery(scene_image, "整图")])
+    vocab = detector.encode_vocabulary(["红色圆形", ImageQuery(scene_image, "样例", box), ImageQuery(scene_image, "整图")])
     assert vocab.names == ["红色圆形", "样例", "整图"]
     torch.testing.assert_close(vocab.embeddings[1], _image_embedding(clip, scene_image.crop(box)), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(vocab.embeddings[2], _image_embedding(clip, scene_image), atol=1e-5, rtol=1e-5)
-    text_only = detector.set_vocabulary(["红色圆形"]).embeddings[0]
+    text_only = detector.encode_vocabulary(["红色圆形"]).embeddings[0]
     torch.testing.assert_close(vocab.embeddings[0], text_only, atol=1e-6, rtol=1e-6)  # text rows unaffected
     assert vocab.seen.tolist() == [False, False, False]
 
 
 def test_image_query_new_image_gets_new_embedding(clip):
     """Each query image is encoded, even when Python reuses the id() of an earlier, freed image."""
-    det = fresh(clip)
+    det = DetectionPredictor(fresh(clip))  # the predictor's cache must not reuse image queries either
     scenes = toyworld.detection_scenes(8, seed=11)
     for i, scene in enumerate(scenes):
         got = det.set_vocabulary([ImageQuery(toyworld.render_array(scene), "查询")]).embeddings[0].clone()
@@ -214,27 +244,28 @@ def test_image_query_new_image_gets_new_embedding(clip):
 @pytest.mark.parametrize("box", [(10, 10, 10, 40), (20, 30, 60, 30.5), (200, 200, 300, 300), (-50, -50, -10, -10)])
 def test_image_query_zero_size_crop(detector, scene_image, box):
     with pytest.raises(ValueError, match="ImageQuery '空框'.*zero size"):
-        detector.set_vocabulary(["红色圆形", ImageQuery(scene_image, "空框", box)])
+        detector.encode_vocabulary(["红色圆形", ImageQuery(scene_image, "空框", box)])
 
 
 def test_image_query_bad_box(detector, scene_image):
     with pytest.raises(ValueError, match="ImageQuery '坏框'"):
-        detector.set_vocabulary([ImageQuery(scene_image, "坏框", (1, 2, 3))])  # type: ignore[arg-type]
+        detector.encode_vocabulary([ImageQuery(scene_image, "坏框", (1, 2, 3))])  # type: ignore[arg-type]
 
 
 def test_use_vocabulary(detector):
-    good = detector.set_vocabulary(["红色圆形", "蓝色方形"])
+    predictor = DetectionPredictor(detector)
+    good = predictor.set_vocabulary(["红色圆形", "蓝色方形"])
     with pytest.raises(ValueError, match="shape"):
-        detector.use_vocabulary(Vocabulary(["a", "b"], torch.zeros(2, 7), torch.zeros(2, dtype=torch.bool)))
+        predictor.use_vocabulary(Vocabulary(["a", "b"], torch.zeros(2, 7), torch.zeros(2, dtype=torch.bool)))
     swapped = Vocabulary(["甲", "乙"], good.embeddings.flip(0), good.seen)
-    detector.use_vocabulary(swapped)
-    assert detector.vocabulary is swapped
-    assert detector.predict(np.zeros((32, 32, 3), np.uint8), vlm_mode="off", score_threshold=0.0)[0]["label_names"][0] in ("甲", "乙")
+    predictor.use_vocabulary(swapped)
+    assert predictor.vocabulary is swapped
+    assert predictor.predict(np.zeros((32, 32, 3), np.uint8), vlm_mode="off", score_threshold=0.0)[0]["label_names"][0] in ("甲", "乙")
 
 
 def test_no_vocabulary(clip):
     with pytest.raises(CNClipError, match="no vocabulary"):
-        fresh(clip).predict(np.zeros((32, 32, 3), np.uint8))
+        DetectionPredictor(fresh(clip)).predict(np.zeros((32, 32, 3), np.uint8))
 
 
 @pytest.mark.parametrize(
@@ -343,15 +374,17 @@ def test_predict_order_and_batches(detector, scene_image):
 
 
 def test_predict_keeps_training_mode(clip, scene_image):
+    clip_mode = clip.training
     det = fresh(clip).train()
+    assert det.clip.training == clip_mode, "train() must not change the caller's CLIP"
     det.predict(scene_image, LABELS, vlm_mode="off")
-    assert det.training and not det.clip.training
+    assert det.training and det.clip.training == clip_mode
     det.eval()
     det.predict(scene_image, LABELS, vlm_mode="off")
     assert not det.training
 
 
-def _manual_p_det(det: OpenVocabDetector, image: Image.Image) -> torch.Tensor:
+def _manual_p_det(det: OpenVocabDetector, image: Image.Image, vocab: Vocabulary) -> torch.Tensor:
     """p_det of every proposal, recomputed from the detector's parts: softmax over background + classes."""
     x = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255
     with torch.no_grad():
@@ -359,16 +392,16 @@ def _manual_p_det(det: OpenVocabDetector, image: Image.Image) -> torch.Tensor:
         features = det.backbone(batch.tensors)
         proposals, _ = det.rpn(batch, features)
         embeddings, _ = det.region_head(det.roi_heads.box_roi_pool(features, proposals, batch.image_sizes))
-        logits = det._det_logits(embeddings, det.vocabulary.embeddings)
+        logits = det._det_logits(embeddings, vocab.embeddings)
     return logits.softmax(-1)[:, 1:]
 
 
 def test_off_mode_scores_are_p_det(detector, scene_image):
     """Without NMS, threshold or limit, "off" returns every (proposal, class) pair scored p_det."""
-    detector.set_vocabulary(LABELS)
-    p_det = _manual_p_det(detector, scene_image)
+    predictor = DetectionPredictor(detector)
+    p_det = _manual_p_det(detector, scene_image, predictor.set_vocabulary(LABELS))
     assert (p_det.sum(-1) < 1).all()  # the background takes the rest
-    out = detector.predict(scene_image, score_threshold=0.0, nms_threshold=1.0, max_detections=100_000, vlm_mode="off")[0]
+    out = predictor.predict(scene_image, score_threshold=0.0, nms_threshold=1.0, max_detections=100_000, vlm_mode="off")[0]
     expected = p_det.flatten().sort(descending=True).values
     assert len(out["scores"]) == len(expected)
     torch.testing.assert_close(out["scores"], expected, atol=1e-6, rtol=1e-5)
@@ -383,14 +416,15 @@ def test_geometric_ensemble(clip, scene_image, monkeypatch):
     """score = p_det^(1-a) * p_vlm^a with a = alpha_seen / alpha_unseen per class (dense mode: the same boxes
     for every alpha, so scores can be matched pair by pair)."""
     det = fresh(clip)
+    predictor = DetectionPredictor(det)
     seen = [True, False, True, False, True, False]
-    det.set_vocabulary(LABELS, seen=seen)
+    predictor.set_vocabulary(LABELS, seen=seen)
     kw = dict(score_threshold=0.0, nms_threshold=1.0, max_detections=100_000, vlm_mode="dense")
 
     def run(a_seen: float, a_unseen: float) -> dict:
         monkeypatch.setattr(det.config, "alpha_seen", a_seen)
         monkeypatch.setattr(det.config, "alpha_unseen", a_unseen)
-        return _scores_by_pair(det.predict(scene_image, **kw)[0])
+        return _scores_by_pair(predictor.predict(scene_image, **kw)[0])
 
     p_det, p_vlm, mixed, half = run(0.0, 0.0), run(1.0, 1.0), run(0.0, 1.0), run(0.5, 0.5)
     assert len(p_det) > 50 and p_det.keys() == p_vlm.keys() == mixed.keys() == half.keys()
@@ -398,7 +432,7 @@ def test_geometric_ensemble(clip, scene_image, monkeypatch):
         expected = p_det[key] if seen[key[1]] else p_vlm[key]
         assert math.isclose(mixed[key], expected, rel_tol=1e-4, abs_tol=1e-7)
         assert math.isclose(half[key], math.sqrt(p_det[key] * p_vlm[key]), rel_tol=1e-4, abs_tol=1e-7)
-    off = det.predict(scene_image, **{**kw, "vlm_mode": "off"})[0]["scores"]
+    off = predictor.predict(scene_image, **{**kw, "vlm_mode": "off"})[0]["scores"]
     torch.testing.assert_close(off, torch.tensor(sorted(p_det.values(), reverse=True)), atol=1e-5, rtol=1e-4)
     # p_vlm is a softmax over the classes: each box's p_vlm sums to 1
     per_box: dict = {}
@@ -417,6 +451,74 @@ def test_head_state_dict(detector, clip):
     head_bytes = sum(v.numel() * v.element_size() for v in head.values())
     clip_bytes = sum(v.numel() * v.element_size() for v in clip.state_dict().values())
     assert head_bytes < clip_bytes / 4
+
+
+def _model_snapshot(model: ChineseCLIP) -> tuple:
+    return ({k: v.clone() for k, v in model.state_dict().items()}, {n: p.requires_grad for n, p in model.named_parameters()},
+            {n: m.training for n, m in model.named_modules()})  # fmt: skip
+
+
+def _assert_unchanged(model: ChineseCLIP, snapshot: tuple) -> None:
+    state, flags, modes = snapshot
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()), "the caller's weights changed"
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags, "requires_grad flags changed"
+    assert {n: m.training for n, m in model.named_modules()} == modes, "train/eval modes changed"
+
+
+def _one_training_step(det: OpenVocabDetector, scene_image) -> None:
+    scene = toyworld.detection_scenes(1, seed=3)[0]
+    vocab = det.encode_vocabulary([c.name for c in toyworld.CATEGORIES])
+    target = {"boxes": torch.tensor([o.box for o in scene.objects], dtype=torch.float32),
+              "labels": torch.tensor([toyworld.CATEGORIES.index(o.category) for o in scene.objects])}  # fmt: skip
+    x = torch.from_numpy(np.array(scene_image)).permute(2, 0, 1).float() / 255
+    det.train()
+    params = [p for _, p in det.trainable_named_parameters()]
+    optimizer = torch.optim.SGD(params, lr=1.0)
+    sum(det([x], vocab, [target]).values()).backward()
+    optimizer.step()
+    det.eval()
+
+
+def test_frozen_detector_uses_the_clip_tower_itself(scene_image):
+    """One image-tower object: the pyramid runs clip.visual itself; building, training the head and predicting
+    leave the caller's model exactly as it was (weights, requires_grad flags, modes)."""
+    mine = cnclip_vision.load("toy-tiny").train()  # a user's model in train mode, every parameter trainable
+    before = _model_snapshot(mine)
+    det = OpenVocabDetector(mine, small_config())
+    assert det.backbone.tower is mine.visual
+    _one_training_step(det, scene_image)
+    det.predict(scene_image, LABELS, vlm_mode="crops")
+    _assert_unchanged(mine, before)
+    assert not any(n.startswith(("clip.", "backbone.tower.")) for n, _ in det.trainable_named_parameters())
+
+
+def test_trainable_layers_train_a_copy(clip, scene_image):
+    """trainable_layers > 0 fine-tunes a copy of the tower: the caller's CLIP never changes, and the crops
+    branch keeps scoring with the frozen CLIP tower."""
+    mine = copy.deepcopy(clip)
+    before = _model_snapshot(mine)
+    det = OpenVocabDetector(mine, small_config(trainable_layers=1))
+    assert det.backbone.tower is not mine.visual and det.clip is mine
+    assert not any(a.data_ptr() == b.data_ptr() for a in det.backbone.tower.parameters() for b in mine.parameters())
+    image = det.transform([torch.from_numpy(np.array(scene_image)).permute(2, 0, 1).float() / 255])[0].tensors
+    boxes = torch.tensor([[10.0, 10.0, 60.0, 60.0], [30.0, 40.0, 100.0, 90.0]])
+    with torch.no_grad():
+        crops_before, tokens_before = det._crop_embeddings(image[0], boxes), det.backbone._tokens(image, 32)
+    _one_training_step(det, scene_image)
+    _assert_unchanged(mine, before)
+    with torch.no_grad():
+        crops_after, tokens_after = det._crop_embeddings(image[0], boxes), det.backbone._tokens(image, 32)
+    assert not torch.allclose(tokens_after, tokens_before), "the copied tower was not trained"
+    torch.testing.assert_close(crops_after, crops_before, atol=0, rtol=0)  # crops: the frozen CLIP tower
+
+
+def test_from_pretrained_does_not_freeze_the_callers_model(tmp_path):
+    mine = cnclip_vision.load("toy-tiny").train()
+    before = _model_snapshot(mine)
+    det = OpenVocabDetector.from_pretrained("toy-detector", clip=mine)
+    det.predict(np.zeros((64, 64, 3), np.uint8), LABELS, vlm_mode="off")
+    det.train().eval()
+    _assert_unchanged(mine, before)
 
 
 def test_head_state_dict_with_trainable_layers(clip):

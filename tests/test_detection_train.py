@@ -1,7 +1,7 @@
 """Detector training (``cnclip_vision.detection.train``) on toy-world COCO sets and the shipped tiny CLIP:
 the loss falls on a fixed batch while CLIP stays frozen, a run writes its checkpoint / metrics / detector,
-resuming after an interruption gives bit-identical weights, ``categories="base"``, bad configs, the NaN
-guard, and unreadable training images."""
+resuming after an interruption gives bit-identical weights (also with gradient accumulation), the weight-decay
+groups, ``categories="base"``, bad configs, the NaN guard, and unreadable training images."""
 
 from __future__ import annotations
 
@@ -17,12 +17,11 @@ import torch
 from safetensors.torch import load_file
 
 import cnclip_vision
-import cnclip_vision.detection.train as detection_train
-from cnclip_vision import toyworld
+from cnclip_vision.toy import world as toyworld
 from cnclip_vision.detection import DetectorConfig, OpenVocabDetector
 from cnclip_vision.detection.train import DetectorTrainConfig, build_dataset, train_detector
 from cnclip_vision.errors import CNClipError
-from cnclip_vision.train import TrainingError
+from cnclip_vision.training.clip import TrainingError
 
 DETECTOR = dict(
     image_size=128, out_channels=32, levels="p3-p7", representation_size=64, rpn_pre_nms_top_n=(200, 100),
@@ -166,27 +165,73 @@ def test_run_writes_checkpoint_metrics_and_detector(run_a, data):
     assert len(result["scores"]) > 0
 
 
+def test_weight_decay_groups(clip, run_a):
+    """No decay on biases, norms, the background embedding and the temperature; decay on every weight matrix
+    and kernel (the region head's embedding projection and the fine-tuned tower blocks included). The run's
+    optimizer has these two groups."""
+    from cnclip_vision.training.loop import param_groups
+
+    def split(detector: OpenVocabDetector) -> tuple[set[str], set[str], set[str]]:
+        named = detector.trainable_named_parameters()
+        names = {id(p): n for n, p in named}
+        decayed, exempt = ({names[id(p)] for p in g["params"]} for g in param_groups(detector, 0.1, named))
+        return decayed, exempt, {n for n, p in named if p.ndim < 2}
+
+    det = OpenVocabDetector(clip, DetectorConfig(clip="toy-tiny", **{**DETECTOR, "trainable_layers": 1}))
+    decayed, exempt, vectors = split(det)
+    assert not decayed & exempt and exempt == vectors
+    assert {"background", "log_inv_temperature", "backbone.tower.blocks.3.norm1.weight", "backbone.tower.norm.bias",
+            "rpn.head.cls_logits.bias", "region_head.embed.bias"} <= exempt  # fmt: skip
+    assert {"region_head.embed.weight", "region_head.mlp.fc6.weight", "region_head.bbox.weight", "rpn.head.conv.0.0.weight",
+            "backbone.tower.blocks.3.attn.qkv.weight", "backbone.stages.0.0.weight"} <= decayed  # fmt: skip
+
+    config_a, _ = run_a
+    decayed, exempt, _ = split(OpenVocabDetector(clip, DetectorConfig(clip="toy-tiny", **config_a.detector)))
+    saved = torch.load(Path(config_a.output_dir) / "checkpoint.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [(len(g["params"]), g["weight_decay"]) for g in saved] == [(len(decayed), 0.1), (len(exempt), 0.0)]
+
+
 class _Interrupt(Exception):
     pass
 
 
-def test_resume_is_exact(run_a, data, tmp_path, monkeypatch):
-    """Run B stops right after its step-2 checkpoint and resumes: its final weights and its losses from step 3
-    on are those of the uninterrupted run A."""
-    config_a, _ = run_a
+@pytest.fixture(scope="module")
+def run_a_accumulated(data, tmp_path_factory) -> tuple[DetectorTrainConfig, dict]:
+    """Run A with two micro-batches per optimizer step (no evaluation)."""
+    config = make_config(tmp_path_factory.mktemp("run-a-accum"), data["train"], categories="base", accum_steps=2)
+    return config, train_detector(config)
+
+
+def _die_in_step(monkeypatch, step: int, accum_steps: int) -> None:
+    """The process dies in the first training forward pass of optimizer step ``step`` (with ``save_every=1`` the
+    checkpoint then holds step ``step - 1``)."""
+    real = OpenVocabDetector.forward
+    calls = {"n": 0}
+
+    def forward(self, *args, **kwargs):
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == (step - 1) * accum_steps + 1:
+                raise _Interrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(OpenVocabDetector, "forward", forward)
+
+
+@pytest.mark.parametrize("accum_steps", [1, 2])
+def test_resume_is_exact(request, accum_steps, tmp_path, monkeypatch):
+    """Run B dies in step 3 (its checkpoint holds step 2) and resumes: its final weights and its losses from
+    step 3 on are those of the uninterrupted run A, also when a step accumulates several micro-batches (the
+    resumed position, counted in optimizer steps, was once handed to a sampler that counted micro-batches)."""
+    config_a, _ = request.getfixturevalue("run_a" if accum_steps == 1 else "run_a_accumulated")
+    assert config_a.accum_steps == accum_steps
     config_b = dataclasses.replace(config_a, output_dir=str(tmp_path / "run-b"), eval_data=None)  # A evaluates after its last step only
-    real_save = detection_train._save_checkpoint
-
-    def save_then_crash(path, detector, optimizer, scheduler, scaler, step, config):
-        real_save(path, detector, optimizer, scheduler, scaler, step, config)
-        if step == 2:
-            raise _Interrupt
-
-    monkeypatch.setattr(detection_train, "_save_checkpoint", save_then_crash)
-    with pytest.raises(_Interrupt):
-        train_detector(config_b)
-    monkeypatch.setattr(detection_train, "_save_checkpoint", real_save)
+    with monkeypatch.context() as patch:
+        _die_in_step(patch, 3, accum_steps)
+        with pytest.raises(_Interrupt):
+            train_detector(config_b)
     assert not (tmp_path / "run-b" / "detector").exists()
+    assert torch.load(tmp_path / "run-b" / "checkpoint.pt", map_location="cpu", weights_only=True)["step"] == 2
     summary = train_detector(dataclasses.replace(config_b), resume=True)
     assert summary["steps"] == STEPS
 
@@ -282,9 +327,9 @@ def _nan_from(monkeypatch, first_bad_call: int) -> None:
     real = OpenVocabDetector.forward
     calls = {"n": 0}
 
-    def forward(self, images, targets=None):
-        out = real(self, images, targets)
-        if targets is None:
+    def forward(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        if not self.training:
             return out
         calls["n"] += 1
         if calls["n"] >= first_bad_call:

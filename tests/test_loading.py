@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 import cnclip_vision
-from cnclip_vision.configs import get_config
-from cnclip_vision.weights import infer_config, to_native
+from cnclip_vision.models.configs import get_config
+from cnclip_vision.models.weights import infer_config, to_native
 
 from .conftest import random_inputs, small_config
 

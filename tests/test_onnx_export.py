@@ -14,15 +14,9 @@ import torch
 
 import cnclip_vision
 from cnclip_vision.cli import main
-from cnclip_vision.configs import CLIPConfig, TextConfig, VisionConfig
+from cnclip_vision.models.configs import CLIPConfig, TextConfig, VisionConfig
 from cnclip_vision.errors import CNClipError
-from cnclip_vision.onnx_export import (
-    FP16_MIN_COSINE,
-    FP32_MAX_ABS_DIFF,
-    OnnxDependencyError,
-    _check,
-    export_onnx,
-)
+from cnclip_vision.export.onnx import FP16_MIN_COSINE, FP32_MAX_ABS_DIFF, OnnxDependencyError, _check, export_onnx
 
 SMALL_VIT = CLIPConfig(
     embed_dim=48,
@@ -261,7 +255,7 @@ def test_rn50_image_encoder(tmp_path):
 
     Only the image tower: the RBT3 text tower is the BERT code path tested above. The exporter cannot
     convert this graph down to opset 17 and keeps 18, which the info reports."""
-    from cnclip_vision.onnx_export import _export_one, _ImageEncoder
+    from cnclip_vision.export.onnx import _export_one, _ImageEncoder
 
     torch.manual_seed(0)
     model = cnclip_vision.create_model("RN50")

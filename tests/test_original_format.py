@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import cnclip_vision
-from cnclip_vision.configs import get_config
+from cnclip_vision.models.configs import get_config
 
 from .conftest import VIT_ARCHS, random_inputs, reference_clip, small_config
 

@@ -20,7 +20,7 @@ def test_wheel_contains_every_module(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = {str(p.relative_to(ROOT)) for p in (ROOT / "cnclip_vision").rglob("*.py")}
     expected |= {"cnclip_vision/detection/" + str(p.relative_to(ROOT / "detection")) for p in (ROOT / "detection").rglob("*.py")}
-    expected |= {"cnclip_vision/vocab.txt", "cnclip_vision/py.typed"}
+    expected |= {"cnclip_vision/data/vocab.txt", "cnclip_vision/py.typed"}
     assert not expected - names, f"missing from the wheel: {sorted(expected - names)}"
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "cnclip = cnclip_vision.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()

@@ -7,7 +7,7 @@ import torch
 from transformers import ChineseCLIPConfig, ChineseCLIPModel
 
 import cnclip_vision
-from cnclip_vision.configs import get_config
+from cnclip_vision.models.configs import get_config
 
 from .conftest import VIT_ARCHS, random_inputs, small_config
 

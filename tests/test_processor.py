@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from cnclip_vision.processor import Processor
-from cnclip_vision.tokenizer import VOCAB_PATH, tokenize
-from cnclip_vision.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, image_transform
+from cnclip_vision.data.processor import Processor
+from cnclip_vision.data.tokenizer import VOCAB_PATH, tokenize
+from cnclip_vision.data.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, image_transform
 
 HUB_CONFIG = {
     "crop_size": 224, "do_center_crop": False, "do_normalize": True, "do_resize": True,
@@ -77,7 +77,7 @@ def test_transformers_reads_the_saved_directory(tmp_path):
 @pytest.mark.parametrize("size", [{"height": 336, "width": 336}, 336, {"shortest_edge": 336}])
 def test_336_config(tmp_path, size, caplog):
     config = {**HUB_CONFIG, "crop_size": 336, "size": size}
-    with caplog.at_level(logging.WARNING, logger="cnclip_vision.processor"):
+    with caplog.at_level(logging.WARNING, logger="cnclip_vision.data.processor"):
         processor = Processor.from_pretrained(_model_dir(tmp_path, config))
     assert processor(images=_image())["pixel_values"].shape == (1, 3, 336, 336)
     assert ("aspect-preserving" in caplog.text) == (isinstance(size, dict) and "shortest_edge" in size)
@@ -85,19 +85,19 @@ def test_336_config(tmp_path, size, caplog):
 
 def test_config_this_library_does_not_follow_warns(tmp_path, caplog):
     config = {**HUB_CONFIG, "size": {"shortest_edge": 256}, "do_center_crop": True, "crop_size": 224, "resample": 2}
-    with caplog.at_level(logging.WARNING, logger="cnclip_vision.processor"):
+    with caplog.at_level(logging.WARNING, logger="cnclip_vision.data.processor"):
         processor = Processor.from_pretrained(_model_dir(tmp_path, config))
     assert processor.image_size == 224  # the model sees the crop size
     assert "centre crop" in caplog.text and "resample=2" in caplog.text and "preprocessor_config.json" in caplog.text
     caplog.clear()
     config = {**HUB_CONFIG, "do_center_crop": True}  # crop of the same size: a no-op, no warning
-    with caplog.at_level(logging.WARNING, logger="cnclip_vision.processor"):
+    with caplog.at_level(logging.WARNING, logger="cnclip_vision.data.processor"):
         Processor.from_pretrained(_model_dir(tmp_path, config))
     assert not caplog.records
 
 
 def test_from_pretrained_without_vocab_uses_the_packaged_one(tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="cnclip_vision.processor"):
+    with caplog.at_level(logging.INFO, logger="cnclip_vision.data.processor"):
         processor = Processor.from_pretrained(_model_dir(tmp_path, HUB_CONFIG, vocab=False))
     assert processor.tokenizer.vocab_path == VOCAB_PATH and "vocab.txt" in caplog.text
 
@@ -131,3 +131,19 @@ def test_call():
         processor(text=[])
     with pytest.raises(TypeError, match="NoneType"):
         processor(text=["猫", None])
+
+
+def test_save_pretrained_never_leaves_a_half_written_file(tmp_path, monkeypatch):
+    """Every file of save_pretrained goes through a temporary name: a copy that dies halfway leaves nothing."""
+    import shutil
+    from pathlib import Path
+
+    def dies_halfway(src, dst, *args, **kwargs):
+        Path(dst).write_bytes(Path(src).read_bytes()[:100])
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(shutil, "copyfile", dies_halfway)
+    with pytest.raises(OSError, match="No space"):
+        Processor(image_size=224).save_pretrained(tmp_path / "p")
+    assert not (tmp_path / "p" / "vocab.txt").exists()
+    assert not [p.name for p in (tmp_path / "p").iterdir() if p.name.endswith(".tmp")]

@@ -15,7 +15,7 @@ from PIL import Image
 import cnclip_vision
 from cnclip_vision import retrieval
 from cnclip_vision.errors import CNClipError
-from cnclip_vision.inference import encode_images, encode_texts
+from cnclip_vision.models.encode import encode_images, encode_texts
 from cnclip_vision.retrieval import (
     EmbeddingIndex,
     evaluate_retrieval,
@@ -23,9 +23,9 @@ from cnclip_vision.retrieval import (
     extract_text_embeddings,
     load_embeddings,
     read_manifest,
-    read_text_jsonl,
     recall_at_k,
 )
+from cnclip_vision.data.jsonl import read_text_jsonl
 from tests.conftest import small_config
 
 TEXTS = ["一只猫", "两只狗在草地上奔跑", "红色的汽车", "海边的日落", "一碗热腾腾的面条", "雪山", "城市夜景"]

@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from cnclip_vision.tokenizer import (
+from cnclip_vision.data.tokenizer import (
     DEFAULT_CONTEXT_LENGTH,
     VOCAB_PATH,
     Tokenizer,
@@ -161,7 +161,7 @@ def test_every_character_class_matches_original(original):
     """Guards the fast path's character set on this Python / tokenizers version: each character alone
     and inside a word gives the original's ids (CJK / Hangul blocks sampled), and a sample of the rest
     (exact Python path) does too."""
-    from cnclip_vision.tokenizer import _FAST_CHARS
+    from cnclip_vision.data.tokenizer import _FAST_CHARS
 
     chars = (
         _sweep(0, 0x33FF) + _sweep(0x3400, 0x9FFF, 7) + _sweep(0xA000, 0xABFF) + _sweep(0xAC00, 0xD7AF, 11)
@@ -229,15 +229,15 @@ def test_truncation_warning_names_the_text(caplog):
     texts = ["猫", long_text]
     assert find_truncated(texts) == [(1, long_text)]
     assert find_truncated(texts, context_length=2) == [(0, "猫"), (1, long_text)]
-    with caplog.at_level(logging.WARNING, logger="cnclip_vision.tokenizer"):
+    with caplog.at_level(logging.WARNING, logger="cnclip_vision.data.tokenizer"):
         get_tokenizer()(texts)
-    records = [r for r in caplog.records if r.name == "cnclip_vision.tokenizer"]
+    records = [r for r in caplog.records if r.name == "cnclip_vision.data.tokenizer"]
     assert len(records) == 1 and long_text in records[0].getMessage() and "text 1" in records[0].getMessage()
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="cnclip_vision.tokenizer"):
+    with caplog.at_level(logging.WARNING, logger="cnclip_vision.data.tokenizer"):
         get_tokenizer()(texts, warn_truncation=False)
         get_tokenizer()(["猫"])
-    assert not [r for r in caplog.records if r.name == "cnclip_vision.tokenizer"]
+    assert not [r for r in caplog.records if r.name == "cnclip_vision.data.tokenizer"]
 
 
 @pytest.mark.parametrize(

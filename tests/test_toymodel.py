@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import cnclip_vision
-from cnclip_vision.toymodel import QUALITY_BARS, TOY_CONFIG, TOY_MODEL_DIR, evaluate_toy_model
-from cnclip_vision.train import TrainConfig, train
+from cnclip_vision.toy.model import QUALITY_BARS, TOY_CONFIG, TOY_MODEL_DIR, evaluate_toy_model
+from cnclip_vision.training.clip import TrainConfig, train
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "toy-tiny.json"
 
@@ -37,7 +37,7 @@ def test_shipped_model_meets_the_quality_bars():
 def test_shortened_recipe_learns(tmp_path):
     """The recipe, shortened to ~2-3 minutes: zero-shot accuracy rises far above chance (1/64) and above
     the untrained model; the loss falls."""
-    from cnclip_vision import toyworld
+    from cnclip_vision.toy import world as toyworld
 
     toyworld.write_imagefolder(tmp_path / "eval", n_per_class=3, seed=7, image_size=TOY_CONFIG.vision.image_size)
     recipe = json.loads(RECIPE.read_text())

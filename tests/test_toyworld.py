@@ -15,7 +15,7 @@ import PIL
 import pytest
 from PIL import Image
 
-from cnclip_vision import toyworld as tw
+from cnclip_vision.toy import world as tw
 
 logger = logging.getLogger(__name__)
 

@@ -16,11 +16,11 @@ import torch
 from PIL import Image
 
 import cnclip_vision
-from cnclip_vision.configs import CLIPConfig, TextConfig, VisionConfig
-from cnclip_vision.datasets import CaptionDataset, OriginalLayoutDataset, read_pairs
+from cnclip_vision.models.configs import CLIPConfig, TextConfig, VisionConfig
+from cnclip_vision.data.datasets import CaptionDataset, OriginalLayoutDataset, read_pairs
 from cnclip_vision.errors import CNClipError
-from cnclip_vision.train import TrainConfig, TrainingError, clip_loss, train
-from cnclip_vision.transforms import image_transform
+from cnclip_vision.training.clip import TrainConfig, TrainingError, clip_loss, train
+from cnclip_vision.data.transforms import image_transform
 
 TINY = CLIPConfig(32, VisionConfig(image_size=32, width=64, layers=1, heads=2, patch_size=8),
                   TextConfig(hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128))  # fmt: skip
@@ -84,16 +84,17 @@ def test_training_decreases_loss(tmp_path, data):
     assert model.config == TINY and not model.training
 
 
-def test_resume_after_interruption_gives_the_same_weights(tmp_path, data, monkeypatch):
-    import cnclip_vision.train as train_module
+@pytest.mark.parametrize("accum_steps", [1, 2])
+def test_resume_after_interruption_gives_the_same_weights(tmp_path, data, monkeypatch, accum_steps):
+    import cnclip_vision.training.clip as train_module
 
-    full = train(_config(tmp_path / "a", data))
-    cfg = _config(tmp_path / "b", data)
+    full = train(_config(tmp_path / "a", data, accum_steps=accum_steps))
+    cfg = _config(tmp_path / "b", data, accum_steps=accum_steps)
     real, calls = train_module.clip_loss, {"n": 0}
 
     def killed_at_step_5(*args, **kwargs):  # the process dies during step 5; checkpoint.pt holds step 3
         calls["n"] += 1
-        if calls["n"] == 5:
+        if calls["n"] == 4 * accum_steps + 1:  # one loss per micro-batch
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
@@ -108,10 +109,11 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path, data, monkey
     b = cnclip_vision.load(resumed["model_dir"]).state_dict()
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst == 0.0, worst  # resumed training is bit-identical on the CPU
+    assert _losses(Path(cfg.output_dir)) == _losses(tmp_path / "a" / "run")  # every step logged once, same losses
 
 
 def test_nan_loss_stops_and_keeps_checkpoint(tmp_path, data, monkeypatch):
-    import cnclip_vision.train as train_module
+    import cnclip_vision.training.clip as train_module
 
     calls = {"n": 0}
     real = train_module.clip_loss
@@ -136,6 +138,53 @@ def test_accumulation_keeps_the_global_batch(tmp_path, data):
     a = cnclip_vision.load(one["model_dir"]).state_dict()
     b = cnclip_vision.load(two["model_dir"]).state_dict()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+# Parameters of the tiny CLIP (timm ViT + BERT) and whether AdamW decays them.
+DECAYED = ["visual.patch_embed.proj.weight", "visual.blocks.0.attn.qkv.weight", "visual.blocks.0.mlp.fc1.weight",
+           "visual.head.weight", "text.embeddings.word_embeddings.weight", "text.embeddings.token_type_embeddings.weight",
+           "text.encoder.layer.0.attention.self.query.weight", "text.encoder.layer.0.output.dense.weight",
+           "text_projection.weight"]  # fmt: skip
+NOT_DECAYED = ["logit_scale", "visual.pos_embed", "visual.cls_token", "visual.norm_pre.weight", "visual.norm_pre.bias",
+               "visual.blocks.0.norm1.weight", "visual.blocks.0.attn.qkv.bias", "visual.norm.weight", "visual.norm.bias",
+               "text.embeddings.position_embeddings.weight", "text.embeddings.LayerNorm.weight",
+               "text.embeddings.LayerNorm.bias", "text.encoder.layer.0.attention.self.query.bias",
+               "text.encoder.layer.0.output.LayerNorm.weight"]  # fmt: skip
+
+
+def _groups_by_name(module: torch.nn.Module, groups: list[dict]) -> tuple[set[str], set[str]]:
+    names = {id(p): n for n, p in module.named_parameters()}
+    return tuple({names[id(p)] for p in g["params"]} for g in groups)  # type: ignore[return-value]
+
+
+def test_weight_decay_groups():
+    """open_clip's rule plus positional / class embeddings: no decay on biases, norms, gains, the logit scale,
+    positional and class embeddings; decay on every weight matrix and kernel, the patch embedding and the word /
+    token-type embeddings included (a substring rule on "embed" / "token" used to exempt those)."""
+    from cnclip_vision.training.loop import param_groups
+
+    model = cnclip_vision.create_model(TINY)
+    groups = param_groups(model, 0.1)
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    decayed, exempt = _groups_by_name(model, groups)
+    assert not decayed & exempt and decayed | exempt == {n for n, _ in model.named_parameters()}
+    assert set(DECAYED) <= decayed, sorted(set(DECAYED) - decayed)
+    assert set(NOT_DECAYED) <= exempt, sorted(set(NOT_DECAYED) - exempt)
+    assert exempt == {n for n, p in model.named_parameters() if p.ndim < 2} | {
+        "visual.pos_embed", "visual.cls_token", "text.embeddings.position_embeddings.weight"}  # fmt: skip
+
+
+def test_the_run_uses_the_weight_decay_groups(tmp_path, data):
+    """The optimizer state of a run (locked image tower: only trainable parameters) has those two groups."""
+    from cnclip_vision.training.loop import param_groups
+
+    train(_config(tmp_path, data, max_steps=1, lock_image=True, weight_decay=0.2))
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["optimizer"]["param_groups"]
+    model = cnclip_vision.create_model(TINY)
+    model.visual.requires_grad_(False)
+    decayed, exempt = _groups_by_name(model, param_groups(model, 0.2))
+    assert not any(n.startswith("visual.") for n in decayed | exempt)
+    assert [(len(g["params"]), g["weight_decay"]) for g in saved] == [(len(decayed), 0.2), (len(exempt), 0.0)]
 
 
 def test_lock_image_freezes_the_tower(tmp_path, data):

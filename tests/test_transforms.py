@@ -13,7 +13,13 @@ import torch
 from PIL import Image
 
 from cnclip_vision.errors import ImageLoadError
-from cnclip_vision.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageTransform, image_transform, load_image
+from cnclip_vision.data.transforms import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    ImageTransform,
+    image_transform,
+    load_image,
+)
 
 # The Hub preprocessor_config.json of OFA-Sys/chinese-clip-vit-base-patch16 (L-14-336 has 336).
 HUB_CONFIG = {

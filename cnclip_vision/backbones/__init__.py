@@ -1,16 +1,15 @@
-"""The Chinese-CLIP image towers as backbones: timm models (registered on import) and torchvision
-detection backbones (ViTDet simple feature pyramid)."""
+"""The Chinese-CLIP image towers as backbones: timm models (:mod:`.timm_models`, registered as soon as timm is
+imported) and torchvision detection backbones (:mod:`.pyramid`, the ViTDet simple feature pyramid)."""
 
-from . import timm_models
-from .pyramid import ViTDetBackbone, anchor_generator, dense_image_embeddings, detector_kwargs, vit_fpn_backbone
-from .timm_models import TIMM_NAMES
+from cnclip_vision._imports import lazy_exports
 
-__all__ = [
-    "TIMM_NAMES",
-    "ViTDetBackbone",
-    "anchor_generator",
-    "dense_image_embeddings",
-    "detector_kwargs",
-    "timm_models",
-    "vit_fpn_backbone",
-]
+_EXPORTS = {
+    "TIMM_NAMES": "cnclip_vision.backbones.timm_models",
+    "ViTDetBackbone": "cnclip_vision.backbones.pyramid",
+    "anchor_generator": "cnclip_vision.backbones.pyramid",
+    "dense_image_embeddings": "cnclip_vision.backbones.pyramid",
+    "detector_kwargs": "cnclip_vision.backbones.pyramid",
+    "vit_fpn_backbone": "cnclip_vision.backbones.pyramid",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -52,6 +52,7 @@ fidelity matters most: ``"resize"`` is the default; ``"resample"`` is an option 
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from collections import OrderedDict
@@ -63,7 +64,7 @@ from typing import Any, Literal
 import timm
 import torch
 import torch.nn.functional as F
-from timm.layers import LayerNorm2d, resample_abs_pos_embed
+from timm.layers import LayerNorm2d
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -71,14 +72,22 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 from torchvision.ops.misc import Conv2dNormActivation
 
-from ..configs import CLIPConfig, get_config, list_models, match_registered
-from ..errors import CheckpointError
-from ..model import ChineseCLIP, vit_kwargs
-from .timm_models import TIMM_NAMES
+from cnclip_vision.models.configs import CLIPConfig, get_config, list_models, match_registered
+from cnclip_vision.errors import CheckpointError
+from cnclip_vision.models.clip import ChineseCLIP
+from cnclip_vision.models.towers import vit_kwargs
+from cnclip_vision.backbones.timm_models import TIMM_NAMES
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ViTDetBackbone", "vit_fpn_backbone", "detector_kwargs", "anchor_generator", "dense_image_embeddings"]
+__all__ = [
+    "ViTDetBackbone",
+    "anchor_generator",
+    "dense_image_embeddings",
+    "detector_kwargs",
+    "last_tokens",
+    "vit_fpn_backbone",
+]
 
 Levels = Literal["p2-p6", "p3-p7"]
 PatchMode = Literal["resize", "resample"]
@@ -133,6 +142,13 @@ def _check_images(x: Any, multiple: int, patch: int, what: str) -> None:
         )
 
 
+def last_tokens(tower: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
+    """The patch tokens of a ViT's last block after its final norm, ``[N, width, H/p, W/p]`` (class token dropped;
+    the tower's ``dynamic_img_size`` interpolates the position embedding to any grid). The one way this library
+    computes dense tokens: the detector's pyramid, its ``dense`` branch and :func:`dense_image_embeddings`."""
+    return tower.forward_intermediates(x, indices=1, norm=True, output_fmt="NCHW", intermediates_only=True)[0]
+
+
 def _project(head: nn.Module, tokens: torch.Tensor, normalize: bool) -> torch.Tensor:
     """Apply the visual projection to every position of a ``[N, C, h, w]`` map."""
     out = head(tokens.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
@@ -146,9 +162,11 @@ class ViTDetBackbone(nn.Module):
     ``[N, out_channels, H / s, W / s]`` (the top level rounds up). Towers whose patch is not 16 pixels get
     their input resized by ``patch / 16`` so that the token grid is always H/16 x W/16.
 
-    ``trainable_layers``: 0 freezes the whole tower (kept in eval mode); n > 0 trains the last n blocks and
-    the final norm. The pyramid is always trainable; the visual projection (``tower.head``, used only by
-    :meth:`dense_embeddings`) is always frozen.
+    ``trainable_layers``: 0 freezes the whole tower (run without gradients, kept in eval mode); n > 0 trains
+    the last n blocks and the final norm. The pyramid is always trainable; the visual projection
+    (``tower.head``, used only by :meth:`dense_embeddings`) is always frozen. ``shared``: the tower is another
+    model's (e.g. ``clip.visual``, the same object); it is then frozen without touching its ``requires_grad``
+    flags or its train/eval mode, so the owner's model is never changed.
     """
 
     out_channels: int
@@ -162,6 +180,7 @@ class ViTDetBackbone(nn.Module):
         levels: Levels = "p2-p6",
         norm: Norm = "ln",
         trainable_layers: int = 0,
+        shared: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(tower, VisionTransformer) or tower.cls_token is None or tower.num_prefix_tokens != 1:
@@ -173,9 +192,12 @@ class ViTDetBackbone(nn.Module):
         if levels not in _LEVELS:
             raise ValueError(f"levels={levels!r}; allowed values: {', '.join(map(repr, _LEVELS))}")
         _check_trainable_layers(trainable_layers, len(tower.blocks))
+        if shared and trainable_layers:
+            raise ValueError("a shared tower is never trained (it belongs to a model the caller keeps); pass a copy")
         norm_layer = _norm_layer(norm, out_channels, tower.embed_dim // 2)
         self.tower = tower
         self.trainable_layers = trainable_layers
+        self.shared = shared
         self.patch_size = int(tower.patch_embed.patch_size[0])
         self.out_channels = out_channels
         self.embed_dim = tower.num_features if isinstance(tower.head, nn.Identity) else tower.head.out_features
@@ -212,24 +234,33 @@ class ViTDetBackbone(nn.Module):
         self._freeze()
 
     # --- freezing ------------------------------------------------------------------------------------
-    def _freeze(self) -> None:
-        self.tower.requires_grad_(False)
+    def _trainable_tower_modules(self) -> list[nn.Module]:
         n = self.trainable_layers
-        if n:
-            for block in self.tower.blocks[len(self.tower.blocks) - n :]:
-                block.requires_grad_(True)
-            self.tower.norm.requires_grad_(True)
+        return [*self.tower.blocks[len(self.tower.blocks) - n :], self.tower.norm] if n else []
+
+    def trainable_tower_parameter_names(self) -> set[str]:
+        """Names (relative to ``tower``) of the tower parameters this backbone trains."""
+        ids = {id(p) for m in self._trainable_tower_modules() for p in m.parameters()}
+        return {n for n, p in self.tower.named_parameters() if id(p) in ids}
+
+    def _freeze(self) -> None:
+        if not self.shared:
+            self.tower.requires_grad_(False)
+            for module in self._trainable_tower_modules():
+                module.requires_grad_(True)
         self.train(self.training)
 
     def train(self, mode: bool = True) -> ViTDetBackbone:
-        """Frozen parts of the tower stay in eval mode; trainable blocks and the pyramid follow ``mode``."""
-        super().train(mode)
-        self.tower.eval()
-        n = self.trainable_layers
-        if mode and n:
-            for block in self.tower.blocks[len(self.tower.blocks) - n :]:
-                block.train()
-            self.tower.norm.train()
+        """Frozen parts of the tower stay in eval mode; trainable blocks and the pyramid follow ``mode``. A shared
+        tower's mode is left as its owner set it."""
+        for name, child in self.named_children():
+            if name != "tower":
+                child.train(mode)
+        self.training = mode
+        if not self.shared:
+            self.tower.eval()
+            for module in self._trainable_tower_modules():
+                module.train(mode)
         return self
 
     # --- forward -------------------------------------------------------------------------------------
@@ -239,7 +270,8 @@ class ViTDetBackbone(nn.Module):
         if self.patch_size != _STRIDE:
             h, w = (s // _STRIDE * self.patch_size for s in x.shape[-2:])
             x = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False, antialias=True)
-        return self.tower.forward_intermediates(x, indices=1, norm=True, output_fmt="NCHW", intermediates_only=True)[0]
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.trainable_layers > 0):
+            return last_tokens(self.tower, x)
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         """Feature maps ``{"0": stride 4, "1": 8, "2": 16, "3": 32, "pool": 64}`` (``levels="p2-p6"``)."""
@@ -283,7 +315,7 @@ def _vit_config(arch: str | CLIPConfig) -> tuple[CLIPConfig, str]:
 
 
 def _weights_file(weights: str | os.PathLike[str]) -> Path:
-    from ..factory import _weights_in_dir
+    from cnclip_vision.models.factory import _weights_in_dir
 
     path = Path(weights)
     if path.is_dir():
@@ -313,7 +345,8 @@ def vit_fpn_backbone(
         weights: ``None`` / ``False``: random initialisation. ``True``: the released weights from the Hub
             repo (registered sizes only). A path: a Hugging Face ``pytorch_model.bin`` / ``model.safetensors``,
             an original ``clip_cn_*.pt``, a file written by ``save_pretrained``, or a directory holding one. A
-            loaded :class:`ChineseCLIP`: its image tower is shared (same tensors, no copy).
+            loaded :class:`ChineseCLIP`: its image tower itself (``model.visual``, the same object, never changed)
+            when frozen; a copy of it when ``trainable_layers`` > 0.
         trainable_layers: 0 (default) freezes the tower; n trains its last n blocks and final norm.
         out_channels: channels of every pyramid level.
         levels: ``"p2-p6"`` (strides 4..64, names ``"0".."3", "pool"``) or ``"p3-p7"`` (strides 8..128, names
@@ -340,8 +373,9 @@ def vit_fpn_backbone(
         kwargs.update(patch_size=_STRIDE, img_size=config.vision.grid_size * _STRIDE)  # same grid, 16-px patches
     kwargs.update(tower_kwargs or {})
 
+    shared = False
     if isinstance(weights, ChineseCLIP):
-        tower = _shared_tower(weights, config, timm_name, kwargs)
+        tower, shared = _model_tower(weights, config, kwargs, trainable_layers, tower_kwargs), not trainable_layers
     elif weights is None or weights is False:
         tower = timm.create_model(timm_name, pretrained=False, **kwargs)
     elif weights is True:
@@ -358,10 +392,10 @@ def vit_fpn_backbone(
             f"weights={weights!r}; expected None, True, a ChineseCLIP model, or a path to a weights file or directory"
         )
 
-    if grad_checkpointing:
+    if grad_checkpointing and not shared:  # a frozen shared tower runs without gradients anyway
         tower.set_grad_checkpointing(True)
     backbone = ViTDetBackbone(
-        tower, out_channels=out_channels, levels=levels, norm=norm, trainable_layers=trainable_layers
+        tower, out_channels=out_channels, levels=levels, norm=norm, trainable_layers=trainable_layers, shared=shared
     )
     logger.info(
         "ViTDet backbone on %s: strides %s, %d trainable tower blocks%s",
@@ -373,21 +407,31 @@ def vit_fpn_backbone(
     return backbone
 
 
-def _shared_tower(model: ChineseCLIP, config: CLIPConfig, timm_name: str, kwargs: dict[str, Any]) -> VisionTransformer:
-    """A dynamic-size timm tower whose parameters are ``model.visual``'s own tensors (no copy)."""
+def _model_tower(
+    model: ChineseCLIP,
+    config: CLIPConfig,
+    kwargs: dict[str, Any],
+    trainable_layers: int,
+    tower_kwargs: Mapping[str, Any] | None,
+) -> VisionTransformer:
+    """``model.visual`` itself when the tower stays frozen (one tower object, no copy, the model untouched);
+    a deep copy when blocks are trained, so the caller's model never changes."""
     if model.config.vision != config.vision or model.config.embed_dim != config.embed_dim:
         raise ValueError("weights is a ChineseCLIP model of another architecture than arch")
     if kwargs.get("patch_size", config.vision.patch_size) != config.vision.patch_size:
         raise ValueError(
-            "patch14_mode='resample' changes the patch embedding and cannot share a model's tower; save the model "
+            "patch14_mode='resample' changes the patch embedding and cannot use a model's tower; save the model "
             "(model.save_pretrained(dir)) and pass weights=dir"
         )
-    with torch.device("meta"):
-        tower = timm.create_model(timm_name, pretrained=False, **kwargs)
-    state = dict(model.visual.state_dict())
-    state.setdefault("head.bias", torch.zeros(config.embed_dim, dtype=model.dtype, device=model.device))
-    tower.load_state_dict(state, assign=True)
-    return tower
+    if tower_kwargs:
+        raise ValueError(
+            f"tower_kwargs {sorted(tower_kwargs)} cannot rebuild a loaded model's tower; save the model "
+            "(model.save_pretrained(dir)) and pass weights=dir"
+        )
+    tower = model.visual
+    if not isinstance(tower, VisionTransformer) or not tower.dynamic_img_size:
+        raise ValueError("weights is a ChineseCLIP whose image tower is not a dynamic-size ViT")
+    return copy.deepcopy(tower) if trainable_layers else tower
 
 
 # --- detectors ---------------------------------------------------------------------------------------
@@ -452,18 +496,9 @@ def dense_image_embeddings(model: ChineseCLIP, pixel_values: torch.Tensor, norma
     visual = model.visual
     if not isinstance(visual, VisionTransformer):
         raise ValueError("dense_image_embeddings needs a ViT image tower; this model's is a ResNet (RN50)")
-    if visual.cls_token is None or visual.num_prefix_tokens != 1 or visual.no_embed_class:
-        raise ValueError("dense_image_embeddings expects an OpenAI-CLIP ViT layout (one class token in pos_embed)")
+    if visual.cls_token is None or visual.num_prefix_tokens != 1 or not visual.dynamic_img_size:
+        raise ValueError("dense_image_embeddings expects an OpenAI-CLIP ViT built by cnclip_vision (dynamic_img_size)")
     patch = int(visual.patch_embed.patch_size[0])
     _check_images(pixel_values, patch, patch, "dense_image_embeddings")
-    x = pixel_values.to(device=model.device, dtype=model.dtype)
-    t = visual.patch_embed.proj(x)  # [N, C, h, w]
-    n, _, h, w = t.shape
-    t = visual.patch_embed.norm(t.flatten(2).transpose(1, 2))
-    pos = resample_abs_pos_embed(
-        visual.pos_embed, new_size=(h, w), old_size=visual.patch_embed.grid_size, num_prefix_tokens=1
-    )
-    t = torch.cat([visual.cls_token.expand(n, -1, -1), t], dim=1) + pos
-    t = visual.norm(visual.blocks(visual.norm_pre(visual.patch_drop(visual.pos_drop(t)))))
-    tokens = t[:, 1:].transpose(1, 2).reshape(n, -1, h, w)
+    tokens = last_tokens(visual, pixel_values.to(device=model.device, dtype=model.dtype))
     return _project(visual.head, tokens, normalize)

@@ -5,24 +5,31 @@
 ``model.safetensors``, an original ``clip_cn_*.pt`` or a file written by this library, all through
 :func:`checkpoint_filter_fn`. The default head (``num_classes`` = embedding size) is the visual
 projection (with a zero bias), so ``model(x)`` equals ``ChineseCLIP.encode_image(x)``.
+
+The models script (``torch.jit.script``) and trace (``torch.fx``: torchvision's
+``create_feature_extractor``, timm's ``features_only=True, feature_cls="fx"``) like timm's own twins
+(``vit_base_patch16_clip_224``, ``resnet50_clip``): the input check is one TorchScript-compatible function
+that ``torch.fx`` keeps as a single graph node, so scripted and traced models raise the same messages.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+import types
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Optional
 
 import torch
+import torch.fx
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models import byobnet, vision_transformer
 from timm.models.byobnet import ByobNet
 from timm.models.vision_transformer import VisionTransformer
 
-from ..configs import get_config
-from ..errors import CheckpointError
-from ..model import check_resnet, vit_kwargs
-from ..transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from ..weights import detect_layout, fit_report, looks_like, to_native
+from cnclip_vision.models.configs import get_config
+from cnclip_vision.errors import CheckpointError
+from cnclip_vision.models.towers import check_resnet, vit_kwargs
+from cnclip_vision.data.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from cnclip_vision.models.weights import detect_layout, fit_report, looks_like, to_native
 
 __all__ = ["TIMM_NAMES", "ChineseCLIPViT", "ChineseCLIPResNet", "checkpoint_filter_fn"]
 
@@ -36,25 +43,53 @@ TIMM_NAMES = {
 }
 
 
-def _check_input(x: torch.Tensor, in_chans: int, min_size: int, name: str) -> None:
-    if x.ndim != 4 or x.shape[1] != in_chans:
-        raise ValueError(f"{name} takes images [N, {in_chans}, H, W]; got a tensor of shape {tuple(x.shape)}")
-    if min(x.shape[-2:]) < min_size:
+@torch.fx.wrap  # one opaque node in torch.fx graphs (it branches on shapes); it still runs in the GraphModule
+def _check_input(x: torch.Tensor, in_chans: int, min_size: int, name: str) -> torch.Tensor:
+    """``x`` unchanged if it is a batch of ``in_chans``-channel images of at least ``min_size`` pixels a side,
+    else a ``ValueError`` that says so. TorchScript-compatible (scripted models raise the same message, as
+    ``torch.jit.Error: builtins.ValueError: ...``); returning ``x`` keeps the check in traced graphs, whose
+    dead-code elimination would drop a node nothing uses."""
+    if x.dim() != 4 or x.shape[1] != in_chans:
+        shape = ", ".join([str(s) for s in x.shape]) + ("," if x.dim() == 1 else "")  # tuple(x.shape), scriptable
+        raise ValueError(f"{name} takes images [N, {in_chans}, H, W]; got a tensor of shape ({shape})")
+    if min(x.shape[-2], x.shape[-1]) < min_size:
         raise ValueError(f"{name} needs inputs of at least {min_size}x{min_size} pixels; got {x.shape[-2]}x{x.shape[-1]}")
+    return x
+
+
+def _renamed(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+    """``fn`` (a timm method) under another name. TorchScript has no ``super()`` and compiles a method under
+    its function's ``__name__``, so an override calls the parent's implementation through this alias: the
+    installed timm's own code, compiled from its source, with no copy of it here."""
+    alias = types.FunctionType(fn.__code__, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+    alias.__kwdefaults__ = fn.__kwdefaults__
+    alias.__annotations__ = dict(fn.__annotations__)
+    alias.__doc__ = fn.__doc__
+    alias.__module__ = fn.__module__
+    alias.__qualname__ = f"{fn.__qualname__.rpartition('.')[0]}.{name}".lstrip(".")
+    return alias
 
 
 class ChineseCLIPViT(VisionTransformer):
     """timm ``VisionTransformer`` with input checks that name the problem (channels, too-small inputs)."""
 
-    def _check(self, x: torch.Tensor) -> None:
-        _check_input(x, self.patch_embed.proj.in_channels, self.patch_embed.patch_size[0], type(self).__name__)
+    _timm_forward_features = _renamed(VisionTransformer.forward_features, "_timm_forward_features")
 
-    def forward_features(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        self._check(x)
-        return super().forward_features(x, **kwargs)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.input_check_name: str = type(self).__name__  # for the error messages (TorchScript has no type())
+
+    def _check(self, x: torch.Tensor) -> torch.Tensor:
+        return _check_input(x, self.patch_embed.proj.in_channels, self.patch_embed.patch_size[0], self.input_check_name)
+
+    def forward_features(
+        self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        x = self._check(x)
+        return self._timm_forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
 
     def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None, **kwargs: Any):
-        self._check(x)
+        x = self._check(x)
         _check_indices(indices, len(self.blocks), "indices")
         return super().forward_intermediates(x, indices, **kwargs)
 
@@ -62,12 +97,21 @@ class ChineseCLIPViT(VisionTransformer):
 class ChineseCLIPResNet(ByobNet):
     """timm ``ByobNet`` (``resnet50_clip``) with input checks."""
 
+    _timm_forward_features = _renamed(ByobNet.forward_features, "_timm_forward_features")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.input_check_name: str = type(self).__name__
+
+    def _check(self, x: torch.Tensor) -> torch.Tensor:
+        return _check_input(x, self.stem.conv1.conv.in_channels, 32, self.input_check_name)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(x, self.stem.conv1.conv.in_channels, 32, type(self).__name__)
-        return super().forward_features(x)
+        x = self._check(x)
+        return self._timm_forward_features(x)
 
     def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None, **kwargs: Any):
-        _check_input(x, self.stem.conv1.conv.in_channels, 32, type(self).__name__)
+        x = self._check(x)
         _check_indices(indices, len(self.feature_info), "indices")
         return super().forward_intermediates(x, indices, **kwargs)
 

@@ -9,12 +9,12 @@ import os
 import sys
 from collections.abc import Sequence
 
-from ..errors import CNClipError
-from . import coco, convert, detect, onnx, retrieval, toy, train, zeroshot
+from cnclip_vision.errors import CNClipError
+from cnclip_vision.cli import coco, convert, detect, onnx, retrieval, serve, toy, train, zeroshot
 
 __all__ = ["build_parser", "main"]
 
-_COMMAND_MODULES = (convert, zeroshot, retrieval, train, toy, coco, detect, onnx)
+_COMMAND_MODULES = (convert, zeroshot, retrieval, train, toy, coco, detect, onnx, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,5 +1,5 @@
 import sys
 
-from . import main
+from cnclip_vision.cli import main
 
 sys.exit(main())

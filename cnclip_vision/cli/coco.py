@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_output_options, write_records
+from cnclip_vision.cli.common import add_output_options, write_records
 
 
 def _split_list(text: str | None) -> list[int | str] | None:
@@ -16,7 +16,7 @@ def _split_list(text: str | None) -> list[int | str] | None:
 
 
 def _make_ovcoco(args: argparse.Namespace) -> int:
-    from ..detection.coco import convert_ovcoco
+    from cnclip_vision.detection.coco import convert_ovcoco
 
     path, counts = convert_ovcoco(args.instances, args.output, split=args.split, keep_empty_images=args.keep_empty_images)
     summary = {"output": str(path), **counts}
@@ -25,16 +25,16 @@ def _make_ovcoco(args: argparse.Namespace) -> int:
 
 
 def _eval_coco(args: argparse.Namespace) -> int:
-    from ..detection.evaluation import evaluate_coco
+    from cnclip_vision.detection.evaluation import evaluate_coco
 
     if (args.results is None) == (args.detector is None):
         raise ValueError("give either --results RESULTS.json (evaluate detections) or --detector DIR (detect, then evaluate)")
     results: object = args.results
     ground_truth: object = args.ground_truth
     if args.detector is not None:
-        from ..detection import OpenVocabDetector
-        from ..detection.inference import detect_coco
-        from .common import resolve_device
+        from cnclip_vision.detection import OpenVocabDetector
+        from cnclip_vision.detection.inference import detect_coco
+        from cnclip_vision.cli.common import resolve_device
 
         detector = OpenVocabDetector.from_pretrained(args.detector, device=resolve_device(args.device))
         results, dataset = detect_coco(detector, args.ground_truth, args.image_root, name_map=args.name_map,

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..weights import atomic_write
+from cnclip_vision.io import atomic_write
 
 logger = logging.getLogger("cnclip_vision.cli")
 
@@ -56,7 +56,7 @@ def resolve_device(device: str | None) -> str:
 
 def load_model(args: argparse.Namespace) -> Any:
     """The model named by ``--model`` with ``--device`` / ``--precision``."""
-    from ..factory import load
+    from cnclip_vision.models.factory import load
 
     device = resolve_device(args.device)
     if args.precision == "fp16" and not device.startswith("cuda"):

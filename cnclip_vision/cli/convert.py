@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from .common import write_records
+from cnclip_vision.cli.common import write_records
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from ..factory import load
-    from ..weights import describe
+    from cnclip_vision.models.factory import load
+    from cnclip_vision.models.weights import describe
 
     model = load(args.src, arch=args.arch)
     model.save_pretrained(args.dst)
@@ -19,7 +19,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from ..configs import get_model_info, list_models
+    from cnclip_vision.models.configs import get_model_info, list_models
 
     infos = [get_model_info(n) for n in list_models()]
     write_records(args, [{"name": i.name, "hub_id": i.hub_id, "description": i.description} for i in infos])

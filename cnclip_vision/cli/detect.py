@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import CNClipError
-from .common import add_output_options, read_labels, resolve_device, write_records
+from cnclip_vision.errors import CNClipError
+from cnclip_vision.cli.common import add_output_options, read_labels, resolve_device, write_records
 
 logger = logging.getLogger("cnclip_vision.cli")
 
@@ -21,7 +21,7 @@ _PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 def _parse_query(text: str) -> Any:
     """``NAME=PATH`` or ``NAME=PATH@x1,y1,x2,y2`` -> ImageQuery."""
-    from ..detection import ImageQuery
+    from cnclip_vision.detection import ImageQuery
 
     name, sep, rest = text.partition("=")
     if not sep or not name.strip() or not rest:
@@ -56,17 +56,17 @@ def _picture_paths(images: list[str], output: str | None) -> list[Path | None]:
 
 
 def _save_picture(picture: Any, path: Path) -> None:
-    from ..weights import atomic_write
+    from cnclip_vision.io import atomic_write
 
     with atomic_write(path) as tmp:
         picture.save(tmp, format="JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else path.suffix[1:].upper())
 
 
 def _detect(args: argparse.Namespace) -> int:
-    from ..detection import OpenVocabDetector
-    from ..detection.visualize import draw_detections
-    from ..errors import ImageLoadError
-    from ..transforms import load_image
+    from cnclip_vision.detection import DetectionPredictor, OpenVocabDetector
+    from cnclip_vision.detection.visualize import draw_detections
+    from cnclip_vision.errors import ImageLoadError
+    from cnclip_vision.data.transforms import load_image
 
     labels: list[Any] = read_labels(args.labels, args.labels_file) if (args.labels or args.labels_file) else []
     labels += [_parse_query(q) for q in args.query or []]
@@ -74,7 +74,9 @@ def _detect(args: argparse.Namespace) -> int:
         raise ValueError("give the class names with --labels 猫,狗 (or --labels-file, or --query NAME=IMAGE)")
     overrides = {"vlm_mode": args.vlm_mode} if args.vlm_mode else {}
     detector = OpenVocabDetector.from_pretrained(args.detector, device=resolve_device(args.device), **overrides)
-    detector.set_vocabulary(labels)
+    predictor = DetectionPredictor(detector, score_threshold=args.score_threshold, nms_threshold=args.nms_threshold,
+                                   max_detections=args.max_detections)  # fmt: skip
+    predictor.set_vocabulary(labels)
     pictures = _picture_paths(args.images, args.picture)
     records, failed = [], 0
     for path, picture_path in zip(args.images, pictures):
@@ -84,8 +86,7 @@ def _detect(args: argparse.Namespace) -> int:
             logger.warning("skipped %s: %s", path, e)
             failed += 1
             continue
-        result = detector.predict([image], score_threshold=args.score_threshold, nms_threshold=args.nms_threshold,
-                                  max_detections=args.max_detections)[0]  # fmt: skip
+        result = predictor.predict([image])[0]
         records.append({
             "image": path, "width": image.width, "height": image.height,
             "detections": [{"label": n, "label_index": int(i), "score": round(float(s), 4),
@@ -102,10 +103,10 @@ def _detect(args: argparse.Namespace) -> int:
 
 
 def _heatmap(args: argparse.Namespace) -> int:
-    from ..detection.heatmap import similarity_map
-    from ..detection.visualize import heatmap_overlay
-    from ..transforms import load_image
-    from .common import load_model
+    from cnclip_vision.detection.heatmap import similarity_map
+    from cnclip_vision.detection.visualize import heatmap_overlay
+    from cnclip_vision.data.transforms import load_image
+    from cnclip_vision.cli.common import load_model
 
     labels = read_labels(args.labels, args.labels_file)
     model = load_model(args)
@@ -147,7 +148,7 @@ _TRAIN_OVERRIDES = {
 
 
 def _train_detector(args: argparse.Namespace) -> int:
-    from ..detection.train import DetectorTrainConfig, train_detector
+    from cnclip_vision.detection.train import DetectorTrainConfig, train_detector
 
     overrides = {name: getattr(args, name) for name in _TRAIN_OVERRIDES}
     if args.categories:
@@ -168,8 +169,8 @@ def _train_detector(args: argparse.Namespace) -> int:
 
 
 def _toy_detector_eval(args: argparse.Namespace) -> int:
-    from ..detection import OpenVocabDetector
-    from ..detection.toy import DETECTOR_QUALITY_BARS, evaluate_toy_detector, write_toy_detection_data
+    from cnclip_vision.detection import OpenVocabDetector
+    from cnclip_vision.toy.detector import DETECTOR_QUALITY_BARS, evaluate_toy_detector, write_toy_detection_data
 
     annotations = args.annotations
     if annotations is None:
@@ -184,7 +185,7 @@ def _toy_detector_eval(args: argparse.Namespace) -> int:
 
 
 def _toy_detector_export(args: argparse.Namespace) -> int:
-    from ..detection.toy import export_toy_detector
+    from cnclip_vision.toy.detector import export_toy_detector
 
     write_records(args, [{"source": args.src, "exported": str(export_toy_detector(args.src, args.dst))}])
     return 0

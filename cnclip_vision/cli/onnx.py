@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 
-from .common import write_records
+from cnclip_vision.cli.common import write_records
 
 logger = logging.getLogger("cnclip_vision.cli")
 
 
 def _export_onnx(args: argparse.Namespace) -> int:
-    from ..factory import load
-    from ..onnx_export import export_onnx
+    from cnclip_vision.models.factory import load
+    from cnclip_vision.export.onnx import export_onnx
 
     logger.info("loading %s on %s", args.model, args.device)
     model = load(args.model, arch=args.arch, device=args.device)

@@ -8,8 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..errors import CNClipError
-from .common import add_model_options, add_output_options, load_model, write_records
+from cnclip_vision.errors import CNClipError
+from cnclip_vision.cli.common import add_model_options, add_output_options, load_model, write_records
 
 logger = logging.getLogger("cnclip_vision.cli")
 
@@ -17,7 +17,7 @@ _SCALARS = (int, float, str, bool, type(None))
 
 
 def _embed(args: argparse.Namespace) -> int:
-    from ..retrieval import extract_image_embeddings, extract_text_embeddings
+    from cnclip_vision.retrieval import extract_image_embeddings, extract_text_embeddings
 
     if (args.images is None) == (args.texts is None):
         raise ValueError("give either an image folder / list file or --texts FILE.jsonl (exactly one)")
@@ -36,7 +36,7 @@ def _embed(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from ..retrieval import EmbeddingIndex
+    from cnclip_vision.retrieval import EmbeddingIndex
 
     texts = list(args.queries)
     if args.queries_file:
@@ -64,8 +64,9 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _eval_retrieval(args: argparse.Namespace) -> int:
-    from ..inference import encode_texts
-    from ..retrieval import evaluate_retrieval, extract_image_embeddings, load_embeddings, read_text_jsonl
+    from cnclip_vision.models.encode import encode_texts
+    from cnclip_vision.retrieval import evaluate_retrieval, extract_image_embeddings, load_embeddings
+    from cnclip_vision.data.jsonl import read_text_jsonl
 
     if (args.images is None) == (args.image_embeddings is None):
         raise ValueError("give either --images DIR_OR_LIST or --image-embeddings DIR (exactly one)")

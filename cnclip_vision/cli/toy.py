@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ..errors import CNClipError
-from .common import add_output_options, write_records
+from cnclip_vision.errors import CNClipError
+from cnclip_vision.cli.common import add_output_options, write_records
 
 logger = logging.getLogger("cnclip_vision.cli")
 
 
 def _toy_data(args: argparse.Namespace) -> int:
-    from .. import toyworld
+    from cnclip_vision.toy import world as toyworld
 
     if args.kind == "imagefolder":
         toyworld.write_imagefolder(args.out, n_per_class=args.n, seed=args.seed, image_size=args.image_size)
@@ -26,8 +26,8 @@ def _toy_data(args: argparse.Namespace) -> int:
 
 
 def _toy_eval(args: argparse.Namespace) -> int:
-    from ..factory import load
-    from ..toymodel import QUALITY_BARS, evaluate_toy_model
+    from cnclip_vision.models.factory import load
+    from cnclip_vision.toy.model import QUALITY_BARS, evaluate_toy_model
 
     model = load(args.model)
     report = evaluate_toy_model(model, seed=args.seed, n_per_class=args.n_per_class, n_retrieval=args.n_retrieval)
@@ -42,7 +42,7 @@ def _toy_eval(args: argparse.Namespace) -> int:
 
 
 def _toy_export(args: argparse.Namespace) -> int:
-    from ..toymodel import TOY_MODEL_DIR, export_toy_model
+    from cnclip_vision.toy.model import TOY_MODEL_DIR, export_toy_model
 
     destination = export_toy_model(args.src, args.dst or TOY_MODEL_DIR)
     write_records(args, [{"source": args.src, "exported": str(destination)}])

@@ -17,7 +17,7 @@ _OVERRIDES = {  # option -> (type, help)
     "batch_size": (int, "global batch: summed over ranks and accumulation steps; all of it acts as negatives"),
     "accum_steps": (int, "gradient accumulation steps (micro-batch = batch / ranks / accum)"),
     "lr": (float, "peak learning rate of AdamW"),
-    "weight_decay": (float, "AdamW weight decay (not on gains, biases, embeddings, logit scale)"),
+    "weight_decay": (float, "AdamW weight decay (not on biases, norms, gains, logit scale, positional/class embeddings)"),
     "warmup": (float, "warmup: a fraction of the steps (< 1) or a number of steps"),
     "precision": (str, "fp32, bf16 (autocast; CPU or GPU) or fp16 (GPU only)"),
     "seed": (int, "random seed (initialisation and data order)"),
@@ -30,7 +30,7 @@ _OVERRIDES = {  # option -> (type, help)
 
 
 def _train(args: argparse.Namespace) -> int:
-    from ..train import TrainConfig, train
+    from cnclip_vision.training.clip import TrainConfig, train
 
     overrides = {name: getattr(args, name) for name in _OVERRIDES}
     for flag in ("lock_image", "grad_checkpointing"):

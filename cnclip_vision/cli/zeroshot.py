@@ -6,14 +6,14 @@ import argparse
 import logging
 from pathlib import Path
 
-from ..errors import CNClipError
-from .common import add_model_options, add_output_options, load_model, read_labels, write_records
+from cnclip_vision.errors import CNClipError
+from cnclip_vision.cli.common import add_model_options, add_output_options, load_model, read_labels, write_records
 
 logger = logging.getLogger("cnclip_vision.cli")
 
 
 def _classifier(args: argparse.Namespace, model, labels: list[str]):
-    from ..zeroshot import ZeroShotClassifier
+    from cnclip_vision.zeroshot import ZeroShotClassifier
 
     cache = Path(args.classifier_cache) if args.classifier_cache else None
     if cache is not None and cache.is_file():
@@ -30,7 +30,7 @@ def _classifier(args: argparse.Namespace, model, labels: list[str]):
 
 
 def _templates(args: argparse.Namespace) -> tuple[str, ...]:
-    from ..zeroshot import resolve_templates
+    from cnclip_vision.zeroshot import resolve_templates
 
     if args.template_file:
         lines = Path(args.template_file).read_text(encoding="utf-8").splitlines()
@@ -39,9 +39,9 @@ def _templates(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def _classify(args: argparse.Namespace) -> int:
-    from ..data import iter_image_batches, list_images
-    from ..inference import encode_images
-    from ..transforms import image_transform
+    from cnclip_vision.data.images import iter_image_batches, list_images
+    from cnclip_vision.models.encode import encode_images
+    from cnclip_vision.data.transforms import image_transform
 
     labels = read_labels(args.labels, args.labels_file)
     paths = list_images(args.images)
@@ -65,7 +65,7 @@ def _classify(args: argparse.Namespace) -> int:
 
 
 def _eval_zeroshot(args: argparse.Namespace) -> int:
-    from ..zeroshot import read_label_file
+    from cnclip_vision.zeroshot import read_label_file
 
     root = Path(args.dataset)
     if not root.is_dir():

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from .configs import CLIPConfig, get_config, get_model_info, list_models
-from .errors import CheckpointError, UnknownModelError
-from .model import ChineseCLIP
-from .weights import (
+from cnclip_vision.models.configs import CLIPConfig, get_config, get_model_info, list_models
+from cnclip_vision.errors import CheckpointError, UnknownModelError
+from cnclip_vision.models.clip import ChineseCLIP
+from cnclip_vision.models.weights import (
     CONFIG_METADATA_KEY,
     CONFIG_NAME,
     PYTORCH_NAME,
@@ -135,7 +135,7 @@ def _resolve(name_or_path: str | os.PathLike[str]) -> tuple[Path, CLIPConfig | N
     if not path.exists():
         name = str(name_or_path)
         if name in list_models():
-            from .hub import download_weights
+            from cnclip_vision.models.hub import download_weights
 
             path = download_weights(get_model_info(name))
         elif os.sep in name or path.suffix:

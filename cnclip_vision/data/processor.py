@@ -14,8 +14,15 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from .tokenizer import DEFAULT_CONTEXT_LENGTH, VOCAB_PATH, Tokenizer, _check_context_length, get_tokenizer
-from .transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageSource, ImageTransform
+from cnclip_vision.data.tokenizer import (
+    DEFAULT_CONTEXT_LENGTH,
+    VOCAB_PATH,
+    Tokenizer,
+    _check_context_length,
+    get_tokenizer,
+)
+from cnclip_vision.io import atomic_write, write_json
+from cnclip_vision.data.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageSource, ImageTransform
 
 if TYPE_CHECKING:
     from transformers import BatchEncoding
@@ -119,7 +126,7 @@ class Processor:
 
     def save_pretrained(self, directory: str | os.PathLike[str]) -> Path:
         """Write ``preprocessor_config.json``, ``vocab.txt`` and ``tokenizer_config.json`` in the Hub's
-        format (transformers' ``ChineseCLIPProcessor.from_pretrained`` reads them)."""
+        format (transformers' ``ChineseCLIPProcessor.from_pretrained`` reads them), each atomically."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         size = self.image_size
@@ -134,12 +141,12 @@ class Processor:
             "resample": _BICUBIC,
             "size": {"height": size, "width": size},
         }
-        (directory / PREPROCESSOR_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        write_json(directory / PREPROCESSOR_CONFIG_NAME, config)
         vocab_target = directory / "vocab.txt"
         if not (vocab_target.exists() and vocab_target.samefile(self.tokenizer.vocab_path)):
-            shutil.copyfile(self.tokenizer.vocab_path, vocab_target)
-        tokenizer_config = json.dumps(_TOKENIZER_CONFIG, indent=2) + "\n"
-        (directory / "tokenizer_config.json").write_text(tokenizer_config, encoding="utf-8")
+            with atomic_write(vocab_target) as tmp:
+                shutil.copyfile(self.tokenizer.vocab_path, tmp)
+        write_json(directory / "tokenizer_config.json", _TOKENIZER_CONFIG)
         return directory
 
     def __call__(

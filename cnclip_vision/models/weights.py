@@ -19,17 +19,17 @@ import logging
 import os
 import pickle
 import re
-import tempfile
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-from .configs import CLIPConfig, TextConfig, VisionConfig, match_registered
-from .errors import CheckpointError
+from cnclip_vision.errors import CheckpointError
+from cnclip_vision.io import atomic_write, write_json
+
+from cnclip_vision.models.configs import CLIPConfig, TextConfig, VisionConfig, match_registered
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,6 @@ __all__ = [
     "infer_config",
     "load_native_state_dict",
     "save_pretrained",
-    "atomic_write",
 ]
 
 StateDict = dict[str, torch.Tensor]
@@ -271,8 +270,8 @@ def _resnet_filter(state: StateDict) -> StateDict:
     """timm's own OpenAI-CLIP ModifiedResNet → ``resnet50_clip`` key mapping (on a weightless model)."""
     from timm.models.byobnet import checkpoint_filter_fn
 
-    from .model import build_image_tower
-    from .configs import get_config
+    from cnclip_vision.models.towers import build_image_tower
+    from cnclip_vision.models.configs import get_config
 
     with torch.device("meta"):
         tower = build_image_tower(get_config("RN50").vision, 1024)
@@ -395,33 +394,6 @@ def load_native_state_dict(
 
 
 # -------------------------------------------------------------------------------------------- saving
-@contextmanager
-def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_json(path: str | os.PathLike[str], obj: object) -> None:
-    with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-
-
 def save_state_dict(state: Mapping[str, torch.Tensor], path: str | os.PathLike[str], config: CLIPConfig) -> None:
     """Safetensors file whose metadata carries the config, so the file alone is self-describing."""
     from safetensors.torch import save_file
@@ -434,7 +406,7 @@ def save_state_dict(state: Mapping[str, torch.Tensor], path: str | os.PathLike[s
 
 def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike[str]) -> None:
     """Hugging Face layout for ViT towers (transformers reads it), native layout for ResNet towers."""
-    from .processor import Processor
+    from cnclip_vision.data.processor import Processor
 
     config: CLIPConfig = model.config  # type: ignore[assignment]
     directory = Path(directory)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
-from .errors import UnknownModelError
+from cnclip_vision.errors import UnknownModelError
 
 __all__ = [
     "VisionConfig",
@@ -22,6 +23,10 @@ __all__ = [
     "get_model_info",
     "get_config",
     "register_model_info",
+    "ASSETS_DIR",
+    "TOY_CONFIG",
+    "TOY_DETECTOR_DIR",
+    "TOY_MODEL_DIR",
 ]
 
 LOGIT_SCALE_INIT = 2.6592  # ln(1 / 0.07), the CLIP initialisation; released models sit at ln(100)
@@ -233,6 +238,28 @@ for _info in (
     ),
 ):
     register_model_info(_info)
+
+
+# Models shipped inside the package (cnclip_vision/assets/): the toy world's tiny CLIP and its detector.
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+TOY_MODEL_DIR = ASSETS_DIR / "toy-tiny"
+TOY_DETECTOR_DIR = ASSETS_DIR / "toy-detector"
+# ViT 128 x 4 layers, patch 8 at 48 px (36 patches); BERT 128 x 2 layers with the real 21128-token
+# vocabulary. Sized for fp32 on a 2-core CPU without bf16 matmul units (bf16 runs ~60x slower there).
+TOY_CONFIG = CLIPConfig(
+    embed_dim=128,
+    vision=VisionConfig(image_size=48, width=128, layers=4, heads=2, patch_size=8),
+    text=TextConfig(hidden_size=128, num_layers=2, num_heads=2, intermediate_size=512),
+)
+register_model_info(
+    ModelInfo(
+        "toy-tiny",
+        TOY_CONFIG,
+        local_path=str(TOY_MODEL_DIR),
+        description="tiny model of the synthetic toy world (coloured shapes), shipped with the package; "
+        "not a model of real images",
+    )
+)
 
 
 def list_models() -> list[str]:

@@ -23,12 +23,26 @@ from PIL import Image, ImageOps
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from .errors import ImageLoadError
+from cnclip_vision.errors import ImageLoadError
 
-__all__ = ["OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "ImageSource", "ImageTransform", "image_transform", "load_image"]
+__all__ = [
+    "OPENAI_CLIP_MEAN",
+    "OPENAI_CLIP_STD",
+    "ImageSource",
+    "ImageTransform",
+    "clip_normalize",
+    "image_transform",
+    "load_image",
+]
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+def clip_normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """CLIP's normalisation of float pixels in [0, 1], ``[..., 3, H, W]`` (batched tensors that never were
+    PIL images, e.g. pre-rendered training arrays)."""
+    return F.normalize(pixels, list(OPENAI_CLIP_MEAN), list(OPENAI_CLIP_STD))
+
 
 ImageSource = Union[Image.Image, str, os.PathLike, bytes, bytearray, memoryview, IO[bytes], np.ndarray, torch.Tensor]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import CNClipError, ImageLoadError
+from cnclip_vision.errors import CNClipError, ImageLoadError
 
 logger = logging.getLogger(__name__)
 

@@ -44,11 +44,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import CNClipError
-from .weights import atomic_write
+from cnclip_vision.errors import CNClipError
+from cnclip_vision.io import atomic_write
 
 if TYPE_CHECKING:
-    from .model import ChineseCLIP
+    from cnclip_vision.models.clip import ChineseCLIP
 
 __all__ = [
     "FP16_MIN_COSINE",
@@ -143,6 +143,27 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for module, training in modes:
             module.training = training
+
+
+@contextmanager
+def _native_image_size(visual: nn.Module) -> Iterator[None]:
+    """The ViT tower at its fixed native size while it is exported (the graph's H and W are fixed anyway).
+    Our towers are built with timm's ``dynamic_img_size``, whose size early-out is skipped while exporting, so
+    every exported graph would otherwise carry a position-embedding interpolation and an extra fp32 copy."""
+    patch_embed = getattr(visual, "patch_embed", None)
+    if not getattr(visual, "dynamic_img_size", False) or patch_embed is None:
+        yield
+        return
+    from timm.layers import Format
+
+    saved = (visual.dynamic_img_size, patch_embed.flatten, patch_embed.output_fmt, patch_embed.strict_img_size)
+    visual.dynamic_img_size = False
+    patch_embed.flatten, patch_embed.output_fmt, patch_embed.strict_img_size = True, Format.NCHW, True
+    try:
+        yield
+    finally:
+        visual.dynamic_img_size = saved[0]
+        patch_embed.flatten, patch_embed.output_fmt, patch_embed.strict_img_size = saved[1:]
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -259,8 +280,8 @@ def export_onnx(
     The report is written to ``export_report.json`` even when the check fails; then
     :class:`OnnxCheckError` is raised. ``source`` (e.g. the model name) is recorded in the config.
     """
-    from .model import ChineseCLIP
-    from .tokenizer import DEFAULT_CONTEXT_LENGTH, get_tokenizer
+    from cnclip_vision.models.clip import ChineseCLIP
+    from cnclip_vision.data.tokenizer import DEFAULT_CONTEXT_LENGTH, get_tokenizer
 
     if not isinstance(model, ChineseCLIP):
         raise TypeError(f"export_onnx needs a cnclip_vision ChineseCLIP model, got {type(model).__name__}")
@@ -302,11 +323,12 @@ def export_onnx(
     with _eval_mode(model):
         target = copy.deepcopy(model).half() if fp16 else model
         logger.info("exporting the image encoder (%s, opset %d) to %s", dtype_name, opset, directory)
-        image_info = _export_one(
-            _ImageEncoder(target).eval(), (example_images.to(target.device, dtype),), directory / IMAGE_ENCODER_NAME,
-            input_names=["pixel_values"], output_name="image_embeds", dynamic_shapes={"pixel_values": {0: batch}},
-            opset=opset, weight_bytes=image_bytes,
-        )  # fmt: skip
+        with _native_image_size(target.visual):
+            image_info = _export_one(
+                _ImageEncoder(target).eval(), (example_images.to(target.device, dtype),), directory / IMAGE_ENCODER_NAME,
+                input_names=["pixel_values"], output_name="image_embeds", dynamic_shapes={"pixel_values": {0: batch}},
+                opset=opset, weight_bytes=image_bytes,
+            )  # fmt: skip
         logger.info("exporting the text encoder")
         text_info = _export_one(
             _TextEncoder(target).eval(), (example_ids.to(target.device), example_mask.to(target.device)),

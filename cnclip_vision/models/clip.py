@@ -11,74 +11,22 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .configs import CLIPConfig, VisionConfig
+from cnclip_vision.models.configs import CLIPConfig
+from cnclip_vision.models.towers import build_image_tower, build_text_tower
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from .processor import Processor
-    from .transforms import ImageSource
+    from cnclip_vision.data.processor import Processor
+    from cnclip_vision.data.transforms import ImageSource
 
-__all__ = ["ChineseCLIP", "CLIPOutput", "build_image_tower", "build_text_tower"]
-
-
-def vit_kwargs(vision: VisionConfig) -> dict[str, Any]:
-    """timm ``VisionTransformer`` arguments of an OpenAI-CLIP ViT (QuickGELU, pre-norm, LayerNorm eps 1e-5;
-    timm drops the patch-embedding bias when ``pre_norm`` is set)."""
-    from timm.layers import LayerNorm
-
-    return dict(
-        img_size=vision.image_size,
-        patch_size=vision.patch_size,
-        embed_dim=vision.width,
-        depth=vision.layers,
-        num_heads=vision.heads,
-        mlp_ratio=vision.mlp_ratio,
-        qkv_bias=True,
-        pre_norm=True,
-        class_token=True,
-        global_pool="token",
-        norm_layer=partial(LayerNorm, eps=1e-5),
-        act_layer="quick_gelu",
-    )
-
-
-def check_resnet(vision: VisionConfig) -> None:
-    if tuple(vision.layers) != (3, 4, 6, 3) or vision.width != 64 or vision.heads != 32:  # type: ignore[arg-type]
-        raise ValueError(
-            f"ResNet image towers exist only in the RN50 layout (layers (3, 4, 6, 3), width 64, 32 heads); "
-            f"got layers {vision.layers}, width {vision.width}, heads {vision.heads}"
-        )
-
-
-def build_image_tower(vision: VisionConfig, embed_dim: int) -> nn.Module:
-    """A timm model mapping ``[N, 3, S, S]`` images to ``[N, embed_dim]`` image features."""
-    if vision.kind == "vit":
-        from timm.models.vision_transformer import VisionTransformer
-
-        tower = VisionTransformer(**vit_kwargs(vision), num_classes=embed_dim)
-        tower.head = nn.Linear(vision.width, embed_dim, bias=False)  # visual.proj, no bias
-        return tower
-    from timm.models.byobnet import ByobNet, model_cfgs
-
-    check_resnet(vision)
-    return ByobNet(cfg=model_cfgs["resnet50_clip"], num_classes=embed_dim, img_size=vision.image_size)
-
-
-def build_text_tower(config: CLIPConfig) -> nn.Module:
-    """``transformers.BertModel`` without pooler, SDPA attention."""
-    from transformers import BertConfig, BertModel
-
-    bert_config = BertConfig(**config.text.to_bert_kwargs())
-    bert_config._attn_implementation = "sdpa"
-    return BertModel(bert_config, add_pooling_layer=False)
+__all__ = ["ChineseCLIP", "CLIPOutput"]
 
 
 @dataclass
@@ -175,20 +123,20 @@ class ChineseCLIP(nn.Module):
         whether one image and one text are related at all, compare the cosine with a threshold chosen on
         labelled pairs of your data (see the README's "Similarity calibration").
         """
-        from .inference import encode_images, encode_texts
+        from cnclip_vision.models.encode import encode_images, encode_texts
 
         texts = [texts] if isinstance(texts, str) else texts
         return encode_images(self, images) @ encode_texts(self, texts).t()
 
     def get_processor(self) -> Processor:
         """The preprocessing that matches this model (tokenizer + image transform)."""
-        from .processor import Processor
+        from cnclip_vision.data.processor import Processor
 
         return Processor(image_size=self.image_size)
 
     def save_pretrained(self, directory: str | os.PathLike[str]) -> None:
         """Write ``model.safetensors``, ``config.json`` (readable by transformers for ViT sizes), the vocab
         and the preprocessor config. Files are written to a temporary name and renamed."""
-        from .weights import save_pretrained
+        from cnclip_vision.models.weights import save_pretrained
 
         save_pretrained(self, directory)

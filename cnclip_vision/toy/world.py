@@ -37,7 +37,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .weights import atomic_write
+from cnclip_vision.io import atomic_write
 
 logger = logging.getLogger(__name__)
 

@@ -15,15 +15,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .. import toyworld
-from .model import SHIPPED, VLM_MODES, OpenVocabDetector, Vocabulary
+from cnclip_vision.toy import world as toyworld
+from cnclip_vision.detection.model import OpenVocabDetector
+from cnclip_vision.detection.vocabulary import VLM_MODES, Vocabulary
+from cnclip_vision.models.configs import TOY_DETECTOR_DIR
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["TOY_DETECTOR_DIR", "DETECTOR_QUALITY_BARS", "write_toy_detection_data", "evaluate_toy_detector",
            "export_toy_detector"]  # fmt: skip
 
-TOY_DETECTOR_DIR = SHIPPED["toy-detector"]
 DETECTOR_QUALITY_BARS = {"AP50_base": 0.7, "AP50_novel": 0.4}
 
 
@@ -59,8 +60,8 @@ def evaluate_toy_detector(
 ) -> dict[str, Any]:
     """AP50 base / novel / all for each VLM mode, and with the novel text embeddings replaced by random
     vectors (default mode): novel AP50 must collapse if novel detection comes from the text encoder."""
-    from .evaluation import evaluate_coco
-    from .inference import detect_coco
+    from cnclip_vision.detection.evaluation import evaluate_coco
+    from cnclip_vision.detection.inference import detect_coco
 
     report: dict[str, Any] = {"default_mode": detector.config.vlm_mode, "modes": {}}
     keys = ("AP", "AP50", "AP50_base", "AP50_novel", "AP50_all")

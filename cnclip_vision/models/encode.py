@@ -1,4 +1,4 @@
-"""Batched encoding of raw texts and images with a :class:`~cnclip_vision.model.ChineseCLIP` model.
+"""Batched encoding of raw texts and images with a :class:`~cnclip_vision.models.clip.ChineseCLIP` model.
 
 Texts are sorted by length and padded per batch to their longest member (length-bucketed batching):
 Chinese labels are a few tokens, and padding every text to 52 wastes most of the work. The padding
@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .tokenizer import DEFAULT_CONTEXT_LENGTH, get_tokenizer
-from .transforms import ImageSource, image_transform
+from cnclip_vision.data.tokenizer import DEFAULT_CONTEXT_LENGTH, get_tokenizer
+from cnclip_vision.data.transforms import ImageSource, image_transform
 
 if TYPE_CHECKING:
-    from .model import ChineseCLIP
+    from cnclip_vision.models.clip import ChineseCLIP
 
 logger = logging.getLogger(__name__)
 

@@ -16,10 +16,9 @@ are reported, skipped and counted; unreadable images are skipped when loaded.
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,11 +26,12 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from .errors import CNClipError, ImageLoadError
+from cnclip_vision.data.jsonl import iter_jsonl
+from cnclip_vision.errors import CNClipError, ImageLoadError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CaptionDataset", "OriginalLayoutDataset", "PairSample", "iter_jsonl", "open_dataset", "read_pairs"]
+__all__ = ["CaptionDataset", "OriginalLayoutDataset", "PairSample", "open_dataset", "read_pairs"]
 
 
 @dataclass
@@ -42,30 +42,6 @@ class PairSample:
     pixel_values: torch.Tensor | None
     caption: str
     error: str | None = None
-
-
-def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict[str, Any]]]:
-    """``(line number, object)`` for every non-blank line of a JSONL file (UTF-8, optional BOM); a line
-    that is not UTF-8, not JSON or not a JSON object raises :class:`CNClipError` naming ``file:line``."""
-    path = Path(path)
-    if not path.is_file():
-        raise CNClipError(f"no such file: {path}")
-    with path.open("rb") as f:
-        for number, raw in enumerate(f, start=1):
-            where = f"{path}:{number}"
-            try:
-                line = raw.decode("utf-8-sig" if number == 1 else "utf-8").strip()
-            except UnicodeDecodeError as e:
-                raise CNClipError(f"{where}: not UTF-8 text ({e.reason})") from None
-            if not line:
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CNClipError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise CNClipError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            yield number, record
 
 
 def _read_lines(path: Path) -> list[tuple[int, str]]:
@@ -149,7 +125,7 @@ class OriginalLayoutDataset(Dataset):
             raise CNClipError(f"{self.images_path} does not exist (expected the original {split}_imgs.tsv)")
         self.offsets = self._index_images()
         self.transform = transform
-        from .retrieval import read_text_jsonl  # the same reader as the retrieval evaluation
+        from cnclip_vision.data.jsonl import read_text_jsonl  # the same reader as the retrieval evaluation
 
         self.pairs: list[tuple[str, str]] = []
         missing = 0

@@ -10,32 +10,13 @@ from typing import Any
 
 import torch
 
-from .configs import CLIPConfig, ModelInfo, TextConfig, VisionConfig, register_model_info
+from cnclip_vision.models.configs import TOY_CONFIG, TOY_MODEL_DIR
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["TOY_CONFIG", "TOY_MODEL_DIR", "QUALITY_BARS", "evaluate_toy_model", "export_toy_model"]
 
-# ViT 128 x 4 layers, patch 8 at 48 px (36 patches); BERT 128 x 2 layers with the real 21128-token
-# vocabulary. Sized for fp32 on a 2-core CPU without bf16 matmul units (bf16 runs ~60x slower there).
-TOY_CONFIG = CLIPConfig(
-    embed_dim=128,
-    vision=VisionConfig(image_size=48, width=128, layers=4, heads=2, patch_size=8),
-    text=TextConfig(hidden_size=128, num_layers=2, num_heads=2, intermediate_size=512),
-)
-TOY_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "toy-tiny"
 QUALITY_BARS = {"zeroshot_top1": 0.90, "t2i_R@1": 0.50}
-
-register_model_info(
-    ModelInfo(
-        "toy-tiny",
-        TOY_CONFIG,
-        local_path=str(TOY_MODEL_DIR),
-        description="tiny model of the synthetic toy world (coloured shapes), shipped with the package; "
-        "not a model of real images",
-    )
-)
-
 
 @torch.inference_mode()
 def evaluate_toy_model(
@@ -44,9 +25,9 @@ def evaluate_toy_model(
     """Quality on freshly generated held-out data: zero-shot top-1 over all 64 colour x shape classes,
     top-1 on the colour x shape combinations never shown in pretraining, and strict text→image R@1 on
     ``n_retrieval`` caption/image pairs whose captions identify their image."""
-    from . import toyworld
-    from .inference import encode_texts
-    from .zeroshot import ZeroShotClassifier
+    from cnclip_vision.toy import world as toyworld
+    from cnclip_vision.models.encode import encode_texts
+    from cnclip_vision.zeroshot import ZeroShotClassifier
 
     labels = [c.name for c in toyworld.CATEGORIES]
     clf = ZeroShotClassifier(model, labels, templates=toyworld.ZERO_SHOT_TEMPLATES)
@@ -76,19 +57,17 @@ def evaluate_toy_model(
 
 
 def _to_pixels(images: Any, size: int) -> torch.Tensor:
-    from .transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    from cnclip_vision.data.transforms import clip_normalize
 
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255)
     if x.shape[-1] != size:
         x = torch.nn.functional.interpolate(x, size=(size, size), mode="bicubic", antialias=True)
-    mean = torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return clip_normalize(x)
 
 
 def export_toy_model(model_dir: str | os.PathLike[str], destination: str | os.PathLike[str] = TOY_MODEL_DIR) -> Path:
     """Store a trained toy model in half precision (loads back as fp32) where ``load("toy-tiny")`` finds it."""
-    from .factory import load
+    from cnclip_vision.models.factory import load
 
     model = load(model_dir)
     if model.config != TOY_CONFIG:

@@ -1,0 +1,1 @@
+"""Exports of the encoders to other runtimes: ONNX (:mod:`.onnx`)."""

@@ -1,0 +1,166 @@
+"""The detector's predictor: the state that is expensive to compute lives here, beside the stateless model
+(as segment-anything's ``SamPredictor`` beside ``Sam``).
+
+>>> predictor = DetectionPredictor(OpenVocabDetector.from_pretrained("toy-detector"), score_threshold=0.5)
+>>> predictor.set_vocabulary(["红色的圆形", "蓝色的三角形"])      # encoded once, cached
+>>> predictor.predict(["scene.png"])                             # the current vocabulary
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from typing import TYPE_CHECKING
+
+from cnclip_vision.data.transforms import ImageSource, load_image
+from cnclip_vision.detection.vocabulary import ImageQuery, Label, VLMMode, Vocabulary, check_thresholds, check_vlm_mode
+from cnclip_vision.errors import CNClipError
+
+if TYPE_CHECKING:
+    from cnclip_vision.detection.model import OpenVocabDetector
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DetectionPredictor"]
+
+
+class DetectionPredictor:
+    """A detector with a vocabulary, its cache and the inference thresholds.
+
+    Text vocabularies are encoded once per label list (``cache_size`` lists kept, least recently used dropped);
+    vocabularies with :class:`ImageQuery` labels are encoded on every :meth:`set_vocabulary` (an image has no
+    cheap identity). The detector itself is never changed beyond being put in eval mode while it detects.
+    """
+
+    def __init__(
+        self,
+        detector: OpenVocabDetector,
+        *,
+        score_threshold: float = 0.3,
+        nms_threshold: float = 0.5,
+        max_detections: int = 100,
+        vlm_mode: VLMMode | None = None,
+        batch_size: int = 4,
+        cache_size: int = 16,
+    ) -> None:
+        if not callable(getattr(detector, "encode_vocabulary", None)):
+            raise TypeError(f"detector must be an OpenVocabDetector, got {type(detector).__name__}")
+        check_thresholds(score_threshold, nms_threshold, max_detections)
+        if vlm_mode is not None:
+            check_vlm_mode(vlm_mode)
+        for name, value in (("batch_size", batch_size), ("cache_size", cache_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}; expected a positive int")
+        self.detector = detector
+        self.score_threshold = score_threshold
+        self.nms_threshold = nms_threshold
+        self.max_detections = max_detections
+        self.vlm_mode = vlm_mode
+        self.batch_size = batch_size
+        self.cache_size = cache_size
+        self._vocabulary: Vocabulary | None = None
+        self._cache: OrderedDict[tuple[Any, ...], Vocabulary] = OrderedDict()
+
+    # ------------------------------------------------------------------------------------- vocabulary
+    @property
+    def vocabulary(self) -> Vocabulary | None:
+        return self._vocabulary
+
+    def set_vocabulary(self, labels: Sequence[Label], *, seen: Sequence[bool] | None = None) -> Vocabulary:
+        """Encode ``labels`` (or take them from the cache) and make them the current vocabulary."""
+        cacheable = not isinstance(labels, (str, ImageQuery)) and all(isinstance(x, str) for x in labels)
+        key = (tuple(labels), None if seen is None else tuple(bool(s) for s in seen)) if cacheable else None
+        vocab = self._cache.get(key) if key is not None else None
+        if vocab is None:
+            vocab = self.detector.encode_vocabulary(labels, seen=seen)
+            if key is not None:
+                self._cache[key] = vocab
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+        elif key is not None:
+            self._cache.move_to_end(key)
+        self._vocabulary = vocab
+        return vocab
+
+    def use_vocabulary(self, vocabulary: Vocabulary) -> Vocabulary:
+        """Use already encoded class embeddings (computed elsewhere, or modified for an ablation)."""
+        self._vocabulary = self.detector.check_vocabulary(vocabulary)
+        return vocabulary
+
+    def _require_vocabulary(self) -> Vocabulary:
+        if self._vocabulary is None:
+            raise CNClipError("no vocabulary: pass labels to predict() or call set_vocabulary(labels) first")
+        return self._vocabulary
+
+    # ------------------------------------------------------------------------------------- detection
+    @torch.no_grad()
+    def detect(self, images: list[torch.Tensor], **overrides: Any) -> list[dict[str, torch.Tensor]]:
+        """Detections of float ``[3, H, W]`` images in 0..1 (on the detector's device) with the current
+        vocabulary: per image ``boxes`` (xyxy pixels), ``scores``, ``labels``, ``embeddings``. ``overrides``:
+        ``score_threshold``, ``nms_threshold``, ``max_detections``, ``vlm_mode`` for this call."""
+        options = self._options(overrides)
+        detector = self.detector
+        was_training = detector.training
+        detector.eval()
+        try:
+            return detector(images, self._require_vocabulary(), **options)  # type: ignore[return-value]
+        finally:
+            detector.train(was_training)
+
+    def predict(
+        self,
+        images: ImageSource | Sequence[ImageSource],
+        labels: Sequence[Label] | None = None,
+        **overrides: Any,
+    ) -> list[dict[str, Any]]:
+        """Detect ``labels`` (default: the current vocabulary) in images of any size and mode (paths, PIL, arrays,
+        tensors). One dict per image: ``boxes`` float ``[K, 4]`` (xyxy, pixels of the original image),
+        ``scores`` ``[K]``, ``labels`` ``[K]`` (indices into the labels), ``label_names`` (``K`` strings),
+        ``embeddings`` ``[K, embed_dim]`` (region embeddings), sorted by score. ``overrides`` as :meth:`detect`
+        plus ``batch_size``."""
+        batch_size = overrides.pop("batch_size", self.batch_size)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r}; expected a positive int")
+        self._options(overrides)  # validate before any work
+        vocab = self.set_vocabulary(labels) if labels is not None else self._require_vocabulary()
+        if isinstance(images, (str, bytes, os.PathLike)) or not isinstance(images, Sequence):
+            images = [images]  # type: ignore[list-item]
+        out: list[dict[str, Any]] = []
+        device = self.detector.device
+        for start in range(0, len(images), batch_size):
+            tensors = [to_tensor(x).to(device) for x in images[start : start + batch_size]]
+            for r in self.detect(tensors, **overrides):
+                r = {k: v.cpu() for k, v in r.items()}
+                r["label_names"] = [vocab.names[j] for j in r["labels"].tolist()]
+                out.append(r)
+        return out
+
+    def _options(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        known = {"score_threshold", "nms_threshold", "max_detections", "vlm_mode"}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise TypeError(f"unknown detection options {unknown}; known: {sorted(known | {'batch_size'})}")
+        options = {
+            "score_threshold": self.score_threshold,
+            "nms_threshold": self.nms_threshold,
+            "max_detections": self.max_detections,
+            "vlm_mode": self.vlm_mode,
+            **overrides,
+        }
+        check_thresholds(options["score_threshold"], options["nms_threshold"], options["max_detections"])
+        if options["vlm_mode"] is not None:
+            check_vlm_mode(options["vlm_mode"])
+        return options
+
+
+def to_tensor(image: ImageSource) -> torch.Tensor:
+    """Any image source -> float ``[3, H, W]`` in 0..1 (RGB; every mode, EXIF orientation applied)."""
+    from torchvision.transforms.v2.functional import pil_to_tensor
+
+    return pil_to_tensor(load_image(image)).float().div_(255)
