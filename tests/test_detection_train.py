@@ -66,7 +66,7 @@ def clip():
 def test_a_few_steps_reduce_the_loss(clip):
     torch.manual_seed(0)
     det = OpenVocabDetector(clip, DetectorConfig(clip="toy-tiny", **DETECTOR))
-    det.set_vocabulary(BASE_NAMES)
+    vocab = det.encode_vocabulary(BASE_NAMES)
     det.train()
     scenes = toyworld.detection_scenes(4, seed=21)
     images = [torch.from_numpy(toyworld.render_array(s).copy()).permute(2, 0, 1).float() / 255 for s in scenes]
@@ -77,13 +77,14 @@ def test_a_few_steps_reduce_the_loss(clip):
                         "labels": torch.tensor([BASE_NAMES.index(o.category.name) for o in objects], dtype=torch.int64)})  # fmt: skip
     assert sum(len(t["labels"]) for t in targets) >= 4
     clip_before = {k: v.clone() for k, v in clip.state_dict().items()}
-    params = [p for p in det.parameters() if p.requires_grad]
-    assert params and not any(p.requires_grad for p in clip.parameters())
+    params = [p for _, p in det.trainable_named_parameters()]
+    clip_ids = {id(p) for p in clip.parameters()}
+    assert params and not any(id(p) in clip_ids for p in params)
     optimizer = torch.optim.AdamW(params, lr=1e-3)
 
     def losses() -> dict[str, torch.Tensor]:
         torch.manual_seed(0)  # the same proposal sampling every time
-        return det(images, targets)
+        return det(images, vocab, targets)
 
     with torch.no_grad():
         first = losses()
@@ -102,9 +103,12 @@ def test_a_few_steps_reduce_the_loss(clip):
         assert torch.equal(v, clip_before[k]), f"the frozen CLIP changed: {k}"
 
 
-def test_training_needs_a_vocabulary(clip):
+def test_training_needs_targets(clip):
     det = OpenVocabDetector(clip, DetectorConfig(clip="toy-tiny", **DETECTOR)).train()
-    with pytest.raises(CNClipError, match="vocabulary"):
+    vocab = det.encode_vocabulary(BASE_NAMES)
+    with pytest.raises(ValueError, match="needs targets"):
+        det([torch.rand(3, 64, 64)], vocab)
+    with pytest.raises(AttributeError):  # the vocabulary is an argument of every call, not state
         det([torch.rand(3, 64, 64)], [{"boxes": torch.tensor([[1.0, 1, 20, 20]]), "labels": torch.tensor([0])}])
 
 
@@ -114,10 +118,9 @@ def test_periodic_evaluation_keeps_the_training_vocabulary(clip, data):
     from cnclip_vision.detection.inference import detect_coco
 
     det = OpenVocabDetector(clip, DetectorConfig(clip="toy-tiny", **{**DETECTOR, "vlm_mode": "off"})).train()
-    training_vocabulary = det.set_vocabulary(BASE_NAMES)
     results, dataset = detect_coco(det, data["val"], progress=False)
     assert len(dataset.category_names) == 64 and results
-    assert det.vocabulary is training_vocabulary
+    assert not hasattr(det, "vocabulary")  # detect_coco used its own predictor; nothing to restore
     assert det.training
 
 
