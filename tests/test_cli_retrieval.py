@@ -76,8 +76,15 @@ def runs(tmp_path_factory):
                        "-k", "3", "--format", "csv", *model, env=env, cwd=tmp),
         "eval_embeddings": _cli("-q", "eval-retrieval", "--texts", str(texts), "--image-embeddings", "img_emb",
                                 "--text-embeddings", "txt_emb", env=env, cwd=tmp),
+        "index_build": _cli("-q", "index", "build", "txt_emb", "--memory", "1GB", env=env, cwd=tmp),
     })  # fmt: skip
-    return {**first, **second, "tmp": tmp}
+    third = _wait({
+        "search_ann": _cli("-v", "search", "一只橘猫", "--index", "txt_emb", "-k", "2", *model, env=env, cwd=tmp),
+        "search_exact": _cli("-v", "search", "一只橘猫", "--index", "txt_emb", "-k", "2", "--exact", *model, env=env, cwd=tmp),
+        "index_info": _cli("-q", "index", "info", "txt_emb", env=env, cwd=tmp),
+        "index_missing": _cli("-q", "index", "info", "img_emb", env=env, cwd=tmp),
+    })  # fmt: skip
+    return {**first, **second, **third, "tmp": tmp}
 
 
 def _ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -88,12 +95,12 @@ def _ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 def test_embed_images_reports_bad_files(runs):
     result = _ok(runs["embed_images"])
     summary = json.loads(result.stdout)
-    assert (summary["num_inputs"], summary["num_embedded"], summary["num_failed"], summary["num_shards"]) == (7, 6, 1, 3)
+    assert (summary["num_inputs"], summary["num_embedded"], summary["num_failed"], summary["num_shards"]) == (7, 6, 1, 4)
     [failure] = summary["failures"]
     assert failure["id"] == "bad.jpg" and failure["path"].endswith("bad.jpg") and failure["reason"]
     assert "bad.jpg" in result.stderr  # logged as it happens
     ids = (runs["tmp"] / "img_emb" / "ids.txt").read_text(encoding="utf-8").split()
-    assert ids == ["5.png", "img0.png", "img1.png", "img2.png", "sub/img3.png", "sub/img4.png"]
+    assert sorted(ids) == ["5.png", "img0.png", "img1.png", "img2.png", "sub/img3.png", "sub/img4.png"]
 
 
 def test_embed_texts(runs):
@@ -140,12 +147,26 @@ def test_errors_exit_2_with_one_line(runs, name, message):
     assert message in result.stderr
 
 
+def test_index_build_and_search_through_it(runs):
+    info = json.loads(_ok(runs["index_build"]).stdout)
+    assert info["index_key"] == "Flat" and info["num_vectors"] == 4  # under 1,000 vectors: exact, as autofaiss
+    assert info["measured"]["recall@1"] == 1.0 and (runs["tmp"] / "txt_emb" / info["index_file"]).is_file()
+    assert json.loads(_ok(runs["index_info"]).stdout)["current"] is True
+    assert runs["index_missing"].returncode == 2 and "has no FAISS index" in runs["index_missing"].stderr
+    ann, exact = _ok(runs["search_ann"]), _ok(runs["search_exact"])
+    assert "faiss:Flat search" in ann.stderr and "exact search" in exact.stderr
+    hits = [[(h["id"], h["score"]) for h in d[0]["results"]] for d in (json.loads(ann.stdout), json.loads(exact.stdout))]
+    assert len(hits[0]) == 2 and [i for i, _ in hits[0]] == [i for i, _ in hits[1]]
+    assert [s for _, s in hits[0]] == pytest.approx([s for _, s in hits[1]], abs=1e-5)
+
+
 def test_help_is_complete():
     from cnclip_vision.cli import build_parser
 
     parser = build_parser()
     commands = next(a for a in parser._actions if a.dest == "command").choices
-    for name in ("embed", "search", "eval-retrieval"):
+    commands["index build"] = next(a for a in commands["index"]._actions if a.dest == "index_command").choices["build"]
+    for name in ("embed", "search", "eval-retrieval", "index", "index build"):
         sub = commands[name]
         assert sub.description and len(sub.description) > 100
         for action in sub._actions:

@@ -14,6 +14,7 @@ from PIL import Image
 
 import cnclip_vision
 from cnclip_vision import retrieval
+from cnclip_vision.retrieval import store
 from cnclip_vision.errors import CNClipError
 from cnclip_vision.models.encode import encode_images, encode_texts
 from cnclip_vision.retrieval import (
@@ -73,7 +74,7 @@ def _extract(model, src, out, **kw):
 def test_image_shards_round_trip_and_bad_files(model, image_dir, tmp_path):
     summary = _extract(model, image_dir, tmp_path / "emb", shard_size=5)
     assert (summary["num_inputs"], summary["num_embedded"], summary["num_failed"]) == (14, 11, 3)
-    assert summary["num_shards"] == 3 and summary["reused_shards"] == 0
+    assert summary["num_shards"] == 4 and summary["reused_shards"] == 0  # 14 inputs / 5 -> the next power of two
     assert {f["id"] for f in summary["failures"]} == BAD
     for failure in summary["failures"]:
         assert failure["path"].endswith(failure["id"]) and failure["reason"]
@@ -86,7 +87,14 @@ def test_image_shards_round_trip_and_bad_files(model, image_dir, tmp_path):
     torch.testing.assert_close(emb, expected, atol=1e-5, rtol=1e-5)
     assert (tmp_path / "emb" / "ids.txt").read_text(encoding="utf-8").splitlines() == ids
     manifest = read_manifest(tmp_path / "emb")
-    assert [s["count"] for s in manifest["shards"]] == [5, 4, 2]  # 14 sorted inputs in shards of 5, minus failures
+    assert manifest["version"] == 2 and manifest["layout"] == {"scheme": "blake2b64-prefix", "num_shards": 4}
+    assert sum(s["num_items"] for s in manifest["shards"]) == 14 and sum(s["count"] for s in manifest["shards"]) == 11
+    row = 0
+    for shard in manifest["shards"]:  # each shard holds exactly the ids whose hash falls in it, in input order
+        held = ids[row : row + shard["count"]]
+        assert all(retrieval.shard_of(retrieval.item_hash(i), 4) == shard["shard"] for i in held)
+        assert held == sorted(held)
+        row += shard["count"]
     assert manifest["model"]["config"] == model.config.to_dict() and manifest["dim"] == model.config.embed_dim
 
     # float16 storage; a list file gives the ids as written in it
@@ -107,7 +115,7 @@ def test_interrupted_extraction_resumes_without_redoing_or_losing(model, image_d
     encoded: list[int] = []
     original_encode = model.encode_image
     monkeypatch.setattr(model, "encode_image", lambda x, **kw: (encoded.append(len(x)), original_encode(x, **kw))[1])
-    real_write, written = retrieval._write_shard, []
+    real_write, written = store.write_shard, []
 
     def write_then_die(path, embeddings, meta):
         real_write(path, embeddings, meta)
@@ -115,29 +123,33 @@ def test_interrupted_extraction_resumes_without_redoing_or_losing(model, image_d
         if len(written) == 2:
             raise KeyboardInterrupt  # as if Ctrl-C right after the second shard
 
-    monkeypatch.setattr(retrieval, "_write_shard", write_then_die)
+    monkeypatch.setattr(store, "write_shard", write_then_die)
     with pytest.raises(KeyboardInterrupt):
         _extract(model, image_dir, tmp_path / "emb", shard_size=3)
     with pytest.raises(CNClipError, match="did not finish"):
         load_embeddings(tmp_path / "emb")
     done_ids = {i for m in written for i in m["ids"]}
-    done_inputs = sum(m["stop"] - m["start"] for m in written)
-    assert done_inputs == 6 and not list((tmp_path / "emb").glob(".*.tmp"))
+    assert len(written) == 2 and not list((tmp_path / "emb").glob(".*.tmp"))
 
-    monkeypatch.setattr(retrieval, "_write_shard", real_write)
+    monkeypatch.setattr(store, "write_shard", real_write)
     encoded.clear()
     summary = _extract(model, image_dir, tmp_path / "emb", shard_size=3)
     assert summary["reused_shards"] == 2 and summary["num_failed"] == 3
     assert sum(encoded) == 11 - len(done_ids)  # the finished shards' images were not encoded again
+    assert summary["num_encoded"] == 14 - sum(m["num_items"] for m in written)
     ids, emb = load_embeddings(tmp_path / "emb")
     assert ids == reference_ids and len(set(ids)) == len(ids) == 11
     torch.testing.assert_close(emb, reference, atol=1e-5, rtol=1e-5)
 
     encoded.clear()  # a finished directory: nothing to do
-    assert _extract(model, image_dir, tmp_path / "emb", shard_size=3)["reused_shards"] == 5 and sum(encoded) == 0
-    encoded.clear()  # other settings invalidate the shards
-    assert _extract(model, image_dir, tmp_path / "emb", shard_size=4)["reused_shards"] == 0 and sum(encoded) == 11
-    assert sorted(p.name for p in (tmp_path / "emb").glob("shard-*")) == [f"shard-0000{i}.safetensors" for i in range(4)]
+    assert _extract(model, image_dir, tmp_path / "emb", shard_size=3)["reused_shards"] == 8 and sum(encoded) == 0
+    encoded.clear()  # another shard size: a new layout, whose shards copy the embeddings instead of encoding them
+    summary = _extract(model, image_dir, tmp_path / "emb", shard_size=4)
+    assert (summary["reused_shards"], summary["num_shards"], summary["num_copied"], sum(encoded)) == (0, 4, 11, 0)
+    assert sorted(p.name for p in (tmp_path / "emb").glob("shard-*")) == [f"shard-0000{i}-of-00004.safetensors" for i in range(4)]
+    ids, emb = load_embeddings(tmp_path / "emb")
+    order = [reference_ids.index(i) for i in ids]
+    assert sorted(ids) == sorted(reference_ids) and torch.equal(emb, reference[order])
     encoded.clear()
     assert _extract(model, image_dir, tmp_path / "emb", shard_size=4, resume=False)["reused_shards"] == 0
     assert sum(encoded) == 11
@@ -148,15 +160,17 @@ def test_text_embeddings_round_trip_and_model_change(model, tmp_path):
     lines = [json.dumps({"text_id": 100 + i, "text": t, "image_ids": [i]}, ensure_ascii=False) for i, t in enumerate(TEXTS)]
     path.write_text("\n".join(lines[:3] + [""] + lines[3:]) + "\n", encoding="utf-8")
     summary = extract_text_embeddings(model, path, tmp_path / "emb", shard_size=3, progress=False)
-    assert (summary["modality"], summary["num_embedded"], summary["num_shards"]) == ("text", 7, 3)
+    assert (summary["modality"], summary["num_embedded"], summary["num_shards"]) == ("text", 7, 4)
     ids, emb = load_embeddings(tmp_path / "emb")
-    assert ids == [str(100 + i) for i in range(7)]
-    torch.testing.assert_close(emb, encode_texts(model, TEXTS), atol=1e-5, rtol=1e-5)
+    assert sorted(ids) == [str(100 + i) for i in range(7)]
+    expected = encode_texts(model, TEXTS)[[int(i) - 100 for i in ids]]
+    torch.testing.assert_close(emb, expected, atol=1e-5, rtol=1e-5)
 
-    assert extract_text_embeddings(model, path, tmp_path / "emb", shard_size=3, progress=False)["reused_shards"] == 3
+    assert extract_text_embeddings(model, path, tmp_path / "emb", shard_size=3, progress=False)["reused_shards"] == 4
     torch.manual_seed(1)
     other = cnclip_vision.create_model(small_config("ViT-B-16")).eval()
-    assert extract_text_embeddings(other, path, tmp_path / "emb", shard_size=3, progress=False)["reused_shards"] == 0
+    summary = extract_text_embeddings(other, path, tmp_path / "emb", shard_size=3, progress=False)
+    assert (summary["reused_shards"], summary["num_copied"], summary["num_encoded"]) == (0, 0, 7)  # nothing mixed
 
 
 @pytest.mark.parametrize(

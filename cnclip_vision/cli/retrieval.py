@@ -17,22 +17,48 @@ _SCALARS = (int, float, str, bool, type(None))
 
 
 def _embed(args: argparse.Namespace) -> int:
-    from cnclip_vision.retrieval import extract_image_embeddings, extract_text_embeddings
+    from cnclip_vision.retrieval.dist import local_device, world_from_env
 
     if (args.images is None) == (args.texts is None):
         raise ValueError("give either an image folder / list file or --texts FILE.jsonl (exactly one)")
     if args.images is not None and not Path(args.images).exists():
         raise CNClipError(f"no such image folder or list file: {args.images}")
-    model = load_model(args)
     common = dict(batch_size=args.batch_size, shard_size=args.shard_size, dtype=args.dtype, resume=args.resume,
-                  progress=not args.quiet)  # fmt: skip
-    if args.texts is not None:
-        summary = extract_text_embeddings(model, args.texts, args.out, **common)
+                  verify=args.verify)  # fmt: skip
+    if args.engine == "ray":
+        summary = _embed_ray(args, common)
     else:
-        summary = extract_image_embeddings(model, args.images, args.out, num_workers=args.workers, **common)
+        rank, world, _ = world_from_env()
+        if world > 1:  # torchrun / srun: each rank on its own device, only rank 0 prints the summary
+            args.device = local_device(args.device)
+        model = load_model(args)
+        common.update(progress=not args.quiet, timeout_s=args.dist_timeout)
+        if args.texts is not None:
+            from cnclip_vision.retrieval import extract_text_embeddings
+
+            summary = extract_text_embeddings(model, args.texts, args.out, **common)
+        else:
+            from cnclip_vision.retrieval import extract_image_embeddings
+
+            summary = extract_image_embeddings(model, args.images, args.out, num_workers=args.workers, **common)
+        if rank != 0:
+            return 0
     summary["model"] = summary["model"]["description"]
     write_records(args, [{k: v for k, v in summary.items() if isinstance(v, _SCALARS)}], document=summary)
     return 0
+
+
+def _embed_ray(args: argparse.Namespace, common: dict[str, Any]) -> dict[str, Any]:
+    from cnclip_vision.retrieval import extract_image_embeddings_ray, extract_text_embeddings_ray
+
+    options = {"arch": args.arch, "precision": args.precision}
+    if args.device:
+        options["device"] = args.device
+    ray = dict(model_options=options, num_actors=args.ray_actors, num_gpus_per_actor=args.ray_gpus_per_actor,
+               ray_address=args.ray_address, **common)  # fmt: skip
+    if args.texts is not None:
+        return extract_text_embeddings_ray(args.model, args.texts, args.out, **ray)
+    return extract_image_embeddings_ray(args.model, args.images, args.out, num_workers=args.workers or 0, **ray)
 
 
 def _search(args: argparse.Namespace) -> int:
@@ -48,7 +74,9 @@ def _search(args: argparse.Namespace) -> int:
     if not texts and not images:
         raise ValueError("give query texts, --queries-file FILE, or --image QUERY_IMAGE")
     model = load_model(args)
-    index = EmbeddingIndex.from_dir(args.index, use_faiss=args.faiss, device=model.device)
+    index = EmbeddingIndex.from_dir(args.index, ann=False if args.exact else None, ann_params=args.ann_params,
+                                    use_faiss=args.faiss, device=model.device)  # fmt: skip
+    logger.info("%s: %d embeddings, %s search", args.index, len(index), index.backend)
     results = []
     if texts:
         results += [("text", q, hits) for q, hits in zip(texts, index.search_text(model, texts, args.top_k))]
@@ -101,6 +129,31 @@ def _eval_retrieval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _index_build(args: argparse.Namespace) -> int:
+    from cnclip_vision.retrieval.ann import build_ann_index
+
+    info = build_ann_index(args.embeddings, memory=args.memory, target_recall=args.recall, k=args.k,
+                           index_key=args.index_key, queries=args.queries, num_queries=args.num_queries,
+                           train_size=args.train_size, seed=args.seed, progress=not args.quiet)  # fmt: skip
+    row = {k: v for k, v in info.items() if isinstance(v, _SCALARS)}
+    row.update({f"test_{k}": v for k, v in info["measured"].items()})
+    write_records(args, [row], document=info)
+    return 0
+
+
+def _index_info(args: argparse.Namespace) -> int:
+    from cnclip_vision.retrieval import store
+    from cnclip_vision.retrieval.ann import read_ann_info
+
+    info = read_ann_info(args.embeddings)
+    if info is None:
+        raise CNClipError(f"{args.embeddings} has no FAISS index; build one with `cnclip index build {args.embeddings}`")
+    info["current"] = info.get("embeddings_digest") == store.embeddings_digest(store.read_manifest(args.embeddings))
+    row = {k: v for k, v in info.items() if isinstance(v, _SCALARS)}
+    write_records(args, [row], document=info)
+    return 0
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "embed",
@@ -109,7 +162,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         'a JSONL file ({"text_id", "text", "image_ids"} per line, the Chinese-CLIP/MUGE format), into --out: '
         "safetensors shards of L2-normalised embeddings, ids.txt and manifest.json. Image ids are paths relative "
         "to the folder (or as written in the list file). Unreadable images are reported on stderr, skipped and "
-        "listed in the summary. An interrupted run resumes where it stopped when rerun with the same arguments. "
+        "listed in the summary. An interrupted run resumes where it stopped when rerun with the same arguments; "
+        "items are placed in shards by a hash of their id, so a rerun after adding or removing images rewrites only "
+        "the shards that hold them and encodes only the new images. Several processes: `torchrun --nproc_per_node G "
+        "[--nnodes N ...] -m cnclip_vision.cli embed ...` or `srun ... cnclip embed ...` (each rank on GPU "
+        "LOCAL_RANK; the manifest is written once, after every rank has finished), or --engine ray. "
         "Prints a JSON summary (counts, failures).",
     )
     p.add_argument("images", nargs="?", help="image folder or .txt list file (omit with --texts)")
@@ -123,6 +180,18 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the finished shards of an earlier run with the same inputs and model "
                         "(--no-resume redoes everything; default: resume)")  # fmt: skip
+    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                   help="when resuming, check the finished shards' bytes against their checksums and redo damaged "
+                        "ones (--no-verify checks only headers and sizes; default: verify)")  # fmt: skip
+    p.add_argument("--engine", choices=("torchrun", "ray"), default="torchrun",
+                   help="torchrun: this process, or one rank of `torchrun`/`srun` (detected from the environment); "
+                        "ray: a pool of Ray Data actors (pip install 'ray[data]') (default: %(default)s)")  # fmt: skip
+    p.add_argument("--dist-timeout", type=float, default=24 * 3600, metavar="SECONDS",
+                   help="under torchrun/srun: how long a rank waits for the others (default: %(default)s)")  # fmt: skip
+    p.add_argument("--ray-address", default=None, help="--engine ray: the cluster to join (default: start a local one)")
+    p.add_argument("--ray-actors", type=int, default=1, help="--engine ray: actors, each with its own model (default: 1)")
+    p.add_argument("--ray-gpus-per-actor", type=float, default=0.0,
+                   help="--engine ray: GPUs per actor; > 0 loads the model on cuda (default: 0)")  # fmt: skip
     add_model_options(p)
     add_output_options(p)
     p.set_defaults(func=_embed)
@@ -130,7 +199,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "search",
         help="top-k search of an embeddings folder with text or image queries",
-        description="Exact cosine top-k search of the embeddings written by `cnclip embed`: query texts against "
+        description="Cosine top-k search of the embeddings written by `cnclip embed` (through the folder's FAISS "
+        "index when `cnclip index build` made one, memory-mapped where FAISS allows; exact otherwise): query texts against "
         "image embeddings (text→image), query images against image embeddings (image→image) or against text "
         "embeddings (image→text), texts against texts. Use the model the index was built with. Prints, per query, "
         "the k best ids with their cosine scores (JSON), or one row per hit (CSV / JSONL).",
@@ -140,7 +210,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image", action="append", metavar="QUERY_IMAGE", help="query image file (repeatable)")
     p.add_argument("--index", required=True, metavar="DIR", help="embeddings folder written by `cnclip embed`")
     p.add_argument("-k", "--top-k", type=int, default=10, help="results per query (default: %(default)s)")
-    p.add_argument("--faiss", action="store_true", help="search with faiss.IndexFlatIP (needs faiss-cpu; same results)")
+    p.add_argument("--faiss", action="store_true",
+                   help="exact search with faiss.IndexFlatIP instead of torch (needs faiss-cpu; same results)")  # fmt: skip
+    p.add_argument("--exact", action="store_true",
+                   help="ignore the folder's FAISS index (`cnclip index build`) and search exactly")  # fmt: skip
+    p.add_argument("--ann-params", default=None, metavar="PARAMS",
+                   help="override the FAISS index's tuned search parameters, e.g. efSearch=256 or nprobe=64")  # fmt: skip
     add_model_options(p)
     add_output_options(p)
     p.set_defaults(func=_search)
@@ -165,3 +240,36 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     add_model_options(p)
     add_output_options(p)
     p.set_defaults(func=_eval_retrieval)
+
+    p = sub.add_parser(
+        "index",
+        help="approximate nearest-neighbour (FAISS) index of an embeddings folder",
+        description="`cnclip index build EMB_DIR` chooses a FAISS index from the number of vectors and a memory budget "
+        "as autofaiss does (Flat below 1,000 vectors, HNSW while it fits, IVF-Flat, then OPQ+IVF+PQ), trains it on a "
+        "sample, adds the shards one by one, tunes nprobe / efSearch to the target recall@k against exact search on "
+        "held-out queries, measures recall, latency and size on other held-out queries, and writes the index and "
+        "ann.json (its parameters and figures) beside the embeddings. `cnclip search` and EmbeddingIndex.from_dir "
+        "use it from then on. `cnclip index info EMB_DIR` prints ann.json.",
+    )
+    actions = p.add_subparsers(dest="index_command", required=True, metavar="ACTION", help="build or info")
+    b = actions.add_parser("build", help="build, tune and write the index", description=p.description)
+    b.add_argument("embeddings", metavar="EMB_DIR", help="embeddings folder written by `cnclip embed`")
+    b.add_argument("--memory", default="4GB", help="memory budget of the index, e.g. 1GB, 512MB (default: %(default)s)")
+    b.add_argument("--recall", type=float, default=0.95,
+                   help="target recall@k against exact search to tune for (default: %(default)s)")  # fmt: skip
+    b.add_argument("-k", type=int, default=10, help="the k of recall@k (default: %(default)s)")
+    b.add_argument("--index-key", default=None, metavar="KEY",
+                   help="a FAISS index factory key instead of the automatic choice, e.g. IVF1024,Flat")  # fmt: skip
+    b.add_argument("--queries", default=None, metavar="DIR",
+                   help="embeddings folder of tuning/test queries, e.g. text embeddings for text→image search "
+                        "(default: rows of the collection, their own row left out)")  # fmt: skip
+    b.add_argument("--num-queries", type=int, default=1000, help="queries per set, tuning and test (default: %(default)s)")
+    b.add_argument("--train-size", type=int, default=None, help="training sample (default: 64 per IVF cluster)")
+    b.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    add_output_options(b)
+    b.set_defaults(func=_index_build)
+    i = actions.add_parser("info", help="print the index's parameters and measured figures",
+                           description="Print ann.json of an embeddings folder and whether it matches the embeddings.")  # fmt: skip
+    i.add_argument("embeddings", metavar="EMB_DIR", help="embeddings folder with a FAISS index")
+    add_output_options(i)
+    i.set_defaults(func=_index_info)
