@@ -202,7 +202,8 @@ class Service:
         logger.info("loading model %s on %s", config.model, device)
         model = cnclip_vision.load(config.model, device=device)
         index = cnclip_vision.EmbeddingIndex.from_dir(index_dir)
-        logger.info("index %s: %d %s embeddings", index_dir, len(index), (index.manifest or {}).get("modality"))
+        logger.info("index %s: %d %s embeddings, %s search", index_dir, len(index), (index.manifest or {}).get("modality"),
+                    index.backend)  # fmt: skip
         detector = None
         if config.detector:
             from cnclip_vision.detection import OpenVocabDetector
@@ -415,7 +416,8 @@ class Service:
         return {
             "model": self.config.model,
             "embed_dim": self.index.dim,
-            "index": {"size": len(self.index), "modality": self.modality, "thumbnails": self.image_root is not None},
+            "index": {"size": len(self.index), "modality": self.modality, "thumbnails": self.image_root is not None,
+                      "search": self.index.backend},
             "detector": self.config.detector if det is not None else None,
             "example_labels": seen[:6],
             "limits": {k: getattr(self.config, k) for k in ("max_upload_bytes", "max_image_pixels", "max_labels",
