@@ -29,11 +29,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = common.base_parser(__doc__)
     parser.add_argument("--arch", default="ViT-B-16")
     parser.add_argument("--batch-size", type=int, default=None, help="default 32 (quick: 4)")
-    parser.add_argument("--modes", default=None,
-                        help="CPU suite: our modes, from fp32,int8,compile,bf16 (default fp32,int8,compile; quick: fp32,int8)")
+    parser.add_argument(
+        "--modes",
+        default=None,
+        help="CPU suite: our modes, from fp32,int8,compile,bf16 (default fp32,int8,compile; quick: fp32,int8)",
+    )
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
-                        help="same-precision comparison (ours and transformers both in this dtype)")
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "fp16"],
+        default=None,
+        help="same-precision comparison (ours and transformers both in this dtype)",
+    )
     parser.add_argument("--compile", action="store_true", help="same-precision path: also time ours with compile=True")
     parser.add_argument("--autocast-batch", type=int, default=8, help="images the autocast reference is timed on")
     parser.add_argument("--skip-autocast", action="store_true")
@@ -110,11 +117,26 @@ def cpu_suite(args, config, directory, roofline: common.Roofline, report: common
             cos = common.cosine_min(outputs[f"ours {m}"], ref_out)
             note = notes.get(m, "")
         label = {"compile": "ours fp32 + torch.compile"}.get(m, f"ours {m}")
-        rows.append(report.row(
-            measure, label, reference, unit="img/s", ours_value=per_s, ref_value=ref_per_s, target=3.5,
-            cosine=cos, ours_roofline=roofline.items_per_s(kind, gflop), ref_roofline=roofline.items_per_s("fp32", ref_gflop),
-            ours_gflop=gflop, ref_gflop=ref_gflop, notes=note, mode=m, batch=batch, repeats=repeats,
-        ))  # fmt: skip
+        rows.append(
+            report.row(
+                measure,
+                label,
+                reference,
+                unit="img/s",
+                ours_value=per_s,
+                ref_value=ref_per_s,
+                target=3.5,
+                cosine=cos,
+                ours_roofline=roofline.items_per_s(kind, gflop),
+                ref_roofline=roofline.items_per_s("fp32", ref_gflop),
+                ours_gflop=gflop,
+                ref_gflop=ref_gflop,
+                notes=note,
+                mode=m,
+                batch=batch,
+                repeats=repeats,
+            )
+        )
     best = common.mark_headline(rows)
     for r in rows:
         report.emit(r)
@@ -129,14 +151,27 @@ def cpu_suite(args, config, directory, roofline: common.Roofline, report: common
         seconds = time.perf_counter() - start
     auto_per_s = len(small) / seconds
     auto_cos = common.cosine_min(out, ref_out[: len(small)])
-    report.emit(report.row(
-        measure, best["ours"], "transformers fp32 weights, bf16 autocast (SDPA)", unit="img/s",
-        ours_value=best["ours_value"], ref_value=auto_per_s, target=1.3, cosine=best["cosine_min"],
-        ours_roofline=best["ours_roofline"], ref_roofline=roofline.items_per_s("bf16", ref_gflop),
-        ours_gflop=gflop, ref_gflop=ref_gflop, headline=True, mode=best.get("mode"), batch=batch,
-        notes=f"reference timed once on batch {len(small)} ({seconds:.0f} s, after a 1-image warm-up), per image; "
-              f"its cosine to fp32 {auto_cos:.5f}; ours as in the headline row",
-    ))  # fmt: skip
+    report.emit(
+        report.row(
+            measure,
+            best["ours"],
+            "transformers fp32 weights, bf16 autocast (SDPA)",
+            unit="img/s",
+            ours_value=best["ours_value"],
+            ref_value=auto_per_s,
+            target=1.3,
+            cosine=best["cosine_min"],
+            ours_roofline=best["ours_roofline"],
+            ref_roofline=roofline.items_per_s("bf16", ref_gflop),
+            ours_gflop=gflop,
+            ref_gflop=ref_gflop,
+            headline=True,
+            mode=best.get("mode"),
+            batch=batch,
+            notes=f"reference timed once on batch {len(small)} ({seconds:.0f} s, after a 1-image warm-up), per image; "
+            f"its cosine to fp32 {auto_cos:.5f}; ours as in the headline row",
+        )
+    )
 
 
 def same_precision(args, config, directory, roofline: common.Roofline, report: common.Report) -> None:
@@ -158,8 +193,9 @@ def same_precision(args, config, directory, roofline: common.Roofline, report: c
     gflop = common.count_gflop(lambda x: ours["eager"].encode_image(x), pixels[:1])
 
     with torch.inference_mode():
-        fp32_out = torch.cat([common.hf_features(ref32.get_image_features(pixel_values=c)).float()
-                              for c in pixels.split(64)])  # fmt: skip
+        fp32_out = torch.cat(
+            [common.hf_features(ref32.get_image_features(pixel_values=c)).float() for c in pixels.split(64)]
+        )
     if ref32 is not ref:
         del ref32
         if on_gpu:
@@ -190,13 +226,22 @@ def same_precision(args, config, directory, roofline: common.Roofline, report: c
     for k in ours:
         per_s = batch / common.median(times[f"ours {k}"])
         report.add(
-            measure, f"ours {precision}" + (" + torch.compile" if k == "compile" else ""),
-            f"transformers {precision} (SDPA)", unit="img/s", ours_value=per_s, ref_value=ref_per_s,
-            cosine=common.cosine_min(outputs[f"ours {k}"], fp32_out), ours_roofline=roofline.items_per_s(precision, gflop),
-            ref_roofline=roofline.items_per_s(precision, gflop), ours_gflop=gflop, ref_gflop=gflop,
+            measure,
+            f"ours {precision}" + (" + torch.compile" if k == "compile" else ""),
+            f"transformers {precision} (SDPA)",
+            unit="img/s",
+            ours_value=per_s,
+            ref_value=ref_per_s,
+            cosine=common.cosine_min(outputs[f"ours {k}"], fp32_out),
+            ours_roofline=roofline.items_per_s(precision, gflop),
+            ref_roofline=roofline.items_per_s(precision, gflop),
+            ours_gflop=gflop,
+            ref_gflop=gflop,
             notes=f"reference cosine to fp32 {common.cosine_min(outputs['reference'], fp32_out):.5f}",
-            batch=batch, device=device, precision=precision,
-        )  # fmt: skip
+            batch=batch,
+            device=device,
+            precision=precision,
+        )
 
 
 if __name__ == "__main__":

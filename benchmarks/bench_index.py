@@ -47,7 +47,9 @@ def _centres(n: int, d: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     supers = rng.standard_normal((max(1, n // 2000), d))
     supers /= np.linalg.norm(supers, axis=1, keepdims=True)
-    centres = supers[rng.integers(0, len(supers), max(1, n // 100))] + rng.standard_normal((max(1, n // 100), d)) * (0.8 / np.sqrt(d))
+    centres = supers[rng.integers(0, len(supers), max(1, n // 100))] + rng.standard_normal((max(1, n // 100), d)) * (
+        0.8 / np.sqrt(d)
+    )
     return centres / np.linalg.norm(centres, axis=1, keepdims=True)
 
 
@@ -83,8 +85,16 @@ def make_collection(out: Path, n: int, d: int, shard: int, seed: int) -> np.ndar
     for s in range(num_shards):
         rows = np.flatnonzero(where == s)
         shard_ids = [ids[r] for r in rows]
-        meta = {**key, "layout": store.LAYOUT, "shard": s, "num_shards": num_shards, "digest": store.ids_digest(shard_ids),
-                "num_items": len(rows), "ids": shard_ids, "failures": []}  # fmt: skip
+        meta = {
+            **key,
+            "layout": store.LAYOUT,
+            "shard": s,
+            "num_shards": num_shards,
+            "digest": store.ids_digest(shard_ids),
+            "num_items": len(rows),
+            "ids": shard_ids,
+            "failures": [],
+        }
         store.write_shard(out / store.shard_name(s, num_shards), np.ascontiguousarray(vectors[rows]), meta)
     del vectors
     (out / "vectors.tmp.npy").unlink()
@@ -150,11 +160,18 @@ def child_build(directory: str, memory: str, target: float, num_queries: int) ->
 
 
 def build(directory: Path, memory: str, target: float, num_queries: int) -> dict[str, Any]:
-    code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); sys.argv = ['x']; import bench_index; "
-            f"bench_index.child_build({str(directory)!r}, {memory!r}, {target!r}, {num_queries!r})")  # fmt: skip
+    code = (
+        f"import sys; sys.path.insert(0, {str(REPO)!r}); sys.argv = ['x']; import bench_index; "
+        f"bench_index.child_build({str(directory)!r}, {memory!r}, {target!r}, {num_queries!r})"
+    )
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=str(Path(__file__).parent)))  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).parent,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(Path(__file__).parent)),
+    )
     if proc.returncode:
         raise RuntimeError(f"index build failed:\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -208,9 +225,32 @@ def extraction(images: Path, work: Path, procs: int, repeats: int) -> dict[str, 
     for r in range(repeats):
         out = work / f"extract-{procs}"
         shutil.rmtree(out, ignore_errors=True)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs), "-m",
-               "cnclip_vision.cli", "-q", "embed", str(images), "--out", str(out), "--model", "toy-tiny", "--device",
-               "cpu", "--workers", "0", "--batch-size", "64", "--shard-size", "500", "--no-resume"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(procs),
+            "-m",
+            "cnclip_vision.cli",
+            "-q",
+            "embed",
+            str(images),
+            "--out",
+            str(out),
+            "--model",
+            "toy-tiny",
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+            "--batch-size",
+            "64",
+            "--shard-size",
+            "500",
+            "--no-resume",
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
         if proc.returncode:
             raise RuntimeError(f"extraction with {procs} processes failed:\n{proc.stderr[-3000:]}")
@@ -230,7 +270,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--images", type=int, default=3000, help="images for the extraction runs (0: skip)")
     parser.add_argument("--work", default=str(REPO / "build" / "bench" / "index"), help="cache and scratch folder")
     parser.add_argument("--json", default=None, help="also write the results here")
-    parser.add_argument("--quick", action="store_true", help="20,000 x 64, budgets 6MB (IVF-Flat) / 64MB (HNSW), 128 images: a smoke test")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="20,000 x 64, budgets 6MB (IVF-Flat) / 64MB (HNSW), 128 images: a smoke test",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.n, args.dim, args.budgets, args.images = 20_000, 64, ["6MB", "64MB"], 128
@@ -242,9 +286,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from cnclip_vision.retrieval import EmbeddingIndex, exact_topk, read_manifest
 
     results: dict[str, Any] = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "python": platform.python_version(), "torch": torch.__version__, "faiss": faiss.__version__,
-                    "threads": torch.get_num_threads()},  # fmt: skip
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "faiss": faiss.__version__,
+            "threads": torch.get_num_threads(),
+        },
         "data": {"n": args.n, "dim": args.dim, "shard_rows": 10_000, "dtype": "float32"},
     }
     with open("/proc/cpuinfo") as f:
@@ -274,14 +323,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         index = EmbeddingIndex.from_dir(directory)
         row = measure_search(index, queries, truth, limit)
         bound = 1.5 * info["index_bytes"] / 2**20 + shard_bytes / 2**20
-        row.update(index=info["index_key"], params=info["params"], bytes_per_vector=info["bytes_per_vector"],
-                   index_mb=round(info["index_bytes"] / 2**20, 1), build_s=info["build_seconds"],
-                   train_size=info["train_size"], tuned_recall10=info["tuned"]["recall@10"],
-                   heldout_recall10=info["measured"]["recall@10"], peak_rss_mb=round(built["peak_rss_mb"], 1),
-                   rss_start_mb=round(built["rss_start_mb"], 1),
-                   phase_peak_rss_mb={k: round(v, 1) for k, v in built["phase_peak_rss_mb"].items()},
-                   rss_bound_mb=round(bound, 1), rss_bound_met=built["peak_rss_mb"] <= bound,
-                   add_phase_bound_met=built["phase_peak_rss_mb"].get("add", 0) <= bound, mmapped=index._ann.mmapped)  # fmt: skip
+        row.update(
+            index=info["index_key"],
+            params=info["params"],
+            bytes_per_vector=info["bytes_per_vector"],
+            index_mb=round(info["index_bytes"] / 2**20, 1),
+            build_s=info["build_seconds"],
+            train_size=info["train_size"],
+            tuned_recall10=info["tuned"]["recall@10"],
+            heldout_recall10=info["measured"]["recall@10"],
+            peak_rss_mb=round(built["peak_rss_mb"], 1),
+            rss_start_mb=round(built["rss_start_mb"], 1),
+            phase_peak_rss_mb={k: round(v, 1) for k, v in built["phase_peak_rss_mb"].items()},
+            rss_bound_mb=round(bound, 1),
+            rss_bound_met=built["peak_rss_mb"] <= bound,
+            add_phase_bound_met=built["phase_peak_rss_mb"].get("add", 0) <= bound,
+            mmapped=index._ann.mmapped,
+        )
         rows[f"budget {budget}"] = row
         del index
     base = rows["exact (EmbeddingIndex, torch)"]
@@ -298,16 +356,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ext[1]["speedup"] = round(ext[1]["images_per_s"] / ext[0]["images_per_s"], 2)
         results["extraction"] = ext
 
-    lines = ["| search | index | params | bytes/vec | recall@1 | recall@10 | q/s b1 | q/s b64 | x exact b1 | x exact b64 | build s | peak RSS MB (bound) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| search | index | params | bytes/vec | recall@1 | recall@10 | q/s b1 | q/s b64 | x exact b1 | x exact b64 | build s | peak RSS MB (bound) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in rows.items():
         rss = f"{r['peak_rss_mb']} ({r['rss_bound_mb']})" if "peak_rss_mb" in r else "-"
-        lines.append(f"| {name} | {r['index']} | {r.get('params') or '-'} | {r['bytes_per_vector']} | {r['recall@1']} | "
-                     f"{r['recall@10']} | {r['qps_batch1']} | {r['qps_batch64']} | {r['speedup_batch1']} | "
-                     f"{r['speedup_batch64']} | {r.get('build_s', '-')} | {rss} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {r['index']} | {r.get('params') or '-'} | {r['bytes_per_vector']} | {r['recall@1']} | "
+            f"{r['recall@10']} | {r['qps_batch1']} | {r['qps_batch64']} | {r['speedup_batch1']} | "
+            f"{r['speedup_batch64']} | {r.get('build_s', '-')} | {rss} |"
+        )
     for e in results.get("extraction", []):
-        lines.append(f"extraction, {e['processes']} process(es): {e['images_per_s']} img/s" +
-                     (f" ({e['speedup']}x)" if "speedup" in e else ""))  # fmt: skip
+        lines.append(
+            f"extraction, {e['processes']} process(es): {e['images_per_s']} img/s"
+            + (f" ({e['speedup']}x)" if "speedup" in e else "")
+        )
     results["table"] = "\n".join(lines)
     sys.stdout.write(json.dumps(results, indent=2) + "\n")
     logger.info("\n%s", results["table"])

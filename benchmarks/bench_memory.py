@@ -53,8 +53,13 @@ print("RESULT " + json.dumps({"rss_after_imports_kb": before, "peak_kb": peak, "
 def measure(which: str, directory: Path, precision: str) -> dict:
     env = dict(os.environ, PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(common.REPO), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, "-c", CHILD, which, str(directory), precision],
-                          capture_output=True, text=True, env=env, check=False)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, which, str(directory), precision],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT ") :])
@@ -64,7 +69,9 @@ def measure(which: str, directory: Path, precision: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = common.base_parser(__doc__)
     parser.add_argument("--arch", default="ViT-H-14")
-    parser.add_argument("--precisions", default=None, help="our load precisions measured (default fp32,bf16; quick fp32)")
+    parser.add_argument(
+        "--precisions", default=None, help="our load precisions measured (default fp32,bf16; quick fp32)"
+    )
     parser.add_argument("--skip-transformers", action="store_true", help="(quick skips it too)")
     parser.add_argument("--tmp-dir", default=None, help="where the ~4 GB of weights go (default: system temp)")
     args = parser.parse_args(argv)
@@ -83,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         model.save_pretrained(tmp)
         del model
         disk = sum(p.stat().st_size for p in Path(tmp).iterdir())
-        common.log(f"created and saved {common.arch_name(config)} ({disk / gb:.2f} GB) in {time.perf_counter() - start:.0f} s")
+        common.log(
+            f"created and saved {common.arch_name(config)} ({disk / gb:.2f} GB) in {time.perf_counter() - start:.0f} s"
+        )
         precisions = args.precisions or ("fp32" if args.quick else "fp32,bf16")
         results = {p: measure("ours", Path(tmp), p) for p in precisions.split(",") if p}
         hf = None if args.skip_transformers or args.quick else measure("transformers", Path(tmp), "fp32")
@@ -92,23 +101,38 @@ def main(argv: list[str] | None = None) -> int:
     for precision, r in results.items():
         peak = (r["peak_kb"] - r["rss_after_imports_kb"]) * 1024
         report.add(
-            f"{measure_name} ({precision})", f"ours load(precision={precision!r})", f"{precision} parameter bytes",
-            unit="GB", ours_value=peak / gb, ref_value=r["param_bytes"] / gb, target=1.2, target_kind="max",
+            f"{measure_name} ({precision})",
+            f"ours load(precision={precision!r})",
+            f"{precision} parameter bytes",
+            unit="GB",
+            ours_value=peak / gb,
+            ref_value=r["param_bytes"] / gb,
+            target=1.2,
+            target_kind="max",
             notes=f"load {r['seconds']:.1f} s; RSS after imports {r['rss_after_imports_kb'] / 1024**2:.2f} GB; "
-                  f"file {disk / gb:.2f} GB (fp32)",
-            peak_bytes=peak, param_bytes=r["param_bytes"], load_seconds=r["seconds"],
-        )  # fmt: skip
+            f"file {disk / gb:.2f} GB (fp32)",
+            peak_bytes=peak,
+            param_bytes=r["param_bytes"],
+            load_seconds=r["seconds"],
+        )
     if hf is not None and "fp32" in results:
         ours = results["fp32"]
         ours_peak = (ours["peak_kb"] - ours["rss_after_imports_kb"]) * 1024
         hf_peak = (hf["peak_kb"] - hf["rss_after_imports_kb"]) * 1024
         report.add(
-            f"{measure_name} (fp32)", "ours load(precision='fp32')", "transformers ChineseCLIPModel.from_pretrained fp32",
-            unit="GB", ours_value=ours_peak / gb, ref_value=hf_peak / gb,
+            f"{measure_name} (fp32)",
+            "ours load(precision='fp32')",
+            "transformers ChineseCLIPModel.from_pretrained fp32",
+            unit="GB",
+            ours_value=ours_peak / gb,
+            ref_value=hf_peak / gb,
             notes=f"transformers: {hf_peak / hf['param_bytes']:.2f}x its parameter bytes, load {hf['seconds']:.1f} s; "
-                  f"ours load {ours['seconds']:.1f} s",
-            peak_bytes=ours_peak, ref_peak_bytes=hf_peak, load_seconds=ours["seconds"], ref_load_seconds=hf["seconds"],
-        )  # fmt: skip
+            f"ours load {ours['seconds']:.1f} s",
+            peak_bytes=ours_peak,
+            ref_peak_bytes=hf_peak,
+            load_seconds=ours["seconds"],
+            ref_load_seconds=hf["seconds"],
+        )
     report.done()
     return 0
 

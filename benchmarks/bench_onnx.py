@@ -49,7 +49,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import cnclip_vision
 
-    with common.weights_dir(config, args.seed) as directory, tempfile.TemporaryDirectory(prefix="cnclip-bench-onnx-") as out:
+    with (
+        common.weights_dir(config, args.seed) as directory,
+        tempfile.TemporaryDirectory(prefix="cnclip-bench-onnx-") as out,
+    ):
         model = cnclip_vision.load(directory, precision="fp32")
         start = time.perf_counter()
         try:
@@ -60,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         common.log(f"exported in {export_seconds:.0f} s")
         onnx_file = Path(out) / "image_encoder.onnx"
         if not onnx_file.is_file():
-            report.skipped(measure, f"export_onnx wrote no {onnx_file.name} (files: {sorted(p.name for p in Path(out).iterdir())})")
+            report.skipped(
+                measure, f"export_onnx wrote no {onnx_file.name} (files: {sorted(p.name for p in Path(out).iterdir())})"
+            )
             report.done()
             return 0
         options = ort.SessionOptions()
@@ -84,15 +89,24 @@ def main(argv: list[str] | None = None) -> int:
         gflop = common.count_gflop(lambda x: model.encode_image(x), pixels[:1])
 
     report.add(
-        measure, f"onnxruntime {ort.__version__} fp32 ({onnx_file.name}, {input_name} -> {output_name})",
-        "ours PyTorch fp32 (encode_image)", unit="img/s", ours_value=batch / common.median(times["onnxruntime"]),
-        ref_value=batch / common.median(times["pytorch"]), cosine=common.cosine_min(outputs["onnxruntime"], outputs["pytorch"]),
-        ours_roofline=roofline.items_per_s("fp32", gflop), ref_roofline=roofline.items_per_s("fp32", gflop),
-        ours_gflop=gflop, ref_gflop=gflop, batch=batch, repeats=repeats, export_seconds=export_seconds,
+        measure,
+        f"onnxruntime {ort.__version__} fp32 ({onnx_file.name}, {input_name} -> {output_name})",
+        "ours PyTorch fp32 (encode_image)",
+        unit="img/s",
+        ours_value=batch / common.median(times["onnxruntime"]),
+        ref_value=batch / common.median(times["pytorch"]),
+        cosine=common.cosine_min(outputs["onnxruntime"], outputs["pytorch"]),
+        ours_roofline=roofline.items_per_s("fp32", gflop),
+        ref_roofline=roofline.items_per_s("fp32", gflop),
+        ours_gflop=gflop,
+        ref_gflop=gflop,
+        batch=batch,
+        repeats=repeats,
+        export_seconds=export_seconds,
         max_abs_diff=common.max_abs_diff(outputs["onnxruntime"], outputs["pytorch"]),
         notes=f"max abs diff {common.max_abs_diff(outputs['onnxruntime'], outputs['pytorch']):.2e}; "
-              f"export (both encoders) {export_seconds:.0f} s, not timed",
-    )  # fmt: skip
+        f"export (both encoders) {export_seconds:.0f} s, not timed",
+    )
     report.done()
     return 0
 

@@ -49,8 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", default="ViT-B-16")
     parser.add_argument("--batch-sizes", default=None, help="default 1,2,4,8,16,32,64 (quick 1,2)")
     parser.add_argument("--resolutions", default=None, help="default 224,448,640,1024 (quick 64,128)")
-    parser.add_argument("--detector-size", type=int, default=None,
-                        help="default 640 (quick: 64, with a small pyramid and region head)")
+    parser.add_argument(
+        "--detector-size", type=int, default=None, help="default 640 (quick: 64, with a small pyramid and region head)"
+    )
     parser.add_argument("--point-budget", type=float, default=6.0, help="seconds of timed runs per point")
     parser.add_argument("--skip-detector", action="store_true")
     args = parser.parse_args(argv)
@@ -90,13 +91,21 @@ def main(argv: list[str] | None = None) -> int:
             per_s = bs / secs[m]
             base.setdefault(m, per_s)
             report.add(
-                f"scaling: image embedding vs batch size ({name}, {size}px)", f"ours {m}, batch {bs}",
-                f"ours {m}, batch {batch_sizes[0]}", unit="img/s", ours_value=per_s, ref_value=base[m],
+                f"scaling: image embedding vs batch size ({name}, {size}px)",
+                f"ours {m}, batch {bs}",
+                f"ours {m}, batch {batch_sizes[0]}",
+                unit="img/s",
+                ours_value=per_s,
+                ref_value=base[m],
                 cosine=common.cosine_min(outs[m], outs["fp32"]) if m != "fp32" else None,
                 ours_roofline=roofline.items_per_s("int8" if m == "int8" else "fp32", gflop),
-                ref_roofline=roofline.items_per_s("int8" if m == "int8" else "fp32", gflop), ours_gflop=gflop,
-                ref_gflop=gflop, notes=f"{repeats} timed run{'s' if repeats > 1 else ''}", batch=bs, mode=m,
-            )  # fmt: skip
+                ref_roofline=roofline.items_per_s("int8" if m == "int8" else "fp32", gflop),
+                ours_gflop=gflop,
+                ref_gflop=gflop,
+                notes=f"{repeats} timed run{'s' if repeats > 1 else ''}",
+                batch=bs,
+                mode=m,
+            )
 
     # --- resolution ---------------------------------------------------------------------------------
     backbone = vit_fpn_backbone(config, weights=models["fp32"], out_channels=small.get("out_channels", 256)).eval()
@@ -111,12 +120,17 @@ def main(argv: list[str] | None = None) -> int:
         g = common.count_gflop(lambda t: backbone(t), x)
         common.log(f"backbone {res}px: {1 / secs['backbone']:.3f} img/s")
         report.add(
-            f"scaling: ViTDet backbone forward vs resolution ({name}, batch 1)", f"ours fp32, {res}x{res}", "-",
-            unit="img/s", ours_value=1 / secs["backbone"], ref_value=None,
-            ours_roofline=roofline.items_per_s("fp32", g), ours_gflop=g,
+            f"scaling: ViTDet backbone forward vs resolution ({name}, batch 1)",
+            f"ours fp32, {res}x{res}",
+            "-",
+            unit="img/s",
+            ours_value=1 / secs["backbone"],
+            ref_value=None,
+            ours_roofline=roofline.items_per_s("fp32", g),
+            ours_gflop=g,
             notes=f"{(res // 16) ** 2} tokens; {g:.0f} GFLOP; {repeats} timed run{'s' if repeats > 1 else ''}",
             resolution=res,
-        )  # fmt: skip
+        )
 
     # --- detector -----------------------------------------------------------------------------------
     if not args.skip_detector:
@@ -145,11 +159,16 @@ def main(argv: list[str] | None = None) -> int:
             common.log(f"detector {mode}: {per_s:.3f} img/s")
             report.add(
                 f"detector images/s ({name}, {det_size}x{det_size}, 3 labels)",
-                f"OpenVocabDetector fp32, vlm_mode={mode!r}", "-", unit="img/s", ours_value=per_s, ref_value=None,
-                ours_roofline=roofline.items_per_s("fp32", g), ours_gflop=g,
+                f"OpenVocabDetector fp32, vlm_mode={mode!r}",
+                "-",
+                unit="img/s",
+                ours_value=per_s,
+                ref_value=None,
+                ours_roofline=roofline.items_per_s("fp32", g),
+                ours_gflop=g,
                 notes=f"{g:.0f} GFLOP per image (whole predict); {repeats} timed run{'s' if repeats > 1 else ''}",
                 vlm_mode=mode,
-            )  # fmt: skip
+            )
     report.done()
     return 0
 

@@ -48,8 +48,18 @@ MIXES = {
     "search": {"search": 1.0},
     "mixed": {"search": 0.6, "image": 0.2, "classify": 0.1, "detect": 0.1},
 }
-QUERIES = ["红色圆形", "一个蓝色的三角形", "绿色正方形", "图中是一个黄色的五角星", "紫色的心形", "橙色菱形",
-           "青色半圆形", "粉色十字形", "左上角有一个红色的圆形", "两个蓝色的三角形"]  # fmt: skip
+QUERIES = [
+    "红色圆形",
+    "一个蓝色的三角形",
+    "绿色正方形",
+    "图中是一个黄色的五角星",
+    "紫色的心形",
+    "橙色菱形",
+    "青色半圆形",
+    "粉色十字形",
+    "左上角有一个红色的圆形",
+    "两个蓝色的三角形",
+]
 
 
 @dataclass
@@ -78,12 +88,21 @@ class Result:
 
     def summary(self) -> dict[str, Any]:
         every = [x for xs in self.latencies_ms.values() for x in xs]
-        out = {"scenario": self.scenario, "clients": self.clients, "requests_per_client": self.requests_per_client,
-               "planned": self.planned, "done": self.done, "errors": self.errors, "wall_s": round(self.wall_s, 3),
-               "throughput_rps": round(self.done / self.wall_s, 2) if self.wall_s > 0 else 0.0,
-               "stopped_by_deadline": self.stopped_by_deadline, **_percentiles(every),
-               "per_kind": {k: {"n": len(v), **_percentiles(v)} for k, v in sorted(self.latencies_ms.items())},
-               "batching": self.batching, "error_samples": self.error_samples[:5]}  # fmt: skip
+        out = {
+            "scenario": self.scenario,
+            "clients": self.clients,
+            "requests_per_client": self.requests_per_client,
+            "planned": self.planned,
+            "done": self.done,
+            "errors": self.errors,
+            "wall_s": round(self.wall_s, 3),
+            "throughput_rps": round(self.done / self.wall_s, 2) if self.wall_s > 0 else 0.0,
+            "stopped_by_deadline": self.stopped_by_deadline,
+            **_percentiles(every),
+            "per_kind": {k: {"n": len(v), **_percentiles(v)} for k, v in sorted(self.latencies_ms.items())},
+            "batching": self.batching,
+            "error_samples": self.error_samples[:5],
+        }
         return out
 
 
@@ -95,8 +114,13 @@ def _percentiles(values: Sequence[float]) -> dict[str, float]:
     def pct(p: float) -> float:  # nearest-rank percentile
         return ordered[min(len(ordered) - 1, max(0, int(round(p / 100 * len(ordered) + 0.5)) - 1))]
 
-    return {"p50_ms": round(pct(50), 2), "p90_ms": round(pct(90), 2), "p99_ms": round(pct(99), 2),
-            "mean_ms": round(statistics.fmean(ordered), 2), "max_ms": round(ordered[-1], 2)}  # fmt: skip
+    return {
+        "p50_ms": round(pct(50), 2),
+        "p90_ms": round(pct(90), 2),
+        "p99_ms": round(pct(99), 2),
+        "mean_ms": round(statistics.fmean(ordered), 2),
+        "max_ms": round(ordered[-1], 2),
+    }
 
 
 def check_loopback(url: str) -> None:
@@ -119,16 +143,23 @@ def _request(client: Any, kind: str, rng: random.Random, payloads: Payloads) -> 
     if kind == "search":
         return client.post("/api/search", json={"text": rng.choice(payloads.texts), "k": 10})
     if kind == "image":
-        return client.post("/api/search/image", files={"image": ("q.png", rng.choice(payloads.images), "image/png")},
-                           data={"k": "10"})  # fmt: skip
+        return client.post(
+            "/api/search/image", files={"image": ("q.png", rng.choice(payloads.images), "image/png")}, data={"k": "10"}
+        )
     if kind == "classify":  # a few fixed label sets, as an application with its own taxonomy would send
         labels = payloads.labels[rng.randrange(4) :: 8]
-        return client.post("/api/classify", files={"image": ("q.png", rng.choice(payloads.images), "image/png")},
-                           data={"labels": "，".join(labels)})  # fmt: skip
+        return client.post(
+            "/api/classify",
+            files={"image": ("q.png", rng.choice(payloads.images), "image/png")},
+            data={"labels": "，".join(labels)},
+        )
     if kind == "detect":  # a few fixed vocabularies, so that equal ones can share a detector call
         labels = payloads.labels[:: 16 + rng.randrange(2)]
-        return client.post("/api/detect", files={"image": ("s.png", rng.choice(payloads.scenes), "image/png")},
-                           data={"labels": "，".join(labels), "threshold": "0.3"})  # fmt: skip
+        return client.post(
+            "/api/detect",
+            files={"image": ("s.png", rng.choice(payloads.scenes), "image/png")},
+            data={"labels": "，".join(labels), "threshold": "0.3"},
+        )
     raise ValueError(f"unknown request kind {kind!r}")
 
 
@@ -138,9 +169,19 @@ def _batching(url: str, headers: dict[str, str]) -> dict[str, Any]:
     return httpx.get(url + "/api/health", headers=headers, timeout=30).json().get("batching", {})
 
 
-def run_load(url: str, payloads: Payloads, *, scenario: str = "search", clients: int = 8, requests: int = 200,
-             mix: dict[str, float] | None = None, max_seconds: float = 300.0, api_key: str | None = None,
-             timeout: float = 60.0, seed: int = 0) -> Result:  # fmt: skip
+def run_load(
+    url: str,
+    payloads: Payloads,
+    *,
+    scenario: str = "search",
+    clients: int = 8,
+    requests: int = 200,
+    mix: dict[str, float] | None = None,
+    max_seconds: float = 300.0,
+    api_key: str | None = None,
+    timeout: float = 60.0,
+    seed: int = 0,
+) -> Result:
     """``clients`` threads, each with its own keep-alive connection, send ``requests`` requests (kinds drawn
     from ``mix``) one after another, stopping early at ``max_seconds``. Non-2xx answers and transport errors
     count as errors."""
@@ -205,10 +246,26 @@ def run_load(url: str, payloads: Payloads, *, scenario: str = "search", clients:
 class ServerProcess:
     """``cnclip serve`` in a subprocess on 127.0.0.1 and a free port."""
 
-    def __init__(self, index: Path, *, model: str = "toy-tiny", detector: str | None = "toy-detector",
-                 extra: Sequence[str] = ()) -> None:  # fmt: skip
-        self.cmd = [sys.executable, "-m", "cnclip_vision.cli", "serve", "--index", str(index), "--model", model,
-                    "--host", "127.0.0.1", "--port", "0", "--no-access-log", *(["--detector", detector] if detector else []), *extra]  # fmt: skip
+    def __init__(
+        self, index: Path, *, model: str = "toy-tiny", detector: str | None = "toy-detector", extra: Sequence[str] = ()
+    ) -> None:
+        self.cmd = [
+            sys.executable,
+            "-m",
+            "cnclip_vision.cli",
+            "serve",
+            "--index",
+            str(index),
+            "--model",
+            model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--no-access-log",
+            *(["--detector", detector] if detector else []),
+            *extra,
+        ]
         self.url = ""
         self.proc: subprocess.Popen[str] | None = None
 
@@ -242,23 +299,31 @@ class ServerProcess:
 
 
 def _table(results: Sequence[Result]) -> str:
-    head = ("| scenario | clients x requests | done | errors | req/s | p50 ms | p90 ms | p99 ms | max ms | mean batch |\n"
-            "|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+    head = (
+        "| scenario | clients x requests | done | errors | req/s | p50 ms | p90 ms | p99 ms | max ms | mean batch |\n"
+        "|---|---|---|---|---|---|---|---|---|---|"
+    )
     rows = []
     for r in results:
         s = r.summary()
         batch = ", ".join(f"{k} {v['mean_batch']}" for k, v in s["batching"].items()) or "-"
-        rows.append(f"| {r.scenario} | {r.clients} x {r.requests_per_client} | {s['done']} | {s['errors']} | "
-                    f"{s['throughput_rps']} | {s['p50_ms']} | {s['p90_ms']} | {s['p99_ms']} | {s['max_ms']} | {batch} |")  # fmt: skip
+        rows.append(
+            f"| {r.scenario} | {r.clients} x {r.requests_per_client} | {s['done']} | {s['errors']} | "
+            f"{s['throughput_rps']} | {s['p50_ms']} | {s['p90_ms']} | {s['p99_ms']} | {s['max_ms']} | {batch} |"
+        )
         if len(s["per_kind"]) > 1:
             for kind, p in s["per_kind"].items():
-                rows.append(f"| &nbsp;&nbsp;{kind} | | {p['n']} | | | {p['p50_ms']} | {p['p90_ms']} | {p['p99_ms']} | "
-                            f"{p['max_ms']} | |")  # fmt: skip
+                rows.append(
+                    f"| &nbsp;&nbsp;{kind} | | {p['n']} | | | {p['p50_ms']} | {p['p90_ms']} | {p['p99_ms']} | "
+                    f"{p['max_ms']} | |"
+                )
     return "\n".join([head, *rows])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients (default: %(default)s)")
     parser.add_argument("--requests", type=int, default=200, help="requests per client (default: %(default)s)")
     parser.add_argument("--scenarios", default="baseline,search,mixed", help="comma-separated (default: %(default)s)")
@@ -288,18 +353,35 @@ def main(argv: Sequence[str] | None = None) -> int:
             results: list[Result] = []
             for scenario in scenarios:
                 clients = 1 if scenario == "baseline" else args.clients
-                print(f"# {scenario}: {clients} client(s) x {args.requests} requests on {url}", file=sys.stderr, flush=True)
-                results.append(run_load(url, payloads, scenario=scenario, clients=clients, requests=args.requests,
-                                        max_seconds=args.max_seconds, api_key=args.api_key))  # fmt: skip
+                print(
+                    f"# {scenario}: {clients} client(s) x {args.requests} requests on {url}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                results.append(
+                    run_load(
+                        url,
+                        payloads,
+                        scenario=scenario,
+                        clients=clients,
+                        requests=args.requests,
+                        max_seconds=args.max_seconds,
+                        api_key=args.api_key,
+                    )
+                )
         finally:
             if server is not None:
                 server.__exit__()
-    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_implementation()} {platform.python_version()}"
+    machine = (
+        f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_implementation()} {platform.python_version()}"
+    )
     print(f"cnclip serve load test on loopback, toy-tiny + toy-detector ({machine})\n")
     print(_table(results))
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine, "results": [r.summary() for r in results]},
-                                              ensure_ascii=False, indent=2), encoding="utf-8")  # fmt: skip
+        Path(args.json).write_text(
+            json.dumps({"machine": machine, "results": [r.summary() for r in results]}, ensure_ascii=False, indent=2),
+            encoding="utf-8",
+        )
     return 0 if all(r.errors == 0 for r in results) else 1
 
 

@@ -70,17 +70,25 @@ def token_lengths(prompts: Sequence[str]) -> list[int]:
     return [min(len(p), CONTEXT - 2) + 2 for p in get_tokenizer().wordpiece_ids(list(prompts))]
 
 
-def hf_encoder(ref, tokenizer, batch_size: int, padding: str, device: str = "cpu") -> Callable[[Sequence[str]], torch.Tensor]:
+def hf_encoder(
+    ref, tokenizer, batch_size: int, padding: str, device: str = "cpu"
+) -> Callable[[Sequence[str]], torch.Tensor]:
     """transformers' documented text path: tokenizer (padded to 52, or to the batch's longest) + model."""
 
     def encode(texts: Sequence[str]) -> torch.Tensor:
         outs = []
         with torch.inference_mode():
             for start in range(0, len(texts), batch_size):
-                enc = tokenizer(list(texts[start : start + batch_size]), padding=padding, max_length=CONTEXT,
-                                truncation=True, return_tensors="pt")  # fmt: skip
-                out = ref.get_text_features(input_ids=enc["input_ids"].to(device),
-                                            attention_mask=enc["attention_mask"].to(device))  # fmt: skip
+                enc = tokenizer(
+                    list(texts[start : start + batch_size]),
+                    padding=padding,
+                    max_length=CONTEXT,
+                    truncation=True,
+                    return_tensors="pt",
+                )
+                out = ref.get_text_features(
+                    input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device)
+                )
                 outs.append(common.hf_features(out).float().cpu())
         return torch.cat(outs)
 
@@ -92,10 +100,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", default="ViT-B-16")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
-                        help="same-precision comparison (ours and transformers both in this dtype)")
-    parser.add_argument("--ref-subset", type=int, default=256,
-                        help="CPU suite: prompts the padded fp32 reference is timed on (0: all)")
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "fp16"],
+        default=None,
+        help="same-precision comparison (ours and transformers both in this dtype)",
+    )
+    parser.add_argument(
+        "--ref-subset", type=int, default=256, help="CPU suite: prompts the padded fp32 reference is timed on (0: all)"
+    )
     parser.add_argument("--autocast-subset", type=int, default=50)
     parser.add_argument("--skip-autocast", action="store_true")
     args = parser.parse_args(argv)
@@ -139,15 +152,25 @@ def cpu_suite(args, config, directory, roofline: common.Roofline, report: common
     rows = []
     for m in models:
         ours_all = outputs[f"ours {m}"]
-        rows.append(report.row(
-            measure, f"ours {m} (encode_texts)", reference, unit="prompts/s",
-            ours_value=n / common.median(times[f"ours {m}"]), ref_value=ref_per_s, target=8.0,
-            cosine=common.cosine_min(ours_all[subset], ref_out),
-            ours_roofline=roofline.items_per_s("int8" if m == "int8" else "fp32", ours_gflop),
-            ref_roofline=roofline.items_per_s("fp32", ref_gflop), ours_gflop=ours_gflop, ref_gflop=ref_gflop,
-            notes=f"mean {sum(lengths) / n:.1f} tokens per prompt; cosine over the {sub_n} reference prompts",
-            mode=m, repeats=repeats,
-        ))  # fmt: skip
+        rows.append(
+            report.row(
+                measure,
+                f"ours {m} (encode_texts)",
+                reference,
+                unit="prompts/s",
+                ours_value=n / common.median(times[f"ours {m}"]),
+                ref_value=ref_per_s,
+                target=8.0,
+                cosine=common.cosine_min(ours_all[subset], ref_out),
+                ours_roofline=roofline.items_per_s("int8" if m == "int8" else "fp32", ours_gflop),
+                ref_roofline=roofline.items_per_s("fp32", ref_gflop),
+                ours_gflop=ours_gflop,
+                ref_gflop=ref_gflop,
+                notes=f"mean {sum(lengths) / n:.1f} tokens per prompt; cosine over the {sub_n} reference prompts",
+                mode=m,
+                repeats=repeats,
+            )
+        )
     best = common.mark_headline(rows)
     for r in rows:
         report.emit(r)
@@ -165,15 +188,26 @@ def cpu_suite(args, config, directory, roofline: common.Roofline, report: common
         seconds = time.perf_counter() - start
     auto_gflop = flops.per_item([lengths[i] for i in auto_idx], bs, sort=False)
     best_out = outputs[f"ours {best['mode']}"]
-    report.emit(report.row(
-        measure, best["ours"], "transformers fp32 weights, bf16 autocast, dynamic padding", unit="prompts/s",
-        ours_value=best["ours_value"], ref_value=len(auto_prompts) / seconds, target=1.3,
-        cosine=common.cosine_min(best_out[auto_idx], fp32_dynamic), ours_roofline=best["ours_roofline"],
-        ref_roofline=roofline.items_per_s("bf16", auto_gflop), ours_gflop=ours_gflop, ref_gflop=auto_gflop,
-        headline=True, mode=best["mode"],
-        notes=f"reference timed once on {len(auto_prompts)} random prompts in one batch ({seconds:.0f} s), per prompt; "
-              f"its cosine to fp32 {common.cosine_min(out, fp32_dynamic):.5f}",
-    ))  # fmt: skip
+    report.emit(
+        report.row(
+            measure,
+            best["ours"],
+            "transformers fp32 weights, bf16 autocast, dynamic padding",
+            unit="prompts/s",
+            ours_value=best["ours_value"],
+            ref_value=len(auto_prompts) / seconds,
+            target=1.3,
+            cosine=common.cosine_min(best_out[auto_idx], fp32_dynamic),
+            ours_roofline=best["ours_roofline"],
+            ref_roofline=roofline.items_per_s("bf16", auto_gflop),
+            ours_gflop=ours_gflop,
+            ref_gflop=auto_gflop,
+            headline=True,
+            mode=best["mode"],
+            notes=f"reference timed once on {len(auto_prompts)} random prompts in one batch ({seconds:.0f} s), per prompt; "
+            f"its cosine to fp32 {common.cosine_min(out, fp32_dynamic):.5f}",
+        )
+    )
 
 
 def same_precision(args, config, directory, roofline: common.Roofline, report: common.Report) -> None:
@@ -198,25 +232,41 @@ def same_precision(args, config, directory, roofline: common.Roofline, report: c
         torch.cuda.empty_cache()
     flops = Flops(ours)
     lengths = token_lengths(prompts)
-    gflop = {"ours": flops.per_item(lengths, bs, sort=True), "padded": flops.at(CONTEXT),
-             "dynamic": flops.per_item(lengths, bs, sort=False)}  # fmt: skip
+    gflop = {
+        "ours": flops.per_item(lengths, bs, sort=True),
+        "padded": flops.at(CONTEXT),
+        "dynamic": flops.per_item(lengths, bs, sort=False),
+    }
     padded = hf_encoder(ref, tokenizer, bs, "max_length", device)
     dynamic = hf_encoder(ref, tokenizer, bs, "longest", device)
-    cases = {"ours": lambda: encode_texts(ours, prompts, batch_size=bs),
-             "padded": lambda: padded(prompts), "dynamic": lambda: dynamic(prompts)}  # fmt: skip
-    times, outputs = common.alternate(cases, repeats, warmup=2 if on_gpu else 1, sync=common.make_sync(device),
-                                      log=common.log)  # fmt: skip
+    cases = {
+        "ours": lambda: encode_texts(ours, prompts, batch_size=bs),
+        "padded": lambda: padded(prompts),
+        "dynamic": lambda: dynamic(prompts),
+    }
+    times, outputs = common.alternate(
+        cases, repeats, warmup=2 if on_gpu else 1, sync=common.make_sync(device), log=common.log
+    )
     ours_per_s = n / common.median(times["ours"])
     measure = f"text embedding ({common.arch_name(config)}, {n} label prompts, batch {bs}, {device} {precision})"
     for key, label in (("padded", "padded to 52"), ("dynamic", "dynamic padding")):
         report.add(
-            measure, f"ours {precision} (encode_texts)", f"transformers {precision}, {label}", unit="prompts/s",
-            ours_value=ours_per_s, ref_value=n / common.median(times[key]),
-            cosine=common.cosine_min(outputs["ours"], fp32_out), ours_roofline=roofline.items_per_s(precision, gflop["ours"]),
-            ref_roofline=roofline.items_per_s(precision, gflop[key]), ours_gflop=gflop["ours"], ref_gflop=gflop[key],
+            measure,
+            f"ours {precision} (encode_texts)",
+            f"transformers {precision}, {label}",
+            unit="prompts/s",
+            ours_value=ours_per_s,
+            ref_value=n / common.median(times[key]),
+            cosine=common.cosine_min(outputs["ours"], fp32_out),
+            ours_roofline=roofline.items_per_s(precision, gflop["ours"]),
+            ref_roofline=roofline.items_per_s(precision, gflop[key]),
+            ours_gflop=gflop["ours"],
+            ref_gflop=gflop[key],
             notes=f"reference cosine to fp32 {common.cosine_min(outputs[key], fp32_out):.5f}",
-            batch=bs, device=device, precision=precision,
-        )  # fmt: skip
+            batch=bs,
+            device=device,
+            precision=precision,
+        )
 
 
 if __name__ == "__main__":

@@ -80,8 +80,9 @@ def ref_pipeline(model, processor, labels: Sequence[str], templates, paths: Sequ
         with torch.inference_mode():
             prompts = [t.format(label) for label in labels for t in templates]
             text = processor(text=prompts, padding=True, return_tensors="pt")
-            features = common.hf_features(model.get_text_features(input_ids=text["input_ids"],
-                                                                  attention_mask=text["attention_mask"]))  # fmt: skip
+            features = common.hf_features(
+                model.get_text_features(input_ids=text["input_ids"], attention_mask=text["attention_mask"])
+            )
             features = F.normalize(features, dim=-1).view(len(labels), len(templates), -1).mean(1)
             text_features = F.normalize(features, dim=-1)
             feats, scores = [], []
@@ -120,7 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     modes = [m for m in args.modes.split(",") if m]
     roofline = common.get_roofline("cpu", args.quick)
     report = common.Report(SCRIPT, common.machine_info(), roofline)
-    with tempfile.TemporaryDirectory(prefix="cnclip-bench-jpegs-") as tmp, common.weights_dir(config, args.seed) as directory:
+    with (
+        tempfile.TemporaryDirectory(prefix="cnclip-bench-jpegs-") as tmp,
+        common.weights_dir(config, args.seed) as directory,
+    ):
         paths = make_jpegs(Path(tmp), n_images, args.seed)
         models = {m: cnclip_vision.load(directory, precision=m) for m in modes}
         ref = common.load_hf(directory)
@@ -135,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         times, outputs = common.alternate(cases, repeats, warmup_cases=warmups, log=common.log)
 
         size = ref.config.vision_config.image_size
-        image_gflop = common.count_gflop(lambda x: ref.get_image_features(pixel_values=x), torch.zeros(1, 3, size, size))
+        image_gflop = common.count_gflop(
+            lambda x: ref.get_image_features(pixel_values=x), torch.zeros(1, 3, size, size)
+        )
         flops = Flops(next(iter(models.values())) if "fp32" not in models else models["fp32"])
         prompts = [t.format(label) for label in labels for t in templates]
         lengths = token_lengths(prompts)
@@ -147,21 +153,35 @@ def main(argv: list[str] | None = None) -> int:
     workers = args.workers
     if workers is None:  # the library's default, as iter_image_batches picks it
         workers = f"default = {min(4, os.cpu_count() or 1) if n_images > args.batch_size else 0}"
-    measure = (f"zero-shot end to end ({common.arch_name(config)}, {n_images} JPEG 640x480, {len(labels)} labels, "
-               f"{len(templates)} template{'s' if len(templates) > 1 else ''})")  # fmt: skip
+    measure = (
+        f"zero-shot end to end ({common.arch_name(config)}, {n_images} JPEG 640x480, {len(labels)} labels, "
+        f"{len(templates)} template{'s' if len(templates) > 1 else ''})"
+    )
     rows = []
     for m in models:
         feats, scores = outputs[f"ours {m}"]
         agree = float((scores.argmax(-1) == ref_scores.argmax(-1)).float().mean())
-        rows.append(report.row(
-            measure, f"ours {m} (ZeroShotClassifier + iter_image_batches)", "transformers fp32, processor + model per image",
-            unit="img/s", ours_value=n_images / common.median(times[f"ours {m}"]), ref_value=ref_per_s, target=3.0,
-            cosine=common.cosine_min(feats, ref_feats),
-            ours_roofline=roofline.items_per_s("int8" if m == "int8" else "fp32", ours_gflop),
-            ref_roofline=roofline.items_per_s("fp32", ref_gflop), ours_gflop=ours_gflop, ref_gflop=ref_gflop,
-            notes=f"top-1 agree {agree:.1%}; batch {args.batch_size}, workers {workers}; text embeddings included",
-            mode=m, n_images=n_images, repeats=repeats, top1_agreement=agree,
-        ))  # fmt: skip
+        rows.append(
+            report.row(
+                measure,
+                f"ours {m} (ZeroShotClassifier + iter_image_batches)",
+                "transformers fp32, processor + model per image",
+                unit="img/s",
+                ours_value=n_images / common.median(times[f"ours {m}"]),
+                ref_value=ref_per_s,
+                target=3.0,
+                cosine=common.cosine_min(feats, ref_feats),
+                ours_roofline=roofline.items_per_s("int8" if m == "int8" else "fp32", ours_gflop),
+                ref_roofline=roofline.items_per_s("fp32", ref_gflop),
+                ours_gflop=ours_gflop,
+                ref_gflop=ref_gflop,
+                notes=f"top-1 agree {agree:.1%}; batch {args.batch_size}, workers {workers}; text embeddings included",
+                mode=m,
+                n_images=n_images,
+                repeats=repeats,
+                top1_agreement=agree,
+            )
+        )
     common.mark_headline(rows)
     for r in rows:
         report.emit(r)

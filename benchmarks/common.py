@@ -36,17 +36,107 @@ ROOFLINE_ENV = "CNCLIP_BENCH_ROOFLINE"  # run_all.py measures the roofline once 
 
 # 100 distinct Chinese class names (objects, animals, food, scenes); the first 40 are the text benchmark's.
 LABELS = (
-    "猫", "狗", "电动车", "自行车", "汽车", "公交车", "卡车", "摩托车", "飞机", "火车",
-    "轮船", "鸟", "马", "牛", "羊", "猪", "鸡", "鸭子", "兔子", "老虎",
-    "狮子", "大象", "熊猫", "长颈鹿", "斑马", "猴子", "蛇", "鱼", "乌龟", "蝴蝶",
-    "苹果", "香蕉", "橙子", "西瓜", "葡萄", "草莓", "面条", "米饭", "饺子", "包子",
-    "蛋糕", "披萨", "汉堡", "咖啡", "茶杯", "筷子", "碗", "盘子", "勺子", "菜刀",
-    "椅子", "桌子", "沙发", "床", "电视", "电脑", "手机", "键盘", "鼠标", "书",
-    "时钟", "花瓶", "剪刀", "雨伞", "背包", "手提包", "领带", "行李箱", "足球", "篮球",
-    "网球拍", "滑板", "冲浪板", "风筝", "棒球棒", "滑雪板", "红绿灯", "消防栓", "停车标志", "长椅",
-    "冰箱", "微波炉", "烤箱", "水槽", "牙刷", "吹风机", "泰迪熊", "盆栽", "花", "树",
-    "山", "河流", "大海", "沙滩", "城市", "街道", "房子", "桥", "寺庙", "长城",
-)  # fmt: skip
+    "猫",
+    "狗",
+    "电动车",
+    "自行车",
+    "汽车",
+    "公交车",
+    "卡车",
+    "摩托车",
+    "飞机",
+    "火车",
+    "轮船",
+    "鸟",
+    "马",
+    "牛",
+    "羊",
+    "猪",
+    "鸡",
+    "鸭子",
+    "兔子",
+    "老虎",
+    "狮子",
+    "大象",
+    "熊猫",
+    "长颈鹿",
+    "斑马",
+    "猴子",
+    "蛇",
+    "鱼",
+    "乌龟",
+    "蝴蝶",
+    "苹果",
+    "香蕉",
+    "橙子",
+    "西瓜",
+    "葡萄",
+    "草莓",
+    "面条",
+    "米饭",
+    "饺子",
+    "包子",
+    "蛋糕",
+    "披萨",
+    "汉堡",
+    "咖啡",
+    "茶杯",
+    "筷子",
+    "碗",
+    "盘子",
+    "勺子",
+    "菜刀",
+    "椅子",
+    "桌子",
+    "沙发",
+    "床",
+    "电视",
+    "电脑",
+    "手机",
+    "键盘",
+    "鼠标",
+    "书",
+    "时钟",
+    "花瓶",
+    "剪刀",
+    "雨伞",
+    "背包",
+    "手提包",
+    "领带",
+    "行李箱",
+    "足球",
+    "篮球",
+    "网球拍",
+    "滑板",
+    "冲浪板",
+    "风筝",
+    "棒球棒",
+    "滑雪板",
+    "红绿灯",
+    "消防栓",
+    "停车标志",
+    "长椅",
+    "冰箱",
+    "微波炉",
+    "烤箱",
+    "水槽",
+    "牙刷",
+    "吹风机",
+    "泰迪熊",
+    "盆栽",
+    "花",
+    "树",
+    "山",
+    "河流",
+    "大海",
+    "沙滩",
+    "城市",
+    "街道",
+    "房子",
+    "桥",
+    "寺庙",
+    "长城",
+)
 assert len(set(LABELS)) == 100
 
 
@@ -124,8 +214,10 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
 
 def machine_line(info: dict[str, Any]) -> str:
     gpu = f", GPU {info['gpu']}" if info.get("gpu") else ""
-    return (f"{info['cpu']} ({info['cpu_flags'] or 'no AVX flags read'}), {info['cores']} cores, "
-            f"{info['threads']} torch threads, torch {info['torch']}, transformers {info['transformers']}{gpu}")  # fmt: skip
+    return (
+        f"{info['cpu']} ({info['cpu_flags'] or 'no AVX flags read'}), {info['cores']} cores, "
+        f"{info['threads']} torch threads, torch {info['torch']}, transformers {info['transformers']}{gpu}"
+    )
 
 
 def bench_config(arch: str, quick: bool) -> Any:
@@ -265,8 +357,14 @@ def measure_roofline(device: str = "cpu", quick: bool = False) -> Roofline:
         torch.backends.cuda.matmul.allow_tf32 = False
         fp32 = gflops(n, torch.float32, 5)
         torch.backends.cuda.matmul.allow_tf32 = prev
-        return Roofline(device, fp32, gflops(n, torch.bfloat16, 10), gflops(n, torch.float16, 10), None,
-                        f"{n}x{n} F.linear, median of 5-10 (fp32 without TF32)")  # fmt: skip
+        return Roofline(
+            device,
+            fp32,
+            gflops(n, torch.bfloat16, 10),
+            gflops(n, torch.float16, 10),
+            None,
+            f"{n}x{n} F.linear, median of 5-10 (fp32 without TF32)",
+        )
     n32, n16 = (1024, 256) if quick else (2048, 1024)
     fp32 = gflops(n32, torch.float32, 5)
     bf16 = gflops(n16, torch.bfloat16, 3)
@@ -280,9 +378,15 @@ def measure_roofline(device: str = "cpu", quick: bool = False) -> Roofline:
         x = torch.randn(n32, n32)
         with torch.inference_mode():
             int8 = 2 * n32**3 / _median_seconds(lambda: linear(x), 5, sync) / 1e9
-    return Roofline("cpu", fp32, bf16, None, int8,
-                    f"F.linear fp32 {n32}x{n32}, bf16 {n16}x{n16} (a@b {n16 // 2}), int8 dynamic-quantised "
-                    f"Linear {n32}, medians", bf16_matmul)  # fmt: skip
+    return Roofline(
+        "cpu",
+        fp32,
+        bf16,
+        None,
+        int8,
+        f"F.linear fp32 {n32}x{n32}, bf16 {n16}x{n16} (a@b {n16 // 2}), int8 dynamic-quantised Linear {n32}, medians",
+        bf16_matmul,
+    )
 
 
 def get_roofline(device: str = "cpu", quick: bool = False) -> Roofline:
@@ -447,18 +551,41 @@ def fmt_cos(value: float | None) -> str:
     return "-" if value is None else f"{value:.6f}"
 
 
-COLUMNS = ("measure", "ours", "reference", "ours value", "ours roofline", "ref value", "ref roofline", "unit",
-           "ours/ref", "target", "met", "cos min", "notes")  # fmt: skip
+COLUMNS = (
+    "measure",
+    "ours",
+    "reference",
+    "ours value",
+    "ours roofline",
+    "ref value",
+    "ref roofline",
+    "unit",
+    "ours/ref",
+    "target",
+    "met",
+    "cos min",
+    "notes",
+)
 
 
 def cells(r: dict[str, Any]) -> list[str]:
     mark = " **(headline)**" if r.get("headline") else ""
     ratio = "-" if r.get("ratio") is None else f"{r['ratio']:.2f}x"
     return [
-        r["measure"], r["ours"] + mark, r["reference"], fmt(r.get("ours_value")), fmt(r.get("ours_roofline")),
-        fmt(r.get("ref_value")), fmt(r.get("ref_roofline")), r.get("unit", ""), ratio, r.get("target") or "-",
-        fmt(r.get("meets_target")), fmt_cos(r.get("cosine_min")), r.get("notes", ""),
-    ]  # fmt: skip
+        r["measure"],
+        r["ours"] + mark,
+        r["reference"],
+        fmt(r.get("ours_value")),
+        fmt(r.get("ours_roofline")),
+        fmt(r.get("ref_value")),
+        fmt(r.get("ref_roofline")),
+        r.get("unit", ""),
+        ratio,
+        r.get("target") or "-",
+        fmt(r.get("meets_target")),
+        fmt_cos(r.get("cosine_min")),
+        r.get("notes", ""),
+    ]
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -495,8 +622,9 @@ class Report:
 
     def skipped(self, measure: str, reason: str) -> None:
         print(f"skipped: {measure}: {reason}", flush=True)
-        self.add(measure, "skipped", "-", unit="-", ours_value=None, ref_value=None, notes=f"skipped: {reason}",
-                 skipped=True)  # fmt: skip
+        self.add(
+            measure, "skipped", "-", unit="-", ours_value=None, ref_value=None, notes=f"skipped: {reason}", skipped=True
+        )
 
     def done(self) -> None:
         print(f"\n## {self.script}\n" + markdown_table(self.rows), flush=True)
@@ -531,4 +659,3 @@ def run_suites(parser: Any, args: Any, script: str, cpu_suite: Any, same_precisi
             same_precision(args, config, directory, roofline, report)
     report.done()
     return 0
-

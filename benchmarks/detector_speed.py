@@ -62,8 +62,16 @@ def main() -> int:
     toy_labels = [c.name for c in toyworld.CATEGORIES]
     for mode in modes:
         t = _ours(toy, [scene], toy_labels, mode, args.repeats)
-        rows.append({"model": "ours toy-detector", "input": "128x128 (net 256)", "vlm_mode": mode, "labels": 64,
-                     "seconds_per_image": round(t, 4), "images_per_s": round(1 / t, 2)})  # fmt: skip
+        rows.append(
+            {
+                "model": "ours toy-detector",
+                "input": "128x128 (net 256)",
+                "vlm_mode": mode,
+                "labels": 64,
+                "seconds_per_image": round(t, 4),
+                "images_per_s": round(1 / t, 2),
+            }
+        )
 
     if not args.skip_full:
         clip = create_model("ViT-B-16").eval()
@@ -71,9 +79,17 @@ def main() -> int:
         image = np.random.default_rng(0).integers(0, 256, (640, 640, 3), dtype=np.uint8)
         for mode in modes:
             t = _ours(detector, [image], labels, mode, args.repeats)
-            rows.append({"model": "ours ViT-B-16 (random)", "input": "640x640", "vlm_mode": mode, "labels": 3,
-                         "crop_top_k": detector.config.crop_top_k if mode == "crops" else None,
-                         "seconds_per_image": round(t, 4), "images_per_s": round(1 / t, 3)})  # fmt: skip
+            rows.append(
+                {
+                    "model": "ours ViT-B-16 (random)",
+                    "input": "640x640",
+                    "vlm_mode": mode,
+                    "labels": 3,
+                    "crop_top_k": detector.config.crop_top_k if mode == "crops" else None,
+                    "seconds_per_image": round(t, 4),
+                    "images_per_s": round(1 / t, 3),
+                }
+            )
         del detector, clip
 
         from transformers import OwlViTConfig, OwlViTForObjectDetection
@@ -94,14 +110,24 @@ def main() -> int:
             return post.post_process_object_detection(out, threshold=0.05, target_sizes=[(768, 768)])
 
         t = _time(owl_full, args.repeats)
-        rows.append({"model": "transformers OWL-ViT B/16 (random)", "input": "768x768", "vlm_mode": "-", "labels": 3,
-                     "seconds_per_image": round(t, 4), "images_per_s": round(1 / t, 3)})  # fmt: skip
+        rows.append(
+            {
+                "model": "transformers OWL-ViT B/16 (random)",
+                "input": "768x768",
+                "vlm_mode": "-",
+                "labels": 3,
+                "seconds_per_image": round(t, 4),
+                "images_per_s": round(1 / t, 3),
+            }
+        )
 
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
     print(f"# detector speed ({machine})")
     print(f"{'model':38} {'input':18} {'vlm':6} {'s/img':>8} {'img/s':>8}")
     for r in rows:
-        print(f"{r['model']:38} {r['input']:18} {r['vlm_mode']:6} {r['seconds_per_image']:8.3f} {r['images_per_s']:8.2f}")
+        print(
+            f"{r['model']:38} {r['input']:18} {r['vlm_mode']:6} {r['seconds_per_image']:8.3f} {r['images_per_s']:8.2f}"
+        )
     for r in rows:
         print(json.dumps({**r, "machine": machine}, ensure_ascii=False))
     return 0

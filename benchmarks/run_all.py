@@ -92,8 +92,19 @@ def run_script(name: str, script: str, argv: list[str], env: dict[str, str], tim
     status = "timeout" if timed_out else ("ok" if proc.returncode == 0 else f"exit {proc.returncode}")
     print(f"=== {name}: {status}, {seconds / 60:.1f} min, {len(rows)} rows", flush=True)
     if status != "ok" and not rows:
-        rows.append(common.row(script.removesuffix(".py"), name, "failed", "-", unit="-", ours_value=None,
-                               ref_value=None, notes=f"{status} (see the log above)", failed=True))  # fmt: skip
+        rows.append(
+            common.row(
+                script.removesuffix(".py"),
+                name,
+                "failed",
+                "-",
+                unit="-",
+                ours_value=None,
+                ref_value=None,
+                notes=f"{status} (see the log above)",
+                failed=True,
+            )
+        )
     return {"name": name, "script": script, "args": argv, "status": status, "seconds": seconds, "rows": rows}
 
 
@@ -105,11 +116,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip", default="", help="comma-separated names to leave out")
     parser.add_argument("--repeats", type=int, default=None, help="passed to every script")
     parser.add_argument("--n-images", type=int, default=None, help="passed to bench_zeroshot.py")
-    parser.add_argument("--args", action="append", default=[], metavar="NAME=ARGS",
-                        help='extra arguments for one script, e.g. --args "zeroshot=--templates default"')
+    parser.add_argument(
+        "--args",
+        action="append",
+        default=[],
+        metavar="NAME=ARGS",
+        help='extra arguments for one script, e.g. --args "zeroshot=--templates default"',
+    )
     parser.add_argument("--timeout", type=float, default=None, help="seconds per script (default: none)")
-    parser.add_argument("--output-dir", default=None,
-                        help="default build/bench (quick: build/bench/quick, gpu: build/bench/gpu)")
+    parser.add_argument(
+        "--output-dir", default=None, help="default build/bench (quick: build/bench/quick, gpu: build/bench/gpu)"
+    )
     args = parser.parse_args(argv)
     common.quiet()
 
@@ -166,23 +183,29 @@ def main(argv: list[str] | None = None) -> int:
     rows = [r for res in results for r in res["rows"]]
     table = common.markdown_table(rows)
     times = ", ".join(f"{res['name']} {res['seconds'] / 60:.1f} min ({res['status']})" for res in results)
-    md = "\n".join([
-        f"# cnclip-vision benchmarks ({'quick: tiny models, not figures' if args.quick else 'gpu' if args.gpu else 'full'})",
-        "",
-        f"Run {started}, {total / 60:.1f} min: {times}.",
-        "",
-        f"Machine: {common.machine_line(info)}.",
-        "",
-        (f"{roofline.line()}. Roofline columns: items/s = GFLOP/s / model GFLOP per item (counted with "
-         "torch.utils.flop_counter, attention included); int8 rows use the int8 rate, bf16 references the bf16 one."),
-        "",
-        ("ours/ref: ours divided by the reference (memory rows: peak over parameter bytes). cos min: the lowest "
-         "cosine similarity, over the items, of our embeddings to transformers' fp32 ones (ONNX: to our PyTorch "
-         "fp32). Figures, never asserts."),
-        "",
-        table,
-        "",
-    ])  # fmt: skip
+    md = "\n".join(
+        [
+            f"# cnclip-vision benchmarks ({'quick: tiny models, not figures' if args.quick else 'gpu' if args.gpu else 'full'})",
+            "",
+            f"Run {started}, {total / 60:.1f} min: {times}.",
+            "",
+            f"Machine: {common.machine_line(info)}.",
+            "",
+            (
+                f"{roofline.line()}. Roofline columns: items/s = GFLOP/s / model GFLOP per item (counted with "
+                "torch.utils.flop_counter, attention included); int8 rows use the int8 rate, bf16 references the bf16 one."
+            ),
+            "",
+            (
+                "ours/ref: ours divided by the reference (memory rows: peak over parameter bytes). cos min: the lowest "
+                "cosine similarity, over the items, of our embeddings to transformers' fp32 ones (ONNX: to our PyTorch "
+                "fp32). Figures, never asserts."
+            ),
+            "",
+            table,
+            "",
+        ]
+    )
     payload = {
         "started": started,
         "mode": "quick" if args.quick else "gpu" if args.gpu else "full",

@@ -74,7 +74,9 @@ def resolve_templates(templates: Sequence[str] | str) -> tuple[str, ...]:
     if isinstance(templates, str):
         named = {"default": DEFAULT_TEMPLATES, "single": SINGLE_TEMPLATE, "none": ("{}",)}
         if templates not in named:
-            raise ValueError(f"templates must be a list of strings with '{{}}' or one of {sorted(named)}, got {templates!r}")
+            raise ValueError(
+                f"templates must be a list of strings with '{{}}' or one of {sorted(named)}, got {templates!r}"
+            )
         return named[templates]
     templates = tuple(templates)
     if not templates:
@@ -194,9 +196,11 @@ class ZeroShotClassifier:
         """Write the class embeddings with their labels and templates (safetensors, atomically)."""
         from safetensors.torch import save_file
 
-        metadata = {"labels": json.dumps(self.labels, ensure_ascii=False),
-                    "templates": json.dumps(list(self.templates), ensure_ascii=False),
-                    "embed_dim": str(self.model.config.embed_dim)}  # fmt: skip
+        metadata = {
+            "labels": json.dumps(self.labels, ensure_ascii=False),
+            "templates": json.dumps(list(self.templates), ensure_ascii=False),
+            "embed_dim": str(self.model.config.embed_dim),
+        }
         with atomic_write(path) as tmp:
             save_file({"class_embeddings": self.class_embeddings.contiguous()}, str(tmp), metadata=metadata)
 
@@ -285,9 +289,16 @@ def evaluate_folder(
     correct1, correct5, seen = Counter(), Counter(), Counter()
     confusions: Counter[tuple[int, int]] = Counter()
     k = min(5, len(classifier.labels))
-    for batch in iter_image_batches(paths, transform, batch_size=batch_size, num_workers=num_workers,
-                                    device=classifier.model.device, progress=progress, desc="eval",
-                                    on_failure=lambda p, r: failures.append({"path": str(p), "reason": r})):  # fmt: skip
+    for batch in iter_image_batches(
+        paths,
+        transform,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=classifier.model.device,
+        progress=progress,
+        desc="eval",
+        on_failure=lambda p, r: failures.append({"path": str(p), "reason": r}),
+    ):
         cosine = classifier.scores_from_features(encode_images(classifier.model, batch.pixel_values))
         top = cosine.topk(k, dim=-1).indices
         for row, i in zip(top.tolist(), batch.indices):
@@ -307,17 +318,24 @@ def evaluate_folder(
         "n_classes": len(labels),
         "top1": sum(correct1.values()) / n,
         "top5": sum(correct5.values()) / n,
-        "per_class": {labels[c]: {"n": seen[c], "top1": correct1[c] / seen[c], "top5": correct5[c] / seen[c]}
-                      for c in sorted(seen)},  # fmt: skip
-        "confusions": [{"true": labels[t], "predicted": labels[p], "count": c}
-                       for (t, p), c in confusions.most_common(n_confusions)],  # fmt: skip
+        "per_class": {
+            labels[c]: {"n": seen[c], "top1": correct1[c] / seen[c], "top5": correct5[c] / seen[c]}
+            for c in sorted(seen)
+        },
+        "confusions": [
+            {"true": labels[t], "predicted": labels[p], "count": c}
+            for (t, p), c in confusions.most_common(n_confusions)
+        ],
         "skipped": failures,
         "templates": list(classifier.templates),
     }
 
 
 def calibrate_threshold(
-    cosine: Sequence[float] | torch.Tensor, related: Sequence[bool] | torch.Tensor, *, min_precision: float | None = None
+    cosine: Sequence[float] | torch.Tensor,
+    related: Sequence[bool] | torch.Tensor,
+    *,
+    min_precision: float | None = None,
 ) -> dict[str, float]:
     """Pick an absolute cosine threshold for "is this image related to this text" from labelled pairs.
 
@@ -346,5 +364,9 @@ def calibrate_threshold(
         best = int(ok.nonzero().max())
     else:
         best = int(torch.where(last_of_tie, f1, torch.full_like(f1, -1)).argmax())
-    return {"threshold": float(scores[best]), "precision": float(precision[best]),
-            "recall": float(recall[best]), "f1": float(f1[best])}  # fmt: skip
+    return {
+        "threshold": float(scores[best]),
+        "precision": float(precision[best]),
+        "recall": float(recall[best]),
+        "f1": float(f1[best]),
+    }

@@ -64,7 +64,9 @@ def read_coco(path: PathLike) -> dict[str, Any]:
     except UnicodeDecodeError as e:
         raise CocoFormatError(f"{path}: not UTF-8 text ({e})") from e
     if not isinstance(data, dict):
-        raise CocoFormatError(f"{path}: expected a JSON object with images/annotations/categories, got {type(data).__name__}")
+        raise CocoFormatError(
+            f"{path}: expected a JSON object with images/annotations/categories, got {type(data).__name__}"
+        )
     return data
 
 
@@ -77,24 +79,40 @@ def _is_number(value: object) -> bool:
 
 
 _REQUIRED: dict[str, tuple[tuple[str, Callable[[object], bool], str], ...]] = {
-    "images": (("id", _is_int, "an integer"), ("file_name", lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
-               ("width", lambda v: _is_number(v) and v > 0, "a positive number"),
-               ("height", lambda v: _is_number(v) and v > 0, "a positive number")),
-    "annotations": (("id", _is_int, "an integer"), ("image_id", _is_int, "an integer"),
-                    ("category_id", _is_int, "an integer"),
-                    ("bbox", lambda v: isinstance(v, (list, tuple)) and len(v) == 4 and all(map(_is_number, v)),
-                     "a list of 4 finite numbers [x, y, width, height]")),
-    "categories": (("id", _is_int, "an integer"), ("name", lambda v: isinstance(v, str) and bool(v.strip()), "a non-empty string")),
-}  # fmt: skip
+    "images": (
+        ("id", _is_int, "an integer"),
+        ("file_name", lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
+        ("width", lambda v: _is_number(v) and v > 0, "a positive number"),
+        ("height", lambda v: _is_number(v) and v > 0, "a positive number"),
+    ),
+    "annotations": (
+        ("id", _is_int, "an integer"),
+        ("image_id", _is_int, "an integer"),
+        ("category_id", _is_int, "an integer"),
+        (
+            "bbox",
+            lambda v: isinstance(v, (list, tuple)) and len(v) == 4 and all(map(_is_number, v)),
+            "a list of 4 finite numbers [x, y, width, height]",
+        ),
+    ),
+    "categories": (
+        ("id", _is_int, "an integer"),
+        ("name", lambda v: isinstance(v, str) and bool(v.strip()), "a non-empty string"),
+    ),
+}
 
 
 def check_coco_structure(data: object, *, source: str) -> None:
     """Raise :class:`CocoFormatError` for a missing/mistyped key or a duplicate id (nothing is changed)."""
     if not isinstance(data, dict):
-        raise CocoFormatError(f"{source}: expected a JSON object with images/annotations/categories, got {type(data).__name__}")
+        raise CocoFormatError(
+            f"{source}: expected a JSON object with images/annotations/categories, got {type(data).__name__}"
+        )
     for section, fields in _REQUIRED.items():
         if section not in data:
-            raise CocoFormatError(f"{source}: missing top-level key {section!r} (a COCO file has images, annotations, categories)")
+            raise CocoFormatError(
+                f"{source}: missing top-level key {section!r} (a COCO file has images, annotations, categories)"
+            )
         records = data[section]
         if not isinstance(records, list):
             raise CocoFormatError(f"{source}: {section!r} must be a list, got {type(records).__name__}")
@@ -106,13 +124,17 @@ def check_coco_structure(data: object, *, source: str) -> None:
                 if key not in record:
                     raise CocoFormatError(f"{source}: {section}[{index}] has no {key!r}")
                 if not ok(record[key]):
-                    raise CocoFormatError(f"{source}: {section}[{index}][{key!r}] must be {expected}, got {record[key]!r}")
+                    raise CocoFormatError(
+                        f"{source}: {section}[{index}][{key!r}] must be {expected}, got {record[key]!r}"
+                    )
             crowd = record.get("iscrowd", 0)
             if section == "annotations" and crowd not in (0, 1):  # True/False compare equal to 1/0
                 raise CocoFormatError(f"{source}: {section}[{index}]['iscrowd'] must be 0 or 1, got {crowd!r}")
             first = seen.setdefault(record["id"], index)
             if first != index:
-                raise CocoFormatError(f"{source}: duplicate {section} id {record['id']} ({section}[{first}] and {section}[{index}])")
+                raise CocoFormatError(
+                    f"{source}: duplicate {section} id {record['id']} ({section}[{first}] and {section}[{index}])"
+                )
 
 
 def validate_coco(data: dict[str, Any], *, source: str) -> tuple[dict[str, Any], collections.Counter[str]]:
@@ -242,8 +264,13 @@ class CocoDetection(torch.utils.data.Dataset):
         self.report.pop("images_without_annotations", None)
         if empty:
             self.report["images_without_annotations"] = empty
-        logger.info("%s: %d images, %d categories, %d boxes", path, len(self), len(self.category_ids),
-                    sum(len(b) for b in self._boxes.values()))  # fmt: skip
+        logger.info(
+            "%s: %d images, %d categories, %d boxes",
+            path,
+            len(self),
+            len(self.category_ids),
+            sum(len(b) for b in self._boxes.values()),
+        )
 
     def __len__(self) -> int:
         return len(self._images)
@@ -262,8 +289,14 @@ class CocoDetection(torch.utils.data.Dataset):
         image = tv_tensors.Image(torch.from_numpy(np.array(pil, dtype=np.uint8)).permute(2, 0, 1).contiguous())
         height, width = image.shape[-2:]
         if (height, width) != (record["height"], record["width"]):
-            logger.warning("%s is %dx%d but the annotations say %dx%d; boxes clipped to the image", file, width,
-                           height, record["width"], record["height"])  # fmt: skip
+            logger.warning(
+                "%s is %dx%d but the annotations say %dx%d; boxes clipped to the image",
+                file,
+                width,
+                height,
+                record["width"],
+                record["height"],
+            )
         rows = self._boxes.get(record["id"], np.zeros((0, 6)))
         boxes = torch.as_tensor(rows[:, :4], dtype=torch.float32)
         target: Target = {
@@ -285,7 +318,9 @@ def _map_names(names: list[str], name_map: Mapping[str, str] | PathLike | None) 
     mapping = read_name_map(name_map) if isinstance(name_map, (str, os.PathLike)) else dict(name_map)
     missing = [n for n in names if n not in mapping]
     if missing:
-        logger.warning("name map has no entry for %d categories (names kept): %s", len(missing), ", ".join(missing[:10]))
+        logger.warning(
+            "name map has no entry for %d categories (names kept): %s", len(missing), ", ".join(missing[:10])
+        )
     return [mapping.get(n, n) for n in names]
 
 
@@ -308,7 +343,9 @@ def category_lookup(records: Sequence[Mapping[str, Any]], names: Sequence[str] |
     return lookup
 
 
-def resolve_categories(keys: Iterable[str | int], lookup: Mapping[str | int, int], what: str) -> tuple[list[int], list[Any]]:
+def resolve_categories(
+    keys: Iterable[str | int], lookup: Mapping[str | int, int], what: str
+) -> tuple[list[int], list[Any]]:
     """``(ids found, keys not found)`` of category names or ids (names stripped of surrounding spaces)."""
     if isinstance(keys, (str, bytes)):
         raise TypeError(f"{what} must be a sequence of category names or ids, not a single string")
@@ -401,21 +438,36 @@ def convert_ovcoco(
     for cid in sorted(keep_ids):
         ours = get_coco_category(cid)
         if in_file[cid]["name"].strip().lower() != ours.english_name:
-            raise CocoFormatError(f"{source}: category id {cid} is named {in_file[cid]['name']!r}, expected "
-                                  f"{ours.english_name!r}; is this an official COCO 2017 instances file?")  # fmt: skip
-        categories.append({"id": cid, "name": ours.name, "english_name": ours.english_name,
-                           "synonyms": list(ours.synonyms),
-                           "supercategory": in_file[cid].get("supercategory", ours.supercategory),
-                           "split": "base" if cid in OVCOCO_BASE_IDS else "novel"})  # fmt: skip
+            raise CocoFormatError(
+                f"{source}: category id {cid} is named {in_file[cid]['name']!r}, expected "
+                f"{ours.english_name!r}; is this an official COCO 2017 instances file?"
+            )
+        categories.append(
+            {
+                "id": cid,
+                "name": ours.name,
+                "english_name": ours.english_name,
+                "synonyms": list(ours.synonyms),
+                "supercategory": in_file[cid].get("supercategory", ours.supercategory),
+                "split": "base" if cid in OVCOCO_BASE_IDS else "novel",
+            }
+        )
     image_ids = {img["id"] for img in data["images"]}
     annotations = [a for a in data["annotations"] if a["category_id"] in keep_ids and a["image_id"] in image_ids]
     annotated = {a["image_id"] for a in annotations}
     images = data["images"] if keep_empty_images else [img for img in data["images"] if img["id"] in annotated]
     info = dict(data.get("info") or {})
-    info["description"] = (f"OV-COCO {split} ({'48 base' if split == 'train' else '48 base + 17 novel'} categories, "
-                           f"Chinese names) from {Path(source).name}: " + str(info.get("description", "COCO 2017")))  # fmt: skip
-    out = {"info": info, "licenses": data.get("licenses", []), "images": images, "annotations": annotations,
-           "categories": categories}  # fmt: skip
+    info["description"] = (
+        f"OV-COCO {split} ({'48 base' if split == 'train' else '48 base + 17 novel'} categories, "
+        f"Chinese names) from {Path(source).name}: " + str(info.get("description", "COCO 2017"))
+    )
+    out = {
+        "info": info,
+        "licenses": data.get("licenses", []),
+        "images": images,
+        "annotations": annotations,
+        "categories": categories,
+    }
     path = Path(output_dir) / f"ovcoco_{split}2017.json"
     with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(out, f, ensure_ascii=False, separators=(",", ":"))

@@ -146,9 +146,55 @@ del _C
 
 # OV-COCO (DESIGN.md §6): 48 base classes for training, 17 novel ones seen only at test time.
 OVCOCO_BASE_IDS: tuple[int, ...] = (
-    1, 2, 3, 4, 7, 8, 9, 15, 16, 19, 20, 23, 24, 25, 27, 31, 33, 34, 35, 38, 42, 44, 48, 50, 51, 52, 53, 54,
-    55, 56, 57, 59, 60, 62, 65, 70, 72, 73, 74, 75, 78, 79, 80, 82, 84, 85, 86, 90,
-)  # fmt: skip
+    1,
+    2,
+    3,
+    4,
+    7,
+    8,
+    9,
+    15,
+    16,
+    19,
+    20,
+    23,
+    24,
+    25,
+    27,
+    31,
+    33,
+    34,
+    35,
+    38,
+    42,
+    44,
+    48,
+    50,
+    51,
+    52,
+    53,
+    54,
+    55,
+    56,
+    57,
+    59,
+    60,
+    62,
+    65,
+    70,
+    72,
+    73,
+    74,
+    75,
+    78,
+    79,
+    80,
+    82,
+    84,
+    85,
+    86,
+    90,
+)
 OVCOCO_NOVEL_IDS: tuple[int, ...] = (5, 6, 17, 18, 21, 22, 28, 32, 36, 41, 47, 49, 61, 63, 76, 81, 87)
 OVCOCO_EXCLUDED_IDS: tuple[int, ...] = tuple(
     sorted({c.id for c in COCO_CATEGORIES} - set(OVCOCO_BASE_IDS) - set(OVCOCO_NOVEL_IDS))
@@ -213,7 +259,9 @@ def read_name_map(path: str | os.PathLike[str]) -> dict[str, str]:
             continue
         cells = [c.strip() for c in line.split("\t")]
         if len(cells) != 2 or not all(cells):
-            raise NameMapError(f"{path}:{lineno}: expected two tab-separated columns 'english<TAB>chinese', got {line!r}")
+            raise NameMapError(
+                f"{path}:{lineno}: expected two tab-separated columns 'english<TAB>chinese', got {line!r}"
+            )
         english, chinese = cells
         if not mapping and (english.lower(), chinese.lower()) == ("english", "chinese"):
             continue  # header

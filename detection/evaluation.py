@@ -79,14 +79,24 @@ def read_results(results: Sequence[Mapping[str, Any]] | PathLike) -> tuple[list[
                 raise CocoFormatError(f"{source}: results[{i}][{key!r}] must be an integer, got {r[key]!r}")
         box = r["bbox"]
         if not isinstance(box, (list, tuple)) or len(box) != 4 or not all(map(_finite, box)):
-            raise CocoFormatError(f"{source}: results[{i}]['bbox'] must be [x, y, width, height] (4 finite numbers), got {box!r}")
+            raise CocoFormatError(
+                f"{source}: results[{i}]['bbox'] must be [x, y, width, height] (4 finite numbers), got {box!r}"
+            )
         if box[2] < 0 or box[3] < 0:
-            raise CocoFormatError(f"{source}: results[{i}]['bbox'] {list(box)} has a negative width or height; COCO "
-                                  "boxes are [x, y, width, height], not [x1, y1, x2, y2]")  # fmt: skip
+            raise CocoFormatError(
+                f"{source}: results[{i}]['bbox'] {list(box)} has a negative width or height; COCO "
+                "boxes are [x, y, width, height], not [x1, y1, x2, y2]"
+            )
         if not _finite(r["score"]):
             raise CocoFormatError(f"{source}: results[{i}]['score'] must be a finite number, got {r['score']!r}")
-        clean.append({"image_id": int(r["image_id"]), "category_id": int(r["category_id"]),
-                      "bbox": [float(v) for v in box], "score": float(r["score"])})  # fmt: skip
+        clean.append(
+            {
+                "image_id": int(r["image_id"]),
+                "category_id": int(r["category_id"]),
+                "bbox": [float(v) for v in box],
+                "score": float(r["score"]),
+            }
+        )
     return clean, source
 
 
@@ -166,8 +176,10 @@ def evaluate_coco(
         unknown = sorted({d[key] for d in dets} - known)
         if unknown:
             n = sum(d[key] in unknown for d in dets)
-            raise CocoFormatError(f"{source}: {n} detections have {what} ids that are not in {gt_source}: "
-                                  f"{unknown[:10]}{' ...' if len(unknown) > 10 else ''}")  # fmt: skip
+            raise CocoFormatError(
+                f"{source}: {n} detections have {what} ids that are not in {gt_source}: "
+                f"{unknown[:10]}{' ...' if len(unknown) > 10 else ''}"
+            )
     if image_ids is not None:
         image_ids = sorted(set(image_ids))
         if not image_ids:
@@ -185,10 +197,11 @@ def evaluate_coco(
         logger.info("wrote %d detections to %s", len(dets), output)
 
     splits = {
-        name: _resolve_split(keys, gt["categories"], name, gt_source) if keys is not None
+        name: _resolve_split(keys, gt["categories"], name, gt_source)
+        if keys is not None
         else sorted(c["id"] for c in gt["categories"] if c.get("split") == name)
         for name, keys in (("base", base), ("novel", novel))
-    }  # fmt: skip
+    }
     overlap = set(splits["base"]) & set(splits["novel"])
     if overlap:
         raise ValueError(f"categories {sorted(overlap)} are both base and novel")
@@ -210,8 +223,12 @@ def _run_cocoeval(gt: dict[str, Any], dets: list[dict[str, Any]], image_ids: lis
             coco_dt = coco_gt.loadRes([dict(d) for d in dets])
         else:  # loadRes([]) raises: an empty detection set over the same images and categories
             coco_dt = COCO()
-            coco_dt.dataset = {"info": gt["info"], "images": gt["images"], "categories": gt["categories"],
-                               "annotations": []}  # fmt: skip
+            coco_dt.dataset = {
+                "info": gt["info"],
+                "images": gt["images"],
+                "categories": gt["categories"],
+                "annotations": [],
+            }
             coco_dt.createIndex()
         coco_eval = COCOeval(coco_gt, coco_dt, iouType="bbox")
         coco_eval.params.maxDets = sorted({1, 10, max_dets})
@@ -223,7 +240,9 @@ def _run_cocoeval(gt: dict[str, Any], dets: list[dict[str, Any]], image_ids: lis
     return coco_eval
 
 
-def _metrics(coco_eval: Any, gt: dict[str, Any], splits: dict[str, list[int]], n_dets: int, max_dets: int) -> dict[str, Any]:
+def _metrics(
+    coco_eval: Any, gt: dict[str, Any], splits: dict[str, list[int]], n_dets: int, max_dets: int
+) -> dict[str, Any]:
     p = coco_eval.params
     precision = coco_eval.eval["precision"]  # [T IoUs, R recall points, K classes, A areas, M maxDets]
     recall = coco_eval.eval["recall"]  # [T, K, A, M]
@@ -266,8 +285,15 @@ def _metrics(coco_eval: Any, gt: dict[str, Any], splits: dict[str, list[int]], n
         "num_novel": len(splits["novel"]),
         "max_dets": max_dets,
     }
-    logger.info("AP %.4f  AP50 %.4f  AP50 base %.4f  novel %.4f  (%d images, %d detections)", out["AP"],
-                out["AP50"], out["AP50_base"], out["AP50_novel"], out["num_images"], n_dets)  # fmt: skip
+    logger.info(
+        "AP %.4f  AP50 %.4f  AP50 base %.4f  novel %.4f  (%d images, %d detections)",
+        out["AP"],
+        out["AP50"],
+        out["AP50_base"],
+        out["AP50_novel"],
+        out["num_images"],
+        n_dets,
+    )
     return out
 
 
@@ -320,11 +346,14 @@ class COCOEvaluator:
             scores = torch.as_tensor(pred["scores"]).detach().to("cpu", torch.float64).reshape(-1)
             labels = torch.as_tensor(pred["labels"]).detach().to("cpu", torch.int64).reshape(-1)
             if not len(boxes) == len(scores) == len(labels):
-                raise ValueError(f"prediction for image {image_id}: {len(boxes)} boxes, {len(scores)} scores, "
-                                 f"{len(labels)} labels")  # fmt: skip
+                raise ValueError(
+                    f"prediction for image {image_id}: {len(boxes)} boxes, {len(scores)} scores, {len(labels)} labels"
+                )
             if len(labels) and (labels.min() < 0 or labels.max() >= len(self.category_ids)):
-                raise ValueError(f"prediction for image {image_id}: labels must be in [0, {len(self.category_ids)}), "
-                                 f"got {labels.min().item()}..{labels.max().item()}")  # fmt: skip
+                raise ValueError(
+                    f"prediction for image {image_id}: labels must be in [0, {len(self.category_ids)}), "
+                    f"got {labels.min().item()}..{labels.max().item()}"
+                )
             xywh = box_convert(boxes, "xyxy", "xywh")
             xywh[:, 2:] = xywh[:, 2:].clamp(min=0)  # inverted boxes: zero width / height
             if image_id in self._results:
@@ -342,5 +371,12 @@ class COCOEvaluator:
         """Metrics of :func:`evaluate_coco` over the processed images; ``output``: also save the results."""
         if not self._results:
             raise ValueError("nothing to evaluate: process() was not called since reset()")
-        return evaluate_coco(self.ground_truth, self.results(), output=output, novel=self.novel, base=self.base,
-                             image_ids=list(self._results), max_dets=self.max_dets)  # fmt: skip
+        return evaluate_coco(
+            self.ground_truth,
+            self.results(),
+            output=output,
+            novel=self.novel,
+            base=self.base,
+            image_ids=list(self._results),
+            max_dets=self.max_dets,
+        )

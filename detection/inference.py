@@ -46,8 +46,9 @@ def detect_coco(
     from cnclip_vision.detection.coco import CocoDetection
 
     dataset = CocoDetection(annotation_file, image_root, name_map=name_map, skip_crowd=False)
-    predictor = DetectionPredictor(detector, score_threshold=score_threshold, max_detections=max_detections,
-                                   vlm_mode=vlm_mode)  # fmt: skip
+    predictor = DetectionPredictor(
+        detector, score_threshold=score_threshold, max_detections=max_detections, vlm_mode=vlm_mode
+    )
     vocabulary = predictor.set_vocabulary(list(dataset.category_names))
     if vocabulary_transform is not None:
         predictor.use_vocabulary(vocabulary_transform(vocabulary))
@@ -61,8 +62,14 @@ def detect_coco(
         for image_id, r in zip(image_ids, predictor.detect(xs)):
             boxes = box_convert(r["boxes"].cpu(), "xyxy", "xywh")
             for box, score, label in zip(boxes.tolist(), r["scores"].tolist(), r["labels"].tolist()):
-                results.append({"image_id": image_id, "category_id": dataset.category_ids[label],
-                                "bbox": [round(v, 3) for v in box], "score": round(score, 5)})  # fmt: skip
+                results.append(
+                    {
+                        "image_id": image_id,
+                        "category_id": dataset.category_ids[label],
+                        "bbox": [round(v, 3) for v in box],
+                        "score": round(score, 5),
+                    }
+                )
     return results, dataset
 
 

@@ -108,7 +108,14 @@ class DetectorConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0 <= value <= (1 if name.startswith("alpha") else 10):
                 raise ValueError(f"DetectorConfig.{name}={value!r} is out of range")
-        for name in ("image_size", "out_channels", "representation_size", "crop_top_k", "crop_batch_size", "dense_pool"):
+        for name in (
+            "image_size",
+            "out_channels",
+            "representation_size",
+            "crop_top_k",
+            "crop_batch_size",
+            "dense_pool",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"DetectorConfig.{name}={value!r}; expected a positive int")
@@ -170,9 +177,12 @@ class OpenVocabDetector(nn.Module):
         self.config = config
         self.clip = clip
         self.backbone: ViTDetBackbone = vit_fpn_backbone(
-            clip.config, weights=clip, out_channels=config.out_channels, levels=config.levels,
+            clip.config,
+            weights=clip,
+            out_channels=config.out_channels,
+            levels=config.levels,
             trainable_layers=config.trainable_layers,
-        )  # fmt: skip
+        )
         embed_dim = clip.config.embed_dim
         self.transform = GeneralizedRCNNTransform(
             config.image_size, config.image_size, list(OPENAI_CLIP_MEAN), list(OPENAI_CLIP_STD), size_divisible=32
@@ -180,21 +190,32 @@ class OpenVocabDetector(nn.Module):
         kwargs = detector_kwargs("faster_rcnn", self.backbone)
         anchors = kwargs["rpn_anchor_generator"]
         self.rpn = RegionProposalNetwork(
-            anchors, RPNHead(config.out_channels, anchors.num_anchors_per_location()[0]),
-            fg_iou_thresh=0.7, bg_iou_thresh=0.3, batch_size_per_image=config.rpn_batch_size_per_image,
+            anchors,
+            RPNHead(config.out_channels, anchors.num_anchors_per_location()[0]),
+            fg_iou_thresh=0.7,
+            bg_iou_thresh=0.3,
+            batch_size_per_image=config.rpn_batch_size_per_image,
             positive_fraction=0.5,
             pre_nms_top_n=dict(training=config.rpn_pre_nms_top_n[0], testing=config.rpn_pre_nms_top_n[1]),
             post_nms_top_n=dict(training=config.rpn_post_nms_top_n[0], testing=config.rpn_post_nms_top_n[1]),
             nms_thresh=0.7,
-        )  # fmt: skip
+        )
         pool = kwargs["box_roi_pool"]  # RoIAlign 7x7 on every level but the top one
         self.region_head = _RegionHead(config.out_channels * 49, config.representation_size, embed_dim)
         # torchvision's RoIHeads for proposal sampling, pooling and box coding; scoring and losses are ours
         self.roi_heads = RoIHeads(
-            pool, None, None, fg_iou_thresh=0.5, bg_iou_thresh=0.5,
-            batch_size_per_image=config.box_batch_size_per_image, positive_fraction=config.box_positive_fraction,
-            bbox_reg_weights=None, score_thresh=0.0, nms_thresh=0.5, detections_per_img=100,
-        )  # fmt: skip
+            pool,
+            None,
+            None,
+            fg_iou_thresh=0.5,
+            bg_iou_thresh=0.5,
+            batch_size_per_image=config.box_batch_size_per_image,
+            positive_fraction=config.box_positive_fraction,
+            bbox_reg_weights=None,
+            score_thresh=0.0,
+            nms_thresh=0.5,
+            detections_per_img=100,
+        )
         self.background = nn.Parameter(F.normalize(torch.randn(embed_dim), dim=0))
         self.log_inv_temperature = nn.Parameter(torch.tensor(math.log(1 / config.temperature_init)))
 
@@ -234,8 +255,10 @@ class OpenVocabDetector(nn.Module):
         """``vocabulary`` if its embeddings fit this detector, else ValueError."""
         shape = tuple(vocabulary.embeddings.shape)
         if shape != (len(vocabulary.names), self.embed_dim) or len(vocabulary.seen) != len(vocabulary.names):
-            raise ValueError(f"vocabulary embeddings have shape {shape} and {len(vocabulary.seen)} seen flags for "
-                             f"{len(vocabulary.names)} names; expected ({len(vocabulary.names)}, {self.embed_dim})")  # fmt: skip
+            raise ValueError(
+                f"vocabulary embeddings have shape {shape} and {len(vocabulary.seen)} seen flags for "
+                f"{len(vocabulary.names)} names; expected ({len(vocabulary.names)}, {self.embed_dim})"
+            )
         return vocabulary
 
     # ------------------------------------------------------------------------------------- parameters
@@ -277,7 +300,9 @@ class OpenVocabDetector(nn.Module):
         if self.training:
             if targets is None:
                 raise ValueError("in training mode the detector needs targets; call detector.eval() to detect")
-            targets = [{"boxes": t["boxes"].float(), "labels": t["labels"].long() + 1} for t in targets]  # 0: background
+            targets = [
+                {"boxes": t["boxes"].float(), "labels": t["labels"].long() + 1} for t in targets
+            ]  # 0: background
             mode = "off"  # the VLM branch is inference-only (F-VLM)
         else:
             targets = None
@@ -317,15 +342,21 @@ class OpenVocabDetector(nn.Module):
             r["boxes"] = resize_boxes(r["boxes"], size, original)
         return results
 
-    def _losses(self, logits: torch.Tensor, deltas: torch.Tensor, labels: list[torch.Tensor],
-                regression_targets: list[torch.Tensor]) -> dict[str, torch.Tensor]:  # fmt: skip
+    def _losses(
+        self,
+        logits: torch.Tensor,
+        deltas: torch.Tensor,
+        labels: list[torch.Tensor],
+        regression_targets: list[torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
         labels_all = torch.cat(labels)
         weight = torch.ones(logits.shape[1], device=logits.device)
         weight[0] = self.config.background_weight
         loss_classifier = F.cross_entropy(logits, labels_all, weight=weight)
         positive = labels_all > 0
-        loss_box = F.smooth_l1_loss(deltas[positive], torch.cat(regression_targets)[positive], beta=1 / 9,
-                                    reduction="sum") / max(labels_all.numel(), 1)  # fmt: skip
+        loss_box = F.smooth_l1_loss(
+            deltas[positive], torch.cat(regression_targets)[positive], beta=1 / 9, reduction="sum"
+        ) / max(labels_all.numel(), 1)
         return {"loss_classifier": loss_classifier, "loss_box_reg": loss_box}
 
     def _det_logits(self, embeddings: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
@@ -352,7 +383,9 @@ class OpenVocabDetector(nn.Module):
         size = self.clip.image_size
         out = []
         for chunk in squares.split(self.config.crop_batch_size):
-            crops = roi_align(image[None], [chunk], output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+            crops = roi_align(
+                image[None], [chunk], output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True
+            )
             out.append(self.clip.encode_image(crops, normalize=True).float())
         return torch.cat(out)
 
@@ -385,7 +418,9 @@ class OpenVocabDetector(nn.Module):
         tower = {f"backbone.tower.{n}" for n in self.backbone.trainable_tower_parameter_names()}
         return {k: v for k, v in self.state_dict().items() if _is_own(k, tower)}
 
-    def save_pretrained(self, directory: str | os.PathLike[str], *, include_clip: bool = False, half: bool = False) -> Path:
+    def save_pretrained(
+        self, directory: str | os.PathLike[str], *, include_clip: bool = False, half: bool = False
+    ) -> Path:
         """Write ``detector_config.json`` and ``detector.safetensors`` (``half``: fp16, loads back as the
         model's dtype); with ``include_clip`` also the CLIP model into ``directory/clip`` (otherwise the
         config references ``config.clip``)."""
@@ -470,8 +505,9 @@ def _is_own(name: str, trained_tower: set[str]) -> bool:
     return not name.startswith("backbone.tower.") or name in trained_tower
 
 
-def _select(boxes: torch.Tensor, embeddings: torch.Tensor, scores: torch.Tensor, threshold: float, nms: float,
-            limit: int) -> dict[str, torch.Tensor]:  # fmt: skip
+def _select(
+    boxes: torch.Tensor, embeddings: torch.Tensor, scores: torch.Tensor, threshold: float, nms: float, limit: int
+) -> dict[str, torch.Tensor]:
     """Every (box, class) pair above ``threshold``, class-aware NMS, the best ``limit``."""
     idx, cls = (scores > threshold).nonzero(as_tuple=True)
     b, s = boxes[idx], scores[idx, cls]

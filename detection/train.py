@@ -105,13 +105,21 @@ def build_dataset(config: DetectorTrainConfig, image_size: int) -> Any:
 
     probe = json.loads(Path(config.train_data).read_text(encoding="utf-8")) if config.categories == "base" else None
     categories = _categories(probe["categories"] if probe else [], config.categories)
-    return CocoDetection(config.train_data, config.image_root, categories=categories, name_map=config.name_map,
-                         transforms=lsj_transforms(image_size, config.scale_range, flip=config.flip))  # fmt: skip
+    return CocoDetection(
+        config.train_data,
+        config.image_root,
+        categories=categories,
+        name_map=config.name_map,
+        transforms=lsj_transforms(image_size, config.scale_range, flip=config.flip),
+    )
 
 
 def _to_inputs(images: list[Any], targets: list[dict[str, Any]], device: torch.device) -> tuple[list, list]:
     xs = [im.to(device, non_blocking=True).float().div_(255) for im in images]
-    ts = [{"boxes": t["boxes"].as_subclass(torch.Tensor).to(device).float(), "labels": t["labels"].to(device)} for t in targets]
+    ts = [
+        {"boxes": t["boxes"].as_subclass(torch.Tensor).to(device).float(), "labels": t["labels"].to(device)}
+        for t in targets
+    ]
     return xs, ts
 
 
@@ -177,8 +185,13 @@ class DetectorTask(TrainingTask):
         from cnclip_vision.detection.inference import evaluate_detector
 
         was_training = self.model.training
-        metrics = evaluate_detector(self.model, self.config.eval_data, self.config.eval_image_root,
-                                    name_map=self.config.name_map, progress=False)  # fmt: skip
+        metrics = evaluate_detector(
+            self.model,
+            self.config.eval_data,
+            self.config.eval_image_root,
+            name_map=self.config.name_map,
+            progress=False,
+        )
         self.model.train(was_training)
         keys = ("AP", "AP50", "AP50_base", "AP50_novel", "AP50_all")
         record = {"step": step, **{k: metrics[k] for k in keys if k in metrics}}
@@ -194,9 +207,12 @@ def train_detector(config: DetectorTrainConfig, *, resume: bool = False) -> dict
     """Run (or resume) a detector training run; returns a summary with the final detector directory."""
     result = run_training(config, lambda env: DetectorTask(config, env), resume=resume)
     out = Path(config.output_dir)
-    summary: dict[str, Any] = {"steps": result.steps, "detector_dir": str(out / "detector"),
-                               "checkpoint": str(result.checkpoint),
-                               "skipped": dict(result.task.dataset.report)}  # fmt: skip
+    summary: dict[str, Any] = {
+        "steps": result.steps,
+        "detector_dir": str(out / "detector"),
+        "checkpoint": str(result.checkpoint),
+        "skipped": dict(result.task.dataset.report),
+    }
     if result.last_eval is not None:
         summary["eval"] = result.last_eval
     return summary

@@ -59,25 +59,51 @@ _PYPI_FONTS: tuple[tuple[str, str, int], ...] = (
 )
 _SYSTEM_FONT_DIRS = ("/usr/share/fonts", "/usr/local/share/fonts", "~/.local/share/fonts", "~/.fonts")
 _SYSTEM_FONT_PATTERNS = (  # best first
-    "NotoSansCJK*-Regular.tt[cf]", "NotoSansCJK*-Regular.otf", "NotoSansSC-Regular.otf",
-    "SourceHanSans*-Regular.tt[cf]", "SourceHanSans*-Regular.otf", "NotoSansCJK*.tt[cf]", "NotoSansCJK*.otf",
-    "wqy-microhei.ttc", "wqy-zenhei.ttc", "DroidSansFallback*.ttf", "NotoSerifCJK*.tt[cf]",
-)  # fmt: skip
+    "NotoSansCJK*-Regular.tt[cf]",
+    "NotoSansCJK*-Regular.otf",
+    "NotoSansSC-Regular.otf",
+    "SourceHanSans*-Regular.tt[cf]",
+    "SourceHanSans*-Regular.otf",
+    "NotoSansCJK*.tt[cf]",
+    "NotoSansCJK*.otf",
+    "wqy-microhei.ttc",
+    "wqy-zenhei.ttc",
+    "DroidSansFallback*.ttf",
+    "NotoSerifCJK*.tt[cf]",
+)
 _MACOS_FONTS = (
-    "/System/Library/Fonts/PingFang.ttc", "/System/Library/Fonts/STHeiti Medium.ttc",
-    "/System/Library/Fonts/STHeiti Light.ttc", "/System/Library/Fonts/Hiragino Sans GB.ttc",
+    "/System/Library/Fonts/PingFang.ttc",
+    "/System/Library/Fonts/STHeiti Medium.ttc",
+    "/System/Library/Fonts/STHeiti Light.ttc",
+    "/System/Library/Fonts/Hiragino Sans GB.ttc",
     "/Library/Fonts/Arial Unicode.ttf",
-)  # fmt: skip
+)
 _WINDOWS_FONTS = ("msyh.ttc", "msyh.ttf", "simhei.ttf", "Deng.ttf", "simsun.ttc")
 _SIMPLIFIED_FACE = re.compile(r"\b(SC|GB|CN|Hans|YaHei)\b")
 
 # 20 well-separated colours (Tableau 20 order, saturated ones first); a label keeps its colour everywhere.
 _PALETTE: tuple[tuple[int, int, int], ...] = (
-    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-    (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (174, 199, 232), (255, 187, 120),
-    (152, 223, 138), (255, 152, 150), (197, 176, 213), (196, 156, 148), (247, 182, 210), (199, 199, 199),
-    (219, 219, 141), (158, 218, 229),
-)  # fmt: skip
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+    (174, 199, 232),
+    (255, 187, 120),
+    (152, 223, 138),
+    (255, 152, 150),
+    (197, 176, 213),
+    (196, 156, 148),
+    (247, 182, 210),
+    (199, 199, 199),
+    (219, 219, 141),
+    (158, 218, 229),
+)
 
 
 # --------------------------------------------------------------------------------------------- fonts
@@ -117,8 +143,11 @@ def _fontconfig_candidate() -> list[tuple[str, int]]:
     try:
         out = subprocess.run(
             ["fc-match", "--format=%{file}|%{index}", ":lang=zh-cn"],
-            capture_output=True, text=True, timeout=10, check=True,
-        ).stdout  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         logger.debug("fc-match failed: %s", exc)
         return []
@@ -165,12 +194,19 @@ def _resolve_font(override: str | None) -> tuple[str, int] | None:
         except OSError as exc:
             raise ValueError(f"{FONT_ENV_VAR}={override!r} is not a font Pillow can read: {exc}") from exc
         if missing:
-            logger.warning("%s=%s has no glyphs for %s; Chinese labels may show as empty boxes",
-                           FONT_ENV_VAR, path, "".join(missing))  # fmt: skip
+            logger.warning(
+                "%s=%s has no glyphs for %s; Chinese labels may show as empty boxes",
+                FONT_ENV_VAR,
+                path,
+                "".join(missing),
+            )
         logger.info("Using font %s (face %d) from %s", path, index, FONT_ENV_VAR)
         return path, index
-    for source, candidates in (("fontconfig", _fontconfig_candidate), ("system", _system_candidates),
-                               ("PyPI package", _pypi_candidates)):  # fmt: skip
+    for source, candidates in (
+        ("fontconfig", _fontconfig_candidate),
+        ("system", _system_candidates),
+        ("PyPI package", _pypi_candidates),
+    ):
         for path, index in candidates():
             try:
                 font = ImageFont.truetype(path, 24, index=index)
@@ -260,8 +296,9 @@ def _tag_size(font: ImageFont.FreeTypeFont, text: str) -> tuple[int, int, int]:
     return round(font.getlength(text)) + 2 * pad, ascent + descent + 2 * pad, pad
 
 
-def _draw_tag(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, font: ImageFont.FreeTypeFont,
-              fill: tuple[int, int, int]) -> None:  # fmt: skip
+def _draw_tag(
+    draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, font: ImageFont.FreeTypeFont, fill: tuple[int, int, int]
+) -> None:
     width, height, pad = _tag_size(font, text)
     x, y = xy
     draw.rectangle((x, y, x + width - 1, y + height - 1), fill=fill)

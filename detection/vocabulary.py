@@ -12,7 +12,16 @@ import torch
 
 from cnclip_vision.data.transforms import ImageSource
 
-__all__ = ["ImageQuery", "Label", "VLM_MODES", "VLMMode", "Vocabulary", "check_labels", "check_thresholds", "check_vlm_mode"]
+__all__ = [
+    "ImageQuery",
+    "Label",
+    "VLM_MODES",
+    "VLMMode",
+    "Vocabulary",
+    "check_labels",
+    "check_thresholds",
+    "check_vlm_mode",
+]
 
 VLM_MODES = ("crops", "dense", "off")
 VLMMode = Literal["crops", "dense", "off"]

@@ -31,7 +31,9 @@ def main() -> int:
     parser.add_argument("--model", default="toy-tiny", help="model name or path (default: %(default)s)")
     parser.add_argument("--output", default="demo_output", help="folder for images and results.json")
     parser.add_argument("--seed", type=int, default=2026, help="seed of the generated images")
-    parser.add_argument("--detector", default="toy-detector", help="detector for step 3 ('' skips it; default: %(default)s)")
+    parser.add_argument(
+        "--detector", default="toy-detector", help="detector for step 3 ('' skips it; default: %(default)s)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     out = Path(args.output)
@@ -78,12 +80,22 @@ def main() -> int:
         top = row.topk(3)
         hits = [gallery[j].name for j in top.indices.tolist()]
         print(f"  「{query}」 -> {', '.join(hits)}  {'right' if top.indices[0] == qi else 'wrong'}")
-        retrieval.append({"query": query, "answer": gallery[qi].name, "top3": hits, "scores": [round(s, 4) for s in top.values.tolist()]})
+        retrieval.append(
+            {
+                "query": query,
+                "answer": gallery[qi].name,
+                "top3": hits,
+                "scores": [round(s, 4) for s in top.values.tolist()],
+            }
+        )
 
     detection = _detection(args, out) if args.detector else None
     (out / "results.json").write_text(
-        json.dumps({"model": args.model, "classification": classification, "retrieval": retrieval,
-                    "detection": detection}, ensure_ascii=False, indent=2),  # fmt: skip
+        json.dumps(
+            {"model": args.model, "classification": classification, "retrieval": retrieval, "detection": detection},
+            ensure_ascii=False,
+            indent=2,
+        ),
         encoding="utf-8",
     )
     print(f"\nwrote {out / 'results.json'} and the images in {out / 'images'}")
@@ -103,7 +115,9 @@ def _detection(args: argparse.Namespace, out: Path) -> dict:
     for i in range(3):
         image = out / "detection" / "images" / f"{i + 1:06d}.png"
         result = detector.predict([image], labels, score_threshold=0.5)[0]
-        found = "  ".join(f"{n}{'*' if n in novel else ''} {s:.2f}" for n, s in zip(result["label_names"], result["scores"].tolist()))
+        found = "  ".join(
+            f"{n}{'*' if n in novel else ''} {s:.2f}" for n, s in zip(result["label_names"], result["scores"].tolist())
+        )
         pictures.append(out / f"detection_{i}.png")
         draw_detections(image, result).save(pictures[-1])
         print(f"  {image.name}: {found or 'nothing above 0.5'}  -> {pictures[-1].name}")

@@ -47,10 +47,16 @@ def make_coco_dataset(root: Path, num_images: int, seed: int) -> Path:
             category = rng.choice(CATEGORIES)["id"]
             colour = tuple(rng.randint(120, 255) for _ in range(3))
             (draw.rectangle if category == 1 else draw.ellipse)([x0, y0, x0 + bw, y0 + bh], fill=colour)
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": image_id, "category_id": category,
-                "bbox": [x0, y0, bw, bh], "area": bw * bh, "iscrowd": 0,
-            })  # fmt: skip
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": category,
+                    "bbox": [x0, y0, bw, bh],
+                    "area": bw * bh,
+                    "iscrowd": 0,
+                }
+            )
         file_name = f"{image_id:04d}.png"
         img.save(root / file_name)
         images.append({"id": image_id, "file_name": file_name, "width": w, "height": h})
@@ -120,8 +126,10 @@ def main() -> None:
             **detector_kwargs("faster_rcnn", backbone),
         )
         params = [p for p in model.parameters() if p.requires_grad]
-        print(f"trainable parameters: {sum(p.numel() for p in params) / 1e6:.2f}M "
-              f"(tower frozen: {sum(p.numel() for p in backbone.tower.parameters()) / 1e6:.2f}M)")  # fmt: skip
+        print(
+            f"trainable parameters: {sum(p.numel() for p in params) / 1e6:.2f}M "
+            f"(tower frozen: {sum(p.numel() for p in backbone.tower.parameters()) / 1e6:.2f}M)"
+        )
         optimizer = torch.optim.AdamW(params, lr=5e-4, weight_decay=1e-4)
 
         model.train()
@@ -147,10 +155,14 @@ def main() -> None:
                 (det,) = model([image])
                 for box, label, score in zip(det["boxes"].tolist(), det["labels"].tolist(), det["scores"].tolist()):
                     x0, y0, x1, y1 = (round(v, 2) for v in box)
-                    results.append({
-                        "image_id": image_id, "category_id": label,
-                        "bbox": [x0, y0, round(x1 - x0, 2), round(y1 - y0, 2)], "score": round(score, 4),
-                    })  # fmt: skip
+                    results.append(
+                        {
+                            "image_id": image_id,
+                            "category_id": label,
+                            "bbox": [x0, y0, round(x1 - x0, 2), round(y1 - y0, 2)],
+                            "score": round(score, 4),
+                        }
+                    )
         out = args.out or Path(tmp) / "detections.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results))

@@ -36,14 +36,18 @@ def main() -> None:
             path = next(p for p in (path / "model.safetensors", path / "pytorch_model.bin") if p.exists())
         overlay = dict(file=str(path))
         model = timm.create_model(args.model, pretrained=True, pretrained_cfg_overlay=overlay).eval()
-        features = timm.create_model(args.model, pretrained=True, pretrained_cfg_overlay=overlay,
-                                     features_only=True, out_indices=(-3, -2, -1)).eval()  # fmt: skip
+        features = timm.create_model(
+            args.model, pretrained=True, pretrained_cfg_overlay=overlay, features_only=True, out_indices=(-3, -2, -1)
+        ).eval()
     config = timm.data.resolve_data_config({}, model=model)
     print("preprocessing:", {k: config[k] for k in ("input_size", "interpolation", "crop_pct", "crop_mode")})
     x = torch.randn(2, *config["input_size"])
     with torch.no_grad():
         print("image embedding (= encode_image):", tuple(model(x).shape))
-        print("pooled pre-projection features:", tuple(model.forward_head(model.forward_features(x), pre_logits=True).shape))
+        print(
+            "pooled pre-projection features:",
+            tuple(model.forward_head(model.forward_features(x), pre_logits=True).shape),
+        )
         for info, fmap in zip(features.feature_info.get_dicts(), features(x)):
             print(f"features_only {info['module']}: {tuple(fmap.shape)} (stride {info['reduction']})")
         _, intermediates = model.forward_intermediates(x, indices=2, norm=True)

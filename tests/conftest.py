@@ -35,9 +35,13 @@ def reference_clip(config: CLIPConfig) -> torch.nn.Module:
     vision_kwargs = (
         dict(vision_layers=list(v.layers), vision_width=v.width, vision_patch_size=None)
         if v.kind == "resnet"
-        else dict(vision_layers=v.layers, vision_width=v.width, vision_patch_size=v.patch_size,
-                  vision_head_width=v.width // v.heads)
-    )  # fmt: skip
+        else dict(
+            vision_layers=v.layers,
+            vision_width=v.width,
+            vision_patch_size=v.patch_size,
+            vision_head_width=v.width // v.heads,
+        )
+    )
     model = CLIP(
         embed_dim=config.embed_dim,
         image_resolution=v.image_size,
@@ -68,7 +72,9 @@ def reference_clip(config: CLIPConfig) -> torch.nn.Module:
     return model.eval()
 
 
-def random_inputs(config: CLIPConfig, n_images: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def random_inputs(
+    config: CLIPConfig, n_images: int = 2, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Images ``[n, 3, S, S]`` and token ids with padding of varied length (and its mask)."""
     g = torch.Generator().manual_seed(seed)
     size = config.vision.image_size

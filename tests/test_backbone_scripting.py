@@ -67,7 +67,10 @@ def scripted(models) -> dict[str, torch.jit.ScriptModule]:
 
 BAD_INPUTS = {  # name -> [(input, message regex)]
     VIT: [
-        (torch.randn(3, 224, 224), r"ChineseCLIPViT takes images \[N, 3, H, W\]; got a tensor of shape \(3, 224, 224\)"),
+        (
+            torch.randn(3, 224, 224),
+            r"ChineseCLIPViT takes images \[N, 3, H, W\]; got a tensor of shape \(3, 224, 224\)",
+        ),
         (torch.randn(1, 1, 224, 224), r"takes images \[N, 3, H, W\]; got a tensor of shape \(1, 1, 224, 224\)"),
         (torch.randn(5), r"got a tensor of shape \(5,\)"),
         (torch.randn(1, 3, 8, 8), r"ChineseCLIPViT needs inputs of at least 16x16 pixels; got 8x8"),
@@ -105,8 +108,9 @@ def test_torchscript_keeps_the_input_checks(name, scripted):
 def test_torchvision_feature_extractor_and_fx_torchscript_match_eager(name, models, eager, x):
     """torchvision's create_feature_extractor (with timm's leaf modules / functions, as for timm's twins),
     then the traced graph under TorchScript."""
-    fe = create_feature_extractor(models[name], return_nodes={FEATURE_NODE[name]: "features", "head": "out"},
-                                  tracer_kwargs=TIMM_TRACER).eval()  # fmt: skip
+    fe = create_feature_extractor(
+        models[name], return_nodes={FEATURE_NODE[name]: "features", "head": "out"}, tracer_kwargs=TIMM_TRACER
+    ).eval()
     with torch.no_grad():
         out = fe(x)
         _close(out["features"], eager[name][0])
@@ -132,8 +136,9 @@ def test_vit_traces_with_a_plain_fx_tracer(models, eager, x):
     with torch.no_grad():
         _close(graph(x), eager[VIT][1])
         _close(fe(x)["head"], eager[VIT][1])
-        blocks = model.forward_intermediates(x, indices=[5], output_fmt="NLC", return_prefix_tokens=True,
-                                             intermediates_only=True)  # fmt: skip
+        blocks = model.forward_intermediates(
+            x, indices=[5], output_fmt="NLC", return_prefix_tokens=True, intermediates_only=True
+        )
         spatial, prefix = blocks[0]
         _close(fe(x)["blocks.5"], torch.cat([prefix, spatial], dim=1))
 
@@ -169,8 +174,9 @@ def test_fx_backward_reaches_every_parameter(name):
     kwargs = dict(depth=2) if name == VIT else {}
     model = timm.create_model(name, num_classes=7, **kwargs).train()
     node = "blocks.1" if name == VIT else "stages.3"
-    fe = create_feature_extractor(model, train_return_nodes=[node, "head"], eval_return_nodes=["head"],
-                                  tracer_kwargs=TIMM_TRACER)  # fmt: skip
+    fe = create_feature_extractor(
+        model, train_return_nodes=[node, "head"], eval_return_nodes=["head"], tracer_kwargs=TIMM_TRACER
+    )
     x = torch.randn(2, 3, 224, 224)
     out = fe(x)
     assert out["head"].shape == (2, 7)
@@ -192,6 +198,7 @@ def test_eager_bad_inputs_name_the_problem(name, models):
 @pytest.mark.parametrize(("ours", "timm_class"), [(ChineseCLIPViT, VisionTransformer), (ChineseCLIPResNet, ByobNet)])
 def test_forward_features_signature_is_timms(ours, timm_class):
     """Our override takes exactly timm's arguments (a new timm argument would otherwise be dropped)."""
+
     def params(fn):
         return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
 
@@ -217,13 +224,23 @@ def test_timm_own_model_tests_pass_where_the_twins_pass(tmp_path):
     """timm's tests/test_models.py (downloaded sdist, cached under build/) on ViT-B-16, RN50 and their twins.
     About 2 min on 2 cores; fails with the pip hint when the sdist can be neither found nor downloaded."""
     script = Path(__file__).resolve().parent / "timm_suite" / "run_timm_model_tests.py"
-    out = subprocess.run([sys.executable, str(script), "--sizes", "small", "--json", str(tmp_path / "r.json")],
-                         capture_output=True, text=True, timeout=900)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, str(script), "--sizes", "small", "--json", str(tmp_path / "r.json")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     if out.returncode == 2 and "could not download" in out.stderr:  # PyPI is reachable on every project machine
         pytest.fail("timm's sdist could not be downloaded (pip download --no-binary :all: timm): " + out.stderr[-500:])
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     table = json.loads((tmp_path / "r.json").read_text())["table"]
-    for test in ("test_model_forward_torchscript", "test_model_forward_fx", "test_model_backward_fx",
-                 "test_model_forward_fx_torchscript", "test_model_forward", "test_model_backward"):  # fmt: skip
+    for test in (
+        "test_model_forward_torchscript",
+        "test_model_forward_fx",
+        "test_model_backward_fx",
+        "test_model_forward_fx_torchscript",
+        "test_model_forward",
+        "test_model_backward",
+    ):
         for model in (VIT, RN50):
             assert table[f"{test}[{model}]"] == "passed", (test, model)

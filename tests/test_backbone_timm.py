@@ -74,7 +74,9 @@ def test_head_equals_encode_image_and_pooled_features(name, tmp_path):
         torch.testing.assert_close(model(x), dual.encode_image(x), atol=1e-5, rtol=0)
         # forward_features / forward_head split
         torch.testing.assert_close(model.forward_head(model.forward_features(x)), model(x), atol=1e-6, rtol=0)
-        pooled = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=0, **kwargs).eval()
+        pooled = timm.create_model(
+            name, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=0, **kwargs
+        ).eval()
         pre = dual.visual.forward_head(dual.visual.forward_features(x), pre_logits=True)
         torch.testing.assert_close(pooled(x), pre, atol=1e-5, rtol=0)
         assert pooled(x).shape[-1] == pooled.num_features
@@ -87,8 +89,9 @@ def test_features_only_and_forward_intermediates(name, tmp_path):
     x = torch.randn(1, 3, size, size)
     n_levels = len(model.feature_info)
     for out_indices in ((0,), (n_levels - 1,), tuple(range(n_levels))[-3:], (-1,)):
-        fe = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, features_only=True,
-                               out_indices=out_indices, **kwargs).eval()  # fmt: skip
+        fe = timm.create_model(
+            name, pretrained=True, pretrained_cfg_overlay=overlay, features_only=True, out_indices=out_indices, **kwargs
+        ).eval()
         with torch.no_grad():
             feats = fe(x)
         assert [f.shape[1] for f in feats] == fe.feature_info.channels()
@@ -145,8 +148,12 @@ def test_original_checkpoint_through_timm(tmp_path):
     config = small_config("ViT-L-14")
     ref = reference_clip(config)
     torch.save({"state_dict": {"module." + k: v for k, v in ref.state_dict().items()}}, tmp_path / "clip_cn.pt")
-    model = timm.create_model("chinese_clip_vit_large_patch14_224", pretrained=True, **_small_kwargs(
-        "chinese_clip_vit_large_patch14_224"), pretrained_cfg_overlay=dict(file=str(tmp_path / "clip_cn.pt"), num_classes=48))
+    model = timm.create_model(
+        "chinese_clip_vit_large_patch14_224",
+        pretrained=True,
+        **_small_kwargs("chinese_clip_vit_large_patch14_224"),
+        pretrained_cfg_overlay=dict(file=str(tmp_path / "clip_cn.pt"), num_classes=48),
+    )
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x), ref.encode_image(x), atol=1e-5, rtol=0)
@@ -155,8 +162,11 @@ def test_original_checkpoint_through_timm(tmp_path):
 def test_rn50_original_checkpoint_through_timm(tmp_path):
     ref = reference_clip(get_config("RN50"))
     torch.save({"state_dict": {"module." + k: v for k, v in ref.state_dict().items()}}, tmp_path / "clip_cn_rn50.pt")
-    model = timm.create_model("chinese_clip_resnet50_224", pretrained=True,
-                              pretrained_cfg_overlay=dict(file=str(tmp_path / "clip_cn_rn50.pt"))).eval()  # fmt: skip
+    model = timm.create_model(
+        "chinese_clip_resnet50_224",
+        pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(tmp_path / "clip_cn_rn50.pt")),
+    ).eval()
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref.encode_image(x), atol=1e-5, rtol=0)
@@ -164,8 +174,9 @@ def test_rn50_original_checkpoint_through_timm(tmp_path):
 
 def test_other_image_size_resamples_position_embedding(tmp_path):
     _, _, overlay, kwargs = _small_model_and_file("chinese_clip_vit_base_patch16_224", tmp_path)
-    model = timm.create_model("chinese_clip_vit_base_patch16_224", pretrained=True, pretrained_cfg_overlay=overlay,
-                              img_size=320, **kwargs)  # fmt: skip
+    model = timm.create_model(
+        "chinese_clip_vit_base_patch16_224", pretrained=True, pretrained_cfg_overlay=overlay, img_size=320, **kwargs
+    )
     assert model.pos_embed.shape[1] == 1 + 20 * 20
     assert model.eval()(torch.randn(1, 3, 320, 320)).shape == (1, 48)
 
@@ -202,8 +213,11 @@ def test_full_size_vit_b16_against_transformers(tmp_path):
     dual = cnclip_vision.create_model("ViT-B-16")
     dual.save_pretrained(tmp_path)
     hf = ChineseCLIPModel.from_pretrained(tmp_path).eval()
-    model = timm.create_model("chinese_clip_vit_base_patch16_224", pretrained=True,
-                              pretrained_cfg_overlay=dict(file=str(tmp_path / "model.safetensors"))).eval()  # fmt: skip
+    model = timm.create_model(
+        "chinese_clip_vit_base_patch16_224",
+        pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(tmp_path / "model.safetensors")),
+    ).eval()
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         ref = hf.get_image_features(pixel_values=x)
@@ -226,14 +240,20 @@ def test_unknown_out_indices():
 
 def test_wrong_size_checkpoint_for_name(tmp_path):
     cnclip_vision.create_model(small_config("ViT-L-14")).save_pretrained(tmp_path)
-    with pytest.raises(CheckpointError, match=r"chinese_clip_vit_base_patch16_224(.|\n)*shape mismatches(.|\n)*looks like"):
-        timm.create_model("chinese_clip_vit_base_patch16_224", pretrained=True,
-                          pretrained_cfg_overlay=dict(file=str(tmp_path / "model.safetensors")))  # fmt: skip
+    with pytest.raises(
+        CheckpointError, match=r"chinese_clip_vit_base_patch16_224(.|\n)*shape mismatches(.|\n)*looks like"
+    ):
+        timm.create_model(
+            "chinese_clip_vit_base_patch16_224",
+            pretrained=True,
+            pretrained_cfg_overlay=dict(file=str(tmp_path / "model.safetensors")),
+        )
 
 
 def test_bad_inputs_name_the_problem():
-    model = timm.create_model("chinese_clip_vit_base_patch16_224", dynamic_img_size=True,
-                              **_small_kwargs("chinese_clip_vit_base_patch16_224"))  # fmt: skip
+    model = timm.create_model(
+        "chinese_clip_vit_base_patch16_224", dynamic_img_size=True, **_small_kwargs("chinese_clip_vit_base_patch16_224")
+    )
     with pytest.raises(ValueError, match=r"\[N, 3, H, W\].*\(1, 1, 224, 224\)"):
         model(torch.randn(1, 1, 224, 224))
     with pytest.raises(ValueError, match="at least 16x16"):

@@ -304,14 +304,19 @@ def _batch(masks: bool = False):
 
 DETECTORS = {"faster_rcnn": FasterRCNN, "mask_rcnn": MaskRCNN, "retinanet": RetinaNet, "fcos": FCOS}
 _FEW_RCNN = dict(
-    rpn_pre_nms_top_n_train=300, rpn_post_nms_top_n_train=100, rpn_pre_nms_top_n_test=300,
-    rpn_post_nms_top_n_test=50, box_batch_size_per_image=64, box_detections_per_img=5,
-)  # fmt: skip
+    rpn_pre_nms_top_n_train=300,
+    rpn_post_nms_top_n_train=100,
+    rpn_pre_nms_top_n_test=300,
+    rpn_post_nms_top_n_test=50,
+    box_batch_size_per_image=64,
+    box_detections_per_img=5,
+)
 FAST = {  # fewer proposals / detections than the defaults, to keep CPU tests quick
-    "faster_rcnn": _FEW_RCNN, "mask_rcnn": _FEW_RCNN,
+    "faster_rcnn": _FEW_RCNN,
+    "mask_rcnn": _FEW_RCNN,
     "retinanet": dict(topk_candidates=100, detections_per_img=5),
     "fcos": dict(topk_candidates=100, detections_per_img=5),
-}  # fmt: skip
+}
 LOSSES = {
     "faster_rcnn": {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"},
     "mask_rcnn": {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg", "loss_mask"},
@@ -387,8 +392,12 @@ def test_full_size_vit_b16_in_faster_rcnn():
     with torch.no_grad():
         out = bb(torch.randn(1, 3, 224, 288))
     assert [tuple(v.shape) for v in out.values()] == [
-        (1, 256, 56, 72), (1, 256, 28, 36), (1, 256, 14, 18), (1, 256, 7, 9), (1, 256, 4, 5),
-    ]  # fmt: skip
+        (1, 256, 56, 72),
+        (1, 256, 28, 36),
+        (1, 256, 14, 18),
+        (1, 256, 7, 9),
+        (1, 256, 4, 5),
+    ]
     det = FasterRCNN(bb, num_classes=3, min_size=224, max_size=288, **FAST["faster_rcnn"])
     images, targets = _batch()
     det.train()
@@ -420,8 +429,12 @@ def test_example_faster_rcnn_backbone(tmp_path, hf_offline_env):
     script = ROOT / "examples" / "faster_rcnn_backbone.py"
     result = subprocess.run(
         [sys.executable, str(script), "--steps", "3", "--images", "3", "--out", str(out)],
-        capture_output=True, text=True, timeout=300, cwd=ROOT, env=env,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "loss" in result.stdout
     detections = json.loads(out.read_text())

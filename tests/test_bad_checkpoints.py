@@ -85,7 +85,9 @@ def test_missing_and_unexpected_keys(tmp_path):
     del state["visual.norm.weight"]
     state["visual.extra.weight"] = torch.zeros(1)
     torch.save(state, tmp_path / "bad.pt")
-    with pytest.raises(CheckpointError, match=r"missing keys: visual\.norm\.weight(.|\n)*unexpected keys: visual\.extra"):
+    with pytest.raises(
+        CheckpointError, match=r"missing keys: visual\.norm\.weight(.|\n)*unexpected keys: visual\.extra"
+    ):
         cnclip_vision.load(tmp_path / "bad.pt", arch=model.config)
 
 
@@ -135,8 +137,10 @@ def test_cli_error_is_one_line(tmp_path):
     (tmp_path / "x.pt").write_text("nope")
     out = subprocess.run(
         [sys.executable, "-m", "cnclip_vision.cli", "convert", str(tmp_path / "x.pt"), str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2
     assert out.stdout == ""
     lines = [line for line in out.stderr.splitlines() if line.strip()]

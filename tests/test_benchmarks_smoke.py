@@ -14,8 +14,16 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-SCRIPTS = ["common.py", "bench_image.py", "bench_text.py", "bench_zeroshot.py", "bench_memory.py", "bench_onnx.py",
-           "bench_scaling.py", "run_all.py"]  # fmt: skip
+SCRIPTS = [
+    "common.py",
+    "bench_image.py",
+    "bench_text.py",
+    "bench_zeroshot.py",
+    "bench_memory.py",
+    "bench_onnx.py",
+    "bench_scaling.py",
+    "run_all.py",
+]
 
 # (script, start of the measure, start of "ours") of every row a quick run must produce
 EXPECTED = [
@@ -49,8 +57,12 @@ def test_run_all_quick_produces_every_row(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run(
         [sys.executable, str(BENCH / "run_all.py"), "--quick", "--output-dir", str(tmp_path)],
-        capture_output=True, text=True, env=env, timeout=600, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     results = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
     md = (tmp_path / "results.md").read_text(encoding="utf-8")
@@ -58,7 +70,9 @@ def test_run_all_quick_produces_every_row(tmp_path):
     assert [s["status"] for s in results["scripts"]] == ["ok"] * 6
     assert results["machine"]["cores"] and results["roofline"]["fp32"] > 0
     for script, measure, ours in EXPECTED:
-        found = [r for r in rows if r["script"] == script and r["measure"].startswith(measure) and r["ours"].startswith(ours)]
+        found = [
+            r for r in rows if r["script"] == script and r["measure"].startswith(measure) and r["ours"].startswith(ours)
+        ]
         assert found, f"no row {script} / {measure} / {ours}"
         assert all(r["ours_value"] and r["ours_value"] > 0 for r in found)
         assert found[0]["measure"] in md and found[0]["measure"] in proc.stdout

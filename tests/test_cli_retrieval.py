@@ -29,8 +29,15 @@ TEXTS = [
 
 
 def _cli(*args: str, env: dict[str, str], cwd) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "cnclip_vision.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, encoding="utf-8", env=env, cwd=cwd)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "cnclip_vision.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        encoding="utf-8",
+        env=env,
+        cwd=cwd,
+    )
 
 
 def _wait(procs: dict[str, subprocess.Popen]) -> dict[str, subprocess.CompletedProcess]:
@@ -62,28 +69,74 @@ def runs(tmp_path_factory):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp / "hf_home"))
     env.pop("HF_HUB_CACHE", None)
     model = ["--model", str(model_dir), "--device", "cpu", "--batch-size", "4", "--workers", "0"]
-    first = _wait({
-        "embed_images": _cli("embed", str(images), "--out", "img_emb", "--shard-size", "3", *model, env=env, cwd=tmp),
-        "embed_texts": _cli("-q", "embed", "--texts", str(texts), "--out", "txt_emb", *model, env=env, cwd=tmp),
-        "eval_images": _cli("-q", "eval-retrieval", "--texts", str(texts), "--images", str(images), "-o", "report.json",
-                            *model, env=env, cwd=tmp),
-        "missing_folder": _cli("-q", "embed", str(tmp / "nowhere"), "--out", "x", *model, env=env, cwd=tmp),
-        "empty_folder": _cli("-q", "embed", str(tmp / "empty"), "--out", "y", *model, env=env, cwd=tmp),
-        "bad_jsonl": _cli("-q", "embed", "--texts", str(bad_jsonl), "--out", "z", *model, env=env, cwd=tmp),
-    })  # fmt: skip
-    second = _wait({
-        "search": _cli("-q", "search", "一只橘猫", "红色的汽车", "--image", str(images / "img1.png"), "--index", "img_emb",
-                       "-k", "3", "--format", "csv", *model, env=env, cwd=tmp),
-        "eval_embeddings": _cli("-q", "eval-retrieval", "--texts", str(texts), "--image-embeddings", "img_emb",
-                                "--text-embeddings", "txt_emb", env=env, cwd=tmp),
-        "index_build": _cli("-q", "index", "build", "txt_emb", "--memory", "1GB", env=env, cwd=tmp),
-    })  # fmt: skip
-    third = _wait({
-        "search_ann": _cli("-v", "search", "一只橘猫", "--index", "txt_emb", "-k", "2", *model, env=env, cwd=tmp),
-        "search_exact": _cli("-v", "search", "一只橘猫", "--index", "txt_emb", "-k", "2", "--exact", *model, env=env, cwd=tmp),
-        "index_info": _cli("-q", "index", "info", "txt_emb", env=env, cwd=tmp),
-        "index_missing": _cli("-q", "index", "info", "img_emb", env=env, cwd=tmp),
-    })  # fmt: skip
+    first = _wait(
+        {
+            "embed_images": _cli(
+                "embed", str(images), "--out", "img_emb", "--shard-size", "3", *model, env=env, cwd=tmp
+            ),
+            "embed_texts": _cli("-q", "embed", "--texts", str(texts), "--out", "txt_emb", *model, env=env, cwd=tmp),
+            "eval_images": _cli(
+                "-q",
+                "eval-retrieval",
+                "--texts",
+                str(texts),
+                "--images",
+                str(images),
+                "-o",
+                "report.json",
+                *model,
+                env=env,
+                cwd=tmp,
+            ),
+            "missing_folder": _cli("-q", "embed", str(tmp / "nowhere"), "--out", "x", *model, env=env, cwd=tmp),
+            "empty_folder": _cli("-q", "embed", str(tmp / "empty"), "--out", "y", *model, env=env, cwd=tmp),
+            "bad_jsonl": _cli("-q", "embed", "--texts", str(bad_jsonl), "--out", "z", *model, env=env, cwd=tmp),
+        }
+    )
+    second = _wait(
+        {
+            "search": _cli(
+                "-q",
+                "search",
+                "一只橘猫",
+                "红色的汽车",
+                "--image",
+                str(images / "img1.png"),
+                "--index",
+                "img_emb",
+                "-k",
+                "3",
+                "--format",
+                "csv",
+                *model,
+                env=env,
+                cwd=tmp,
+            ),
+            "eval_embeddings": _cli(
+                "-q",
+                "eval-retrieval",
+                "--texts",
+                str(texts),
+                "--image-embeddings",
+                "img_emb",
+                "--text-embeddings",
+                "txt_emb",
+                env=env,
+                cwd=tmp,
+            ),
+            "index_build": _cli("-q", "index", "build", "txt_emb", "--memory", "1GB", env=env, cwd=tmp),
+        }
+    )
+    third = _wait(
+        {
+            "search_ann": _cli("-v", "search", "一只橘猫", "--index", "txt_emb", "-k", "2", *model, env=env, cwd=tmp),
+            "search_exact": _cli(
+                "-v", "search", "一只橘猫", "--index", "txt_emb", "-k", "2", "--exact", *model, env=env, cwd=tmp
+            ),
+            "index_info": _cli("-q", "index", "info", "txt_emb", env=env, cwd=tmp),
+            "index_missing": _cli("-q", "index", "info", "img_emb", env=env, cwd=tmp),
+        }
+    )
     return {**first, **second, **third, "tmp": tmp}
 
 
@@ -95,7 +148,12 @@ def _ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 def test_embed_images_reports_bad_files(runs):
     result = _ok(runs["embed_images"])
     summary = json.loads(result.stdout)
-    assert (summary["num_inputs"], summary["num_embedded"], summary["num_failed"], summary["num_shards"]) == (7, 6, 1, 4)
+    assert (summary["num_inputs"], summary["num_embedded"], summary["num_failed"], summary["num_shards"]) == (
+        7,
+        6,
+        1,
+        4,
+    )
     [failure] = summary["failures"]
     assert failure["id"] == "bad.jpg" and failure["path"].endswith("bad.jpg") and failure["reason"]
     assert "bad.jpg" in result.stderr  # logged as it happens
@@ -126,7 +184,10 @@ def test_eval_retrieval_from_images_and_from_embeddings(runs):
     for report in (from_embeddings, from_images):
         assert all(0 <= report[m] <= 100 for m in metrics)
         assert (report["num_texts"], report["num_images"], report["num_t2i_queries"]) == (4, 6, 4)
-        assert (report["num_i2t_queries"], report["missing_images"]) == (4, 1)  # img0, sub/img3, img1, 5; bad.jpg missing
+        assert (report["num_i2t_queries"], report["missing_images"]) == (
+            4,
+            1,
+        )  # img0, sub/img3, img1, 5; bad.jpg missing
         assert report["t2i_R@10"] == 75.0  # only the text whose image is unreadable is missed (6 candidates)
         assert report["i2t_R@5"] == 100.0  # 4 candidate texts
     assert {m: from_images[m] for m in metrics} == pytest.approx({m: from_embeddings[m] for m in metrics}, abs=1e-3)
@@ -155,7 +216,9 @@ def test_index_build_and_search_through_it(runs):
     assert runs["index_missing"].returncode == 2 and "has no FAISS index" in runs["index_missing"].stderr
     ann, exact = _ok(runs["search_ann"]), _ok(runs["search_exact"])
     assert "faiss:Flat search" in ann.stderr and "exact search" in exact.stderr
-    hits = [[(h["id"], h["score"]) for h in d[0]["results"]] for d in (json.loads(ann.stdout), json.loads(exact.stdout))]
+    hits = [
+        [(h["id"], h["score"]) for h in d[0]["results"]] for d in (json.loads(ann.stdout), json.loads(exact.stdout))
+    ]
     assert len(hits[0]) == 2 and [i for i, _ in hits[0]] == [i for i, _ in hits[1]]
     assert [s for _, s in hits[0]] == pytest.approx([s for _, s in hits[1]], abs=1e-5)
 

@@ -26,9 +26,16 @@ from cnclip_vision.toy.detector import TOY_DETECTOR_DIR
 from cnclip_vision.detection.visualize import draw_detections
 
 DETECTOR = dict(
-    image_size=128, out_channels=32, levels="p3-p7", representation_size=64, rpn_pre_nms_top_n=(200, 100),
-    rpn_post_nms_top_n=(100, 50), box_batch_size_per_image=32, crop_top_k=10, templates=["{}"],
-)  # fmt: skip
+    image_size=128,
+    out_channels=32,
+    levels="p3-p7",
+    representation_size=64,
+    rpn_pre_nms_top_n=(200, 100),
+    rpn_post_nms_top_n=(100, 50),
+    box_batch_size_per_image=32,
+    crop_top_k=10,
+    templates=["{}"],
+)
 BASE_NAMES = [c.name for c in sorted(toyworld.BASE_CATEGORIES, key=lambda c: c.id)]
 LABELS = [toyworld.CATEGORIES[0].name, toyworld.CATEGORIES[9].name]  # 红色圆形, 橙色正方形
 THRESHOLD = "0.001"  # a detector trained for two steps scores low; the contract holds at any threshold
@@ -46,13 +53,42 @@ def trained(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("cli-detector")
     annotations = toyworld.write_detection_set(root / "train", 8, seed=0, annotate=toyworld.BASE_CATEGORIES)
     recipe = root / "recipe.json"
-    recipe.write_text(json.dumps({"clip": "toy-tiny", "detector": DETECTOR, "batch_size": 8, "max_steps": 100,
-                                  "lr": 1e-3, "num_workers": 0, "log_every": 1}), encoding="utf-8")  # fmt: skip
+    recipe.write_text(
+        json.dumps(
+            {
+                "clip": "toy-tiny",
+                "detector": DETECTOR,
+                "batch_size": 8,
+                "max_steps": 100,
+                "lr": 1e-3,
+                "num_workers": 0,
+                "log_every": 1,
+            }
+        ),
+        encoding="utf-8",
+    )
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        code = main(["-q", "train-detector", "--config", str(recipe), "--train-data", str(annotations),
-                     "--output-dir", str(root / "run"), "--max-steps", "2", "--batch-size", "4", "--categories",
-                     "base", "--device", "cpu"])  # fmt: skip
+        code = main(
+            [
+                "-q",
+                "train-detector",
+                "--config",
+                str(recipe),
+                "--train-data",
+                str(annotations),
+                "--output-dir",
+                str(root / "run"),
+                "--max-steps",
+                "2",
+                "--batch-size",
+                "4",
+                "--categories",
+                "base",
+                "--device",
+                "cpu",
+            ]
+        )
     assert code == 0
     return {
         "dir": root / "run" / "detector",
@@ -130,8 +166,21 @@ def test_train_detector_errors(capsys, tmp_path, argv, match):
 def test_detect_picture_and_json(capsys, trained, api_detector, tmp_path):
     image = trained["images"][0]
     picture, out = tmp_path / "out.png", tmp_path / "det.json"
-    code, stdout, _ = run(capsys, "detect", image, "--detector", trained["dir"], "--labels", ",".join(LABELS),
-                          "-o", picture, "--json", out, "--score-threshold", THRESHOLD)  # fmt: skip
+    code, stdout, _ = run(
+        capsys,
+        "detect",
+        image,
+        "--detector",
+        trained["dir"],
+        "--labels",
+        ",".join(LABELS),
+        "-o",
+        picture,
+        "--json",
+        out,
+        "--score-threshold",
+        THRESHOLD,
+    )
     assert code == 0 and stdout == ""  # the JSON went to --json
     records = json.loads(out.read_text(encoding="utf-8"))
     assert len(records) == 1 and records[0]["image"] == str(image)
@@ -150,15 +199,30 @@ def test_detect_picture_and_json(capsys, trained, api_detector, tmp_path):
         reference = draw_detections(Image.open(image).convert("RGB"), expected)
         assert drawn.size == reference.size
         assert np.array_equal(np.asarray(drawn.convert("RGB")), np.asarray(reference))
-    assert not np.array_equal(np.asarray(reference), np.asarray(draw_detections(Image.open(image).convert("RGB"),
-                              {"boxes": torch.zeros(0, 4), "label_names": []})))  # boxes were drawn  # fmt: skip
+    assert not np.array_equal(
+        np.asarray(reference),
+        np.asarray(draw_detections(Image.open(image).convert("RGB"), {"boxes": torch.zeros(0, 4), "label_names": []})),
+    )  # boxes were drawn
 
 
 def test_detect_json_on_stdout_and_vlm_mode(capsys, trained):
     image = trained["images"][1]
     for mode in ("dense", "off"):  # "crops", the default, is run by the other tests
-        code, stdout, _ = run(capsys, "detect", image, "--detector", trained["dir"], "--labels", ",".join(LABELS),
-                              "--vlm-mode", mode, "--score-threshold", THRESHOLD, "--max-detections", "3")  # fmt: skip
+        code, stdout, _ = run(
+            capsys,
+            "detect",
+            image,
+            "--detector",
+            trained["dir"],
+            "--labels",
+            ",".join(LABELS),
+            "--vlm-mode",
+            mode,
+            "--score-threshold",
+            THRESHOLD,
+            "--max-detections",
+            "3",
+        )
         assert code == 0
         records = json.loads(stdout)
         check_records(records, LABELS, float(THRESHOLD))
@@ -168,8 +232,21 @@ def test_detect_json_on_stdout_and_vlm_mode(capsys, trained):
 def test_detect_several_images_into_a_folder(capsys, trained, tmp_path):
     images = trained["images"][:2]
     folder, out = tmp_path / "pictures", tmp_path / "det.json"
-    code, _, _ = run(capsys, "detect", *images, "--detector", trained["dir"], "--labels", "，".join(LABELS),  # full-width comma
-                     "-o", folder, "--json", out, "--score-threshold", THRESHOLD)  # fmt: skip
+    code, _, _ = run(
+        capsys,
+        "detect",
+        *images,
+        "--detector",
+        trained["dir"],
+        "--labels",
+        "，".join(LABELS),  # full-width comma
+        "-o",
+        folder,
+        "--json",
+        out,
+        "--score-threshold",
+        THRESHOLD,
+    )
     assert code == 0
     records = json.loads(out.read_text(encoding="utf-8"))
     assert [r["image"] for r in records] == [str(p) for p in images]
@@ -181,8 +258,17 @@ def test_detect_several_images_into_a_folder(capsys, trained, tmp_path):
 
 
 def test_detect_one_picture_for_several_images(capsys, trained, tmp_path):
-    code, _, err = run(capsys, "detect", *trained["images"][:2], "--detector", trained["dir"], "--labels", LABELS[0],
-                       "-o", tmp_path / "one.png")  # fmt: skip
+    code, _, err = run(
+        capsys,
+        "detect",
+        *trained["images"][:2],
+        "--detector",
+        trained["dir"],
+        "--labels",
+        LABELS[0],
+        "-o",
+        tmp_path / "one.png",
+    )
     assert code == 2
     assert "pass a folder" in error_line(err, "detect")
 
@@ -194,36 +280,75 @@ def test_detect_query(capsys, trained, api_detector, tmp_path):
     box = (x, y, x + w, y + h)
     out = tmp_path / "q.json"
     query = f"样例={image}@{','.join(str(v) for v in box)}"
-    code, _, _ = run(capsys, "detect", image, "--detector", trained["dir"], "--labels", LABELS[0], "--query", query,
-                     "--json", out, "--score-threshold", THRESHOLD)  # fmt: skip
+    code, _, _ = run(
+        capsys,
+        "detect",
+        image,
+        "--detector",
+        trained["dir"],
+        "--labels",
+        LABELS[0],
+        "--query",
+        query,
+        "--json",
+        out,
+        "--score-threshold",
+        THRESHOLD,
+    )
     assert code == 0
     records = json.loads(out.read_text(encoding="utf-8"))
     check_records(records, [LABELS[0], "样例"], float(THRESHOLD))
-    expected = api_detector.predict(image, [LABELS[0], ImageQuery(str(image), "样例", box)], score_threshold=float(THRESHOLD))[0]
+    expected = api_detector.predict(
+        image, [LABELS[0], ImageQuery(str(image), "样例", box)], score_threshold=float(THRESHOLD)
+    )[0]
     assert [d["label"] for d in records[0]["detections"]] == expected["label_names"]
     np.testing.assert_allclose([d["score"] for d in records[0]["detections"]], expected["scores"].numpy(), atol=1e-4)
 
-    code, stdout, _ = run(capsys, "detect", image, "--detector", trained["dir"], "--query", f"整图={image}",
-                          "--score-threshold", THRESHOLD)  # a query alone, without a box  # fmt: skip
+    code, stdout, _ = run(
+        capsys,
+        "detect",
+        image,
+        "--detector",
+        trained["dir"],
+        "--query",
+        f"整图={image}",
+        "--score-threshold",
+        THRESHOLD,
+    )  # a query alone, without a box
     assert code == 0
     check_records(json.loads(stdout), ["整图"], float(THRESHOLD))
 
 
 def test_detect_query_path_with_at_sign(capsys, trained, tmp_path):
-    """"logo@2x.png" is a common file name: without a box after it, the "@" belongs to the path."""
+    """ "logo@2x.png" is a common file name: without a box after it, the "@" belongs to the path."""
     image = tmp_path / "logo@2x.png"
     image.write_bytes(trained["images"][0].read_bytes())
-    code, stdout, err = run(capsys, "detect", trained["images"][0], "--detector", trained["dir"], "--query",
-                            f"标志={image}", "--score-threshold", THRESHOLD)  # fmt: skip
+    code, stdout, err = run(
+        capsys,
+        "detect",
+        trained["images"][0],
+        "--detector",
+        trained["dir"],
+        "--query",
+        f"标志={image}",
+        "--score-threshold",
+        THRESHOLD,
+    )
     assert code == 0, err
     check_records(json.loads(stdout), ["标志"], float(THRESHOLD))
 
 
 @pytest.mark.parametrize(
     "query, match",
-    [("样例", "NAME=IMAGE"), ("=IMG", "NAME=IMAGE"), ("样例=MISSING", "does not exist"),
-     ("样例=IMG@1,2,3", "four numbers"), ("样例=IMG@a,b,c,d", "four numbers"), ("样例=IMG@5,5,5,30", "zero size")],
-)  # fmt: skip
+    [
+        ("样例", "NAME=IMAGE"),
+        ("=IMG", "NAME=IMAGE"),
+        ("样例=MISSING", "does not exist"),
+        ("样例=IMG@1,2,3", "four numbers"),
+        ("样例=IMG@a,b,c,d", "four numbers"),
+        ("样例=IMG@5,5,5,30", "zero size"),
+    ],
+)
 def test_detect_bad_query(capsys, trained, tmp_path, query, match):
     query = query.replace("IMG", str(trained["images"][0])).replace("MISSING", str(tmp_path / "missing.png"))
     code, _, err = run(capsys, "detect", trained["images"][0], "--detector", trained["dir"], "--query", query)
@@ -237,7 +362,9 @@ def test_detect_skips_unreadable_images(capsys, caplog, trained, tmp_path):
     good = trained["images"][0]
     out = tmp_path / "det.json"
     with caplog.at_level(logging.WARNING):
-        code, _, _ = run(capsys, "detect", bad, good, "--detector", trained["dir"], "--labels", LABELS[0], "--json", out)
+        code, _, _ = run(
+            capsys, "detect", bad, good, "--detector", trained["dir"], "--labels", LABELS[0], "--json", out
+        )
     assert code == 0
     assert [r["image"] for r in json.loads(out.read_text(encoding="utf-8"))] == [str(good)]
     assert any("bad.png" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
@@ -247,8 +374,18 @@ def test_detect_all_images_unreadable(capsys, trained, tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image at all")
     out = tmp_path / "det.json"
-    code, _, err = run(capsys, "detect", bad, tmp_path / "missing.jpg", "--detector", trained["dir"], "--labels",
-                       LABELS[0], "--json", out)  # fmt: skip
+    code, _, err = run(
+        capsys,
+        "detect",
+        bad,
+        tmp_path / "missing.jpg",
+        "--detector",
+        trained["dir"],
+        "--labels",
+        LABELS[0],
+        "--json",
+        out,
+    )
     assert code == 2
     assert "none of the 2 images could be read" in error_line(err, "detect")
     assert not out.exists()
@@ -283,7 +420,9 @@ def clip():
 def test_heatmap(capsys, clip, trained, tmp_path):
     image = trained["images"][0]
     picture, out = tmp_path / "heat.png", tmp_path / "heat.json"
-    code, _, _ = run(capsys, "heatmap", image, "--model", "toy-tiny", "--labels", LABELS[0], "-o", picture, "--json", out)
+    code, _, _ = run(
+        capsys, "heatmap", image, "--model", "toy-tiny", "--labels", LABELS[0], "-o", picture, "--json", out
+    )
     assert code == 0
     grid = clip.image_size // clip.config.vision.patch_size
     records = json.loads(out.read_text(encoding="utf-8"))
@@ -301,8 +440,19 @@ def test_heatmap(capsys, clip, trained, tmp_path):
 
 def test_heatmap_several_labels_and_size(capsys, clip, trained, tmp_path):
     picture = tmp_path / "heat.png"
-    code, stdout, _ = run(capsys, "heatmap", trained["images"][0], "--model", "toy-tiny", "--labels", ",".join(LABELS),
-                          "-o", picture, "--size", "96")  # fmt: skip
+    code, stdout, _ = run(
+        capsys,
+        "heatmap",
+        trained["images"][0],
+        "--model",
+        "toy-tiny",
+        "--labels",
+        ",".join(LABELS),
+        "-o",
+        picture,
+        "--size",
+        "96",
+    )
     assert code == 0
     records = json.loads(stdout)
     grid = 96 // clip.config.vision.patch_size
@@ -312,7 +462,9 @@ def test_heatmap_several_labels_and_size(capsys, clip, trained, tmp_path):
     assert all(Path(r["picture"]).is_file() for r in records)
 
 
-@pytest.mark.parametrize("argv, match", [(["--labels", ","], "empty"), (["--labels", "猫", "--size", "50"], "multiple")])
+@pytest.mark.parametrize(
+    "argv, match", [(["--labels", ","], "empty"), (["--labels", "猫", "--size", "50"], "multiple")]
+)
 def test_heatmap_errors(capsys, trained, tmp_path, argv, match):
     code, _, err = run(capsys, "heatmap", trained["images"][0], "--model", "toy-tiny", "-o", tmp_path / "h.png", *argv)
     assert code == 2
@@ -344,8 +496,22 @@ def test_toy_detector_export(capsys, trained, api_detector, tmp_path):
 
 def test_toy_detector_eval(capsys, trained, tmp_path):
     report_path = tmp_path / "report.json"
-    code, _, err = run(capsys, "-q", "toy-detector-eval", "--detector", trained["dir"], "--n", "2", "--data-dir",
-                       tmp_path / "data", "--seed", "3", "-o", report_path, "--check")  # fmt: skip
+    code, _, err = run(
+        capsys,
+        "-q",
+        "toy-detector-eval",
+        "--detector",
+        trained["dir"],
+        "--n",
+        "2",
+        "--data-dir",
+        tmp_path / "data",
+        "--seed",
+        "3",
+        "-o",
+        report_path,
+        "--check",
+    )
     assert code == 2  # two training steps cannot reach the quality bars
     assert "quality bars" in error_line(err, "toy-detector-eval")
     report = json.loads(report_path.read_text(encoding="utf-8"))  # written before the check

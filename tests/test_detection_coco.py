@@ -31,14 +31,18 @@ from cnclip_vision.errors import CNClipError
 def _coco() -> dict:
     """A small valid COCO dict: 3 images (the third unannotated), 2 categories with non-contiguous ids."""
     return {
-        "images": [{"id": 1, "file_name": "a.png", "width": 100, "height": 80},
-                   {"id": 2, "file_name": "b.png", "width": 60, "height": 60},
-                   {"id": 7, "file_name": "c.png", "width": 50, "height": 50}],
-        "annotations": [{"id": 1, "image_id": 1, "category_id": 90, "bbox": [10, 10, 20, 30], "area": 600, "iscrowd": 0},
-                        {"id": 2, "image_id": 1, "category_id": 5, "bbox": [50, 20, 10, 10], "area": 100, "iscrowd": 0},
-                        {"id": 3, "image_id": 2, "category_id": 5, "bbox": [0, 0, 30, 30], "area": 900, "iscrowd": 0}],
+        "images": [
+            {"id": 1, "file_name": "a.png", "width": 100, "height": 80},
+            {"id": 2, "file_name": "b.png", "width": 60, "height": 60},
+            {"id": 7, "file_name": "c.png", "width": 50, "height": 50},
+        ],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 90, "bbox": [10, 10, 20, 30], "area": 600, "iscrowd": 0},
+            {"id": 2, "image_id": 1, "category_id": 5, "bbox": [50, 20, 10, 10], "area": 100, "iscrowd": 0},
+            {"id": 3, "image_id": 2, "category_id": 5, "bbox": [0, 0, 30, 30], "area": 900, "iscrowd": 0},
+        ],
         "categories": [{"id": 90, "name": "toothbrush"}, {"id": 5, "name": "airplane"}],
-    }  # fmt: skip
+    }
 
 
 def _write_images(root, data: dict, rng_seed: int = 0) -> None:
@@ -62,8 +66,25 @@ def test_name_table_and_split() -> None:
     assert len(cn.OVCOCO_BASE_IDS) == 48 and len(cn.OVCOCO_NOVEL_IDS) == 17 and len(cn.OVCOCO_EXCLUDED_IDS) == 15
     assert not set(cn.OVCOCO_BASE_IDS) & set(cn.OVCOCO_NOVEL_IDS)
     novel = {cn.get_coco_category(i).english_name for i in cn.OVCOCO_NOVEL_IDS}
-    assert novel == {"airplane", "bus", "cat", "dog", "cow", "elephant", "umbrella", "tie", "snowboard", "skateboard",
-                     "cup", "knife", "cake", "couch", "keyboard", "sink", "scissors"}  # fmt: skip
+    assert novel == {
+        "airplane",
+        "bus",
+        "cat",
+        "dog",
+        "cow",
+        "elephant",
+        "umbrella",
+        "tie",
+        "snowboard",
+        "skateboard",
+        "cup",
+        "knife",
+        "cake",
+        "couch",
+        "keyboard",
+        "sink",
+        "scissors",
+    }
     excluded = {cn.get_coco_category(i).english_name for i in cn.OVCOCO_EXCLUDED_IDS}
     assert {"traffic light", "hot dog", "dining table", "hair drier"} <= excluded
     assert cn.chinese_name(28) == "雨伞" and "伞" in cn.get_coco_category("umbrella").synonyms
@@ -120,10 +141,19 @@ def test_missing_top_level_key(section) -> None:
 
 @pytest.mark.parametrize(
     ("section", "index", "key"),
-    [("images", 1, "id"), ("images", 0, "file_name"), ("images", 2, "width"), ("images", 0, "height"),
-     ("annotations", 2, "id"), ("annotations", 1, "image_id"), ("annotations", 0, "category_id"),
-     ("annotations", 1, "bbox"), ("categories", 1, "id"), ("categories", 0, "name")],
-)  # fmt: skip
+    [
+        ("images", 1, "id"),
+        ("images", 0, "file_name"),
+        ("images", 2, "width"),
+        ("images", 0, "height"),
+        ("annotations", 2, "id"),
+        ("annotations", 1, "image_id"),
+        ("annotations", 0, "category_id"),
+        ("annotations", 1, "bbox"),
+        ("categories", 1, "id"),
+        ("categories", 0, "name"),
+    ],
+)
 def test_missing_record_key(section, index, key) -> None:
     data = _coco()
     del data[section][index][key]
@@ -133,12 +163,17 @@ def test_missing_record_key(section, index, key) -> None:
 
 @pytest.mark.parametrize(
     ("section", "index", "key", "value", "expected"),
-    [("images", 0, "id", "1", "an integer"), ("images", 1, "width", 0, "a positive number"),
-     ("images", 1, "height", None, "a positive number"), ("annotations", 1, "bbox", [1, 2, 3], "4 finite numbers"),
-     ("annotations", 2, "bbox", [1, 2, float("nan"), 4], "4 finite numbers"),
-     ("annotations", 0, "category_id", True, "an integer"), ("annotations", 0, "iscrowd", 2, "0 or 1"),
-     ("categories", 0, "name", "", "a non-empty string")],
-)  # fmt: skip
+    [
+        ("images", 0, "id", "1", "an integer"),
+        ("images", 1, "width", 0, "a positive number"),
+        ("images", 1, "height", None, "a positive number"),
+        ("annotations", 1, "bbox", [1, 2, 3], "4 finite numbers"),
+        ("annotations", 2, "bbox", [1, 2, float("nan"), 4], "4 finite numbers"),
+        ("annotations", 0, "category_id", True, "an integer"),
+        ("annotations", 0, "iscrowd", 2, "0 or 1"),
+        ("categories", 0, "name", "", "a non-empty string"),
+    ],
+)
 def test_wrong_types(section, index, key, value, expected) -> None:
     data = _coco()
     data[section][index][key] = value
@@ -180,11 +215,18 @@ def test_cleaning_counts_and_warns_once(caplog) -> None:
     with caplog.at_level(logging.WARNING, logger="cnclip_vision.detection.coco"):
         cleaned, report = validate_coco(data, source="gt.json")
     assert data == original, "the input must not be modified"
-    assert report == {"boxes_degenerate": 2, "boxes_clipped": 2, "boxes_outside_image": 1,
-                      "annotations_unknown_image": 1, "annotations_unknown_category": 1,
-                      "images_without_annotations": 1}  # fmt: skip
+    assert report == {
+        "boxes_degenerate": 2,
+        "boxes_clipped": 2,
+        "boxes_outside_image": 1,
+        "annotations_unknown_image": 1,
+        "annotations_unknown_category": 1,
+        "images_without_annotations": 1,
+    }
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "gt.json" in warnings[0].getMessage() and "boxes_clipped 2" in warnings[0].getMessage()
+    assert (
+        len(warnings) == 1 and "gt.json" in warnings[0].getMessage() and "boxes_clipped 2" in warnings[0].getMessage()
+    )
     boxes = {a["id"]: a["bbox"] for a in cleaned["annotations"]}
     assert sorted(boxes) == [1, 2, 3, 12, 13]
     assert boxes[12] == [90, 70, 10, 10] and boxes[13] == [0, 0, 5, 5]
@@ -296,11 +338,15 @@ def test_bad_images_give_none_and_collate_drops_them(tmp_path, caplog) -> None:
 
 
 def test_any_image_mode_and_exif(tmp_path, caplog) -> None:
-    data = {"images": [{"id": 1, "file_name": "gray.png", "width": 30, "height": 20},
-                       {"id": 2, "file_name": "rgba.png", "width": 30, "height": 20},
-                       {"id": 3, "file_name": "rotated.jpg", "width": 20, "height": 30}],  # as displayed
-            "annotations": [{"id": 1, "image_id": 3, "category_id": 1, "bbox": [2, 3, 10, 20]}],
-            "categories": [{"id": 1, "name": "人"}]}  # fmt: skip
+    data = {
+        "images": [
+            {"id": 1, "file_name": "gray.png", "width": 30, "height": 20},
+            {"id": 2, "file_name": "rgba.png", "width": 30, "height": 20},
+            {"id": 3, "file_name": "rotated.jpg", "width": 20, "height": 30},
+        ],  # as displayed
+        "annotations": [{"id": 1, "image_id": 3, "category_id": 1, "bbox": [2, 3, 10, 20]}],
+        "categories": [{"id": 1, "name": "人"}],
+    }
     (tmp_path / "images").mkdir()
     Image.new("L", (30, 20), 128).save(tmp_path / "images" / "gray.png")
     Image.new("RGBA", (30, 20), (10, 20, 30, 0)).save(tmp_path / "images" / "rgba.png")
@@ -322,13 +368,19 @@ COLOURS = torch.tensor([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0]], d
 
 def _painted_sample() -> tuple[tv_tensors.Image, dict]:
     """Solid rectangles of distinct colours on black, exactly at their boxes; label k has colour k."""
-    boxes = torch.tensor([[10, 10, 50, 40], [70, 20, 110, 90], [120, 60, 158, 110], [20, 60, 60, 112]], dtype=torch.float32)
+    boxes = torch.tensor(
+        [[10, 10, 50, 40], [70, 20, 110, 90], [120, 60, 158, 110], [20, 60, 60, 112]], dtype=torch.float32
+    )
     labels = torch.tensor([2, 0, 3, 1])
     image = torch.zeros(3, 120, 160, dtype=torch.uint8)
     for (x1, y1, x2, y2), label in zip(boxes.int().tolist(), labels.tolist()):
         image[:, y1:y2, x1:x2] = COLOURS[label][:, None, None]
-    target = {"boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(120, 160)), "labels": labels,
-              "iscrowd": torch.zeros(4, dtype=torch.int64), "image_id": 42}  # fmt: skip
+    target = {
+        "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(120, 160)),
+        "labels": labels,
+        "iscrowd": torch.zeros(4, dtype=torch.int64),
+        "image_id": 42,
+    }
     return tv_tensors.Image(image), target
 
 
@@ -385,11 +437,25 @@ def _official_like() -> dict:
     categories = [{"id": c.id, "name": c.english_name, "supercategory": c.supercategory} for c in cn.COCO_CATEGORIES]
     images = [{"id": i, "file_name": f"{i:012d}.jpg", "width": 640, "height": 480} for i in (1, 2, 3, 4, 5, 6)]
     anns = [(1, 1), (2, 17), (3, 10), (4, 1), (4, 5), (4, 64), (4, 90), (6, 3)]  # (image, category)
-    annotations = [{"id": k + 100, "image_id": i, "category_id": c, "bbox": [10.5, 20, 30, 40], "area": 1200.0,
-                    "iscrowd": int(i == 6), "segmentation": [[10.5, 20, 40.5, 20, 40.5, 60]]}
-                   for k, (i, c) in enumerate(anns)]  # fmt: skip
-    return {"info": {"description": "COCO 2017 Dataset"}, "licenses": [{"id": 1, "name": "x"}], "images": images,
-            "annotations": annotations, "categories": categories}  # fmt: skip
+    annotations = [
+        {
+            "id": k + 100,
+            "image_id": i,
+            "category_id": c,
+            "bbox": [10.5, 20, 30, 40],
+            "area": 1200.0,
+            "iscrowd": int(i == 6),
+            "segmentation": [[10.5, 20, 40.5, 20, 40.5, 60]],
+        }
+        for k, (i, c) in enumerate(anns)
+    ]
+    return {
+        "info": {"description": "COCO 2017 Dataset"},
+        "licenses": [{"id": 1, "name": "x"}],
+        "images": images,
+        "annotations": annotations,
+        "categories": categories,
+    }
 
 
 def test_convert_ovcoco_train_and_val(tmp_path) -> None:
@@ -401,13 +467,27 @@ def test_convert_ovcoco_train_and_val(tmp_path) -> None:
     assert [c["id"] for c in train["categories"]] == sorted(cn.OVCOCO_BASE_IDS)
     assert all(c["split"] == "base" for c in train["categories"])
     person = train["categories"][0]
-    assert person == {"id": 1, "name": "人", "english_name": "person", "synonyms": ["行人", "人物"],
-                      "supercategory": "person", "split": "base"}  # fmt: skip
+    assert person == {
+        "id": 1,
+        "name": "人",
+        "english_name": "person",
+        "synonyms": ["行人", "人物"],
+        "supercategory": "person",
+        "split": "base",
+    }
     assert [img["id"] for img in train["images"]] == [1, 4, 6]  # 2: novel only, 3: excluded only, 5: none
     assert sorted(a["category_id"] for a in train["annotations"]) == [1, 1, 3, 90]
     assert train["annotations"][0] == _official_like()["annotations"][0], "annotations are copied unchanged"
-    assert counts == {"split": "train", "images": 3, "annotations": 4, "categories": 48, "base_categories": 48,
-                      "novel_categories": 0, "images_removed": 3, "annotations_removed": 4}  # fmt: skip
+    assert counts == {
+        "split": "train",
+        "images": 3,
+        "annotations": 4,
+        "categories": 48,
+        "base_categories": 48,
+        "novel_categories": 0,
+        "images_removed": 3,
+        "annotations_removed": 4,
+    }
     assert "OV-COCO train" in train["info"]["description"]
 
     path, counts = convert_ovcoco(src, tmp_path / "out", split="val")
@@ -466,8 +546,10 @@ def test_cli_make_ovcoco_and_eval_coco(tmp_path, capsys) -> None:
 
     gt = toyworld.write_detection_set(tmp_path / "toy", 6, seed=1, image_size=64)
     data = json.loads(gt.read_text(encoding="utf-8"))
-    results = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.5}
-               for a in data["annotations"]]  # fmt: skip
+    results = [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.5}
+        for a in data["annotations"]
+    ]
     res_path = _write(tmp_path / "results.json", results)  # type: ignore[arg-type]
     assert main(["eval-coco", "--ground-truth", str(gt), "--results", str(res_path)]) == 0
     out = capsys.readouterr().out
@@ -476,8 +558,24 @@ def test_cli_make_ovcoco_and_eval_coco(tmp_path, capsys) -> None:
     assert set(metrics["per_category"]) == {c["name"] for c in data["categories"]}
 
     metrics_path = tmp_path / "metrics.json"
-    assert main(["eval-coco", "--ground-truth", str(gt), "--results", str(res_path), "--output", str(metrics_path),
-                 "--base", "1,2,红色三角形", "--novel", "4"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "eval-coco",
+                "--ground-truth",
+                str(gt),
+                "--results",
+                str(res_path),
+                "--output",
+                str(metrics_path),
+                "--base",
+                "1,2,红色三角形",
+                "--novel",
+                "4",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out == ""
     written = json.loads(metrics_path.read_text(encoding="utf-8"))
     assert written["num_base"] == 3 and written["num_novel"] == 1

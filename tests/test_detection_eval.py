@@ -42,14 +42,26 @@ def _noisy_results(gt: dict, seed: int = 0, *, fp_per_image: int = 4) -> list[di
         x, y, w, h = a["bbox"]
         dx, dy, dw, dh = rng.normal(0, 0.12, 4) * [w, h, w, h]
         cat = a["category_id"] if rng.random() > 0.1 else int(rng.choice(cats))
-        results.append({"image_id": a["image_id"], "category_id": cat, "score": float(rng.random()),
-                        "bbox": [float(x + dx), float(y + dy), float(max(1, w + dw)), float(max(1, h + dh))]})  # fmt: skip
+        results.append(
+            {
+                "image_id": a["image_id"],
+                "category_id": cat,
+                "score": float(rng.random()),
+                "bbox": [float(x + dx), float(y + dy), float(max(1, w + dw)), float(max(1, h + dh))],
+            }
+        )
     for img in gt["images"]:
         for _ in range(int(rng.integers(0, fp_per_image + 1))):
             x, y = rng.uniform(0, 200, 2)
             w, h = rng.uniform(5, 80, 2)
-            results.append({"image_id": img["id"], "category_id": int(rng.choice(cats)), "score": float(rng.random() * 0.8),
-                            "bbox": [float(x), float(y), float(w), float(h)]})  # fmt: skip
+            results.append(
+                {
+                    "image_id": img["id"],
+                    "category_id": int(rng.choice(cats)),
+                    "score": float(rng.random() * 0.8),
+                    "bbox": [float(x), float(y), float(w), float(h)],
+                }
+            )
     return results
 
 
@@ -100,7 +112,9 @@ def test_figures_equal_pycocotools(gt, tmp_path) -> None:
         assert ours["AP50_all"] == pytest.approx(ours["AP50"], rel=1e-12)  # every class is base or novel here
         names = {c["id"]: c["name"] for c in gt["categories"]}
         for cid in reference.params.catIds:
-            assert ours["AP50_per_category"][names[cid]] == pytest.approx(_split_ap50(reference, [cid]), rel=1e-12, abs=0)
+            assert ours["AP50_per_category"][names[cid]] == pytest.approx(
+                _split_ap50(reference, [cid]), rel=1e-12, abs=0
+            )
         absent = {c["id"] for c in gt["categories"]} - {a["category_id"] for a in gt["annotations"]}
         assert absent and all(ours["per_category"][names[c]] == -1.0 for c in absent)
         assert all(0 <= ours["per_category"][names[c]] <= 1 for c in set(names) - absent)
@@ -132,8 +146,10 @@ def test_max_dets_is_honoured(gt) -> None:
     # 12 higher-scored misses of the same image and class before some true boxes (pycocotools applies
     # maxDets per image and class)
     for a in gt["annotations"][::3]:
-        results += [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": [0.0, 0.0, 2.0, 2.0],
-                     "score": 1.0} for _ in range(12)]  # fmt: skip
+        results += [
+            {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": [0.0, 0.0, 2.0, 2.0], "score": 1.0}
+            for _ in range(12)
+        ]
     reference = _pycocotools(gt, results, max_dets=(1, 10, 300))
     assert reference.stats[0] == -1, "pycocotools' summarize() silently assumes maxDets 100"
     ours = evaluate_coco(gt, results, max_dets=300)
@@ -174,8 +190,11 @@ def test_empty_results(gt) -> None:
 
 def test_ground_truth_without_info_area_iscrowd(gt) -> None:
     results = _noisy_results(gt, seed=4)
-    bare = {"images": gt["images"], "categories": gt["categories"],
-            "annotations": [{k: v for k, v in a.items() if k not in ("area", "iscrowd")} for a in gt["annotations"]]}  # fmt: skip
+    bare = {
+        "images": gt["images"],
+        "categories": gt["categories"],
+        "annotations": [{k: v for k, v in a.items() if k not in ("area", "iscrowd")} for a in gt["annotations"]],
+    }
     before = copy.deepcopy(bare)
     ours = evaluate_coco(bare, results)
     assert bare == before, "the caller's dict is not modified"
@@ -200,16 +219,21 @@ def test_stdout_stays_clean(gt, capsys) -> None:
 
 @pytest.mark.parametrize(
     ("change", "message"),
-    [(lambda r: r[3].update(image_id=4242), r"results: 1 detections have image ids that are not in ground truth: \[4242\]"),
-     (lambda r: r[0].update(category_id=77), r"category ids that are not in ground truth: \[77\]"),
-     (lambda r: r[2].pop("score"), r"results\[2\] has no 'score'"),
-     (lambda r: r[1].update(bbox=[1, 2, 3]), r"results\[1\]\['bbox'\] must be \[x, y, width, height\]"),
-     (lambda r: r[1].update(bbox=[10, 10, 5, -4]), r"results\[1\]\['bbox'\] .* negative width or height"),
-     (lambda r: r[0].update(score=float("nan")), r"results\[0\]\['score'\] must be a finite number"),
-     (lambda r: r[0].update(image_id="1"), r"results\[0\]\['image_id'\] must be an integer"),
-     (lambda r: r[0].update(category_id=True), r"results\[0\]\['category_id'\] must be an integer"),
-     (lambda r: r.__setitem__(4, [1, 2]), r"results\[4\] must be an object")],
-)  # fmt: skip
+    [
+        (
+            lambda r: r[3].update(image_id=4242),
+            r"results: 1 detections have image ids that are not in ground truth: \[4242\]",
+        ),
+        (lambda r: r[0].update(category_id=77), r"category ids that are not in ground truth: \[77\]"),
+        (lambda r: r[2].pop("score"), r"results\[2\] has no 'score'"),
+        (lambda r: r[1].update(bbox=[1, 2, 3]), r"results\[1\]\['bbox'\] must be \[x, y, width, height\]"),
+        (lambda r: r[1].update(bbox=[10, 10, 5, -4]), r"results\[1\]\['bbox'\] .* negative width or height"),
+        (lambda r: r[0].update(score=float("nan")), r"results\[0\]\['score'\] must be a finite number"),
+        (lambda r: r[0].update(image_id="1"), r"results\[0\]\['image_id'\] must be an integer"),
+        (lambda r: r[0].update(category_id=True), r"results\[0\]\['category_id'\] must be an integer"),
+        (lambda r: r.__setitem__(4, [1, 2]), r"results\[4\] must be an object"),
+    ],
+)
 def test_bad_results(gt, change, message) -> None:
     results = _noisy_results(gt)
     change(results)
@@ -250,8 +274,11 @@ def _predictions(gt: dict, results: list[dict], category_ids: list[int]) -> dict
     for img in gt["images"]:
         rows = [r for r in results if r["image_id"] == img["id"]]
         boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in rows)], dtype=torch.float32)
-        out[img["id"]] = {"boxes": boxes.reshape(-1, 4), "scores": torch.tensor([r["score"] for r in rows]),
-                          "labels": torch.tensor([label[r["category_id"]] for r in rows], dtype=torch.int64)}  # fmt: skip
+        out[img["id"]] = {
+            "boxes": boxes.reshape(-1, 4),
+            "scores": torch.tensor([r["score"] for r in rows]),
+            "labels": torch.tensor([label[r["category_id"]] for r in rows], dtype=torch.int64),
+        }
     return out
 
 

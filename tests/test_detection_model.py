@@ -30,10 +30,17 @@ from cnclip_vision.models.clip import ChineseCLIP
 from cnclip_vision.data.transforms import image_transform
 
 SMALL = dict(
-    clip="toy-tiny", image_size=128, out_channels=32, levels="p3-p7", representation_size=64,
-    rpn_pre_nms_top_n=(200, 100), rpn_post_nms_top_n=(100, 50), box_batch_size_per_image=32, crop_top_k=10,
+    clip="toy-tiny",
+    image_size=128,
+    out_channels=32,
+    levels="p3-p7",
+    representation_size=64,
+    rpn_pre_nms_top_n=(200, 100),
+    rpn_post_nms_top_n=(100, 50),
+    box_batch_size_per_image=32,
+    crop_top_k=10,
     templates=("{}",),
-)  # fmt: skip
+)
 LABELS = [c.name for c in toyworld.CATEGORIES[:6]]  # 红色圆形, ...
 THRESHOLD = 0.05  # the untrained head's scores are low in "crops" mode; invariants hold at any threshold
 
@@ -161,7 +168,9 @@ def test_vocabulary_is_cached(clip, monkeypatch):
     again = predictor.set_vocabulary(["红色圆形", "蓝色方形"])
     assert len(calls) == 1, "the same labels were encoded twice"
     assert again is first and predictor.vocabulary is first
-    predictor.predict(np.zeros((64, 64, 3), np.uint8), ("红色圆形", "蓝色方形"), vlm_mode="off")  # predict reuses it too
+    predictor.predict(
+        np.zeros((64, 64, 3), np.uint8), ("红色圆形", "蓝色方形"), vlm_mode="off"
+    )  # predict reuses it too
     assert len(calls) == 1
     predictor.set_vocabulary(["蓝色方形", "红色圆形"])  # another order is another vocabulary
     assert len(calls) == 2
@@ -181,7 +190,11 @@ def test_detector_is_stateless(detector, scene_image):
     a, b = detector.encode_vocabulary(LABELS[:3]), detector.encode_vocabulary(LABELS[3:])
     x = [torch.from_numpy(np.array(scene_image)).permute(2, 0, 1).float() / 255]
     with torch.no_grad():
-        first, _, again = detector(x, a, vlm_mode="off")[0], detector(x, b, vlm_mode="off"), detector(x, a, vlm_mode="off")[0]
+        first, _, again = (
+            detector(x, a, vlm_mode="off")[0],
+            detector(x, b, vlm_mode="off"),
+            detector(x, a, vlm_mode="off")[0],
+        )
     assert not hasattr(detector, "set_vocabulary") and not hasattr(detector, "vocabulary")
     for k in ("boxes", "scores", "labels", "embeddings"):
         assert torch.equal(first[k], again[k]), k
@@ -206,7 +219,9 @@ def test_template_averaged_text_embedding(clip):
     vocab = det.encode_vocabulary(labels)
     assert vocab.names == labels and vocab.embeddings.shape == (3, clip.config.embed_dim)
     for i, label in enumerate(labels):
-        per_template = cnclip_vision.models.encode.encode_texts(clip, [t.format(label) for t in templates])  # normalised
+        per_template = cnclip_vision.models.encode.encode_texts(
+            clip, [t.format(label) for t in templates]
+        )  # normalised
         expected = F.normalize(per_template.mean(0), dim=0)
         torch.testing.assert_close(vocab.embeddings[i], expected, atol=1e-5, rtol=1e-5)
     single = fresh(clip).encode_vocabulary(labels).embeddings  # templates ("{}",): the plain name
@@ -222,7 +237,9 @@ def _image_embedding(clip, image: Image.Image) -> torch.Tensor:
 def test_image_query_embedding(detector, clip, scene_image):
     scene = toyworld.detection_scenes(1, seed=3)[0]
     box = tuple(int(round(v)) for v in scene.objects[0].box)
-    vocab = detector.encode_vocabulary(["红色圆形", ImageQuery(scene_image, "样例", box), ImageQuery(scene_image, "整图")])
+    vocab = detector.encode_vocabulary(
+        ["红色圆形", ImageQuery(scene_image, "样例", box), ImageQuery(scene_image, "整图")]
+    )
     assert vocab.names == ["红色圆形", "样例", "整图"]
     torch.testing.assert_close(vocab.embeddings[1], _image_embedding(clip, scene_image.crop(box)), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(vocab.embeddings[2], _image_embedding(clip, scene_image), atol=1e-5, rtol=1e-5)
@@ -238,7 +255,9 @@ def test_image_query_new_image_gets_new_embedding(clip):
     for i, scene in enumerate(scenes):
         got = det.set_vocabulary([ImageQuery(toyworld.render_array(scene), "查询")]).embeddings[0].clone()
         expected = _image_embedding(clip, toyworld.render(scene))
-        assert torch.allclose(got, expected, atol=1e-4), f"scene {i}: the embedding of an earlier query image was reused"
+        assert torch.allclose(got, expected, atol=1e-4), (
+            f"scene {i}: the embedding of an earlier query image was reused"
+        )
 
 
 @pytest.mark.parametrize("box", [(10, 10, 10, 40), (20, 30, 60, 30.5), (200, 200, 300, 300), (-50, -50, -10, -10)])
@@ -260,7 +279,9 @@ def test_use_vocabulary(detector):
     swapped = Vocabulary(["甲", "乙"], good.embeddings.flip(0), good.seen)
     predictor.use_vocabulary(swapped)
     assert predictor.vocabulary is swapped
-    assert predictor.predict(np.zeros((32, 32, 3), np.uint8), vlm_mode="off", score_threshold=0.0)[0]["label_names"][0] in ("甲", "乙")
+    assert predictor.predict(np.zeros((32, 32, 3), np.uint8), vlm_mode="off", score_threshold=0.0)[0]["label_names"][
+        0
+    ] in ("甲", "乙")
 
 
 def test_no_vocabulary(clip):
@@ -270,9 +291,13 @@ def test_no_vocabulary(clip):
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [(dict(score_threshold=1.5), "score_threshold"), (dict(nms_threshold=0.0), "nms_threshold"),
-     (dict(max_detections=0), "max_detections"), (dict(vlm_mode="clip"), "vlm_mode")],
-)  # fmt: skip
+    [
+        (dict(score_threshold=1.5), "score_threshold"),
+        (dict(nms_threshold=0.0), "nms_threshold"),
+        (dict(max_detections=0), "max_detections"),
+        (dict(vlm_mode="clip"), "vlm_mode"),
+    ],
+)
 def test_predict_bad_arguments(detector, scene_image, kwargs, match):
     with pytest.raises(ValueError, match=match):
         detector.predict(scene_image, LABELS, **kwargs)
@@ -300,8 +325,21 @@ def _variants(base: Image.Image, tmp_path: Path) -> dict:
     }
 
 
-KINDS = ["rgb", "L", "RGBA", "P", "I;16", "wide 300x100", "tall 90x250", "tiny 20x20", "large 400x400", "path",
-         "str path", "numpy", "tensor uint8"]  # fmt: skip
+KINDS = [
+    "rgb",
+    "L",
+    "RGBA",
+    "P",
+    "I;16",
+    "wide 300x100",
+    "tall 90x250",
+    "tiny 20x20",
+    "large 400x400",
+    "path",
+    "str path",
+    "numpy",
+    "tensor uint8",
+]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -309,8 +347,12 @@ def test_predict_any_image(detector, scene_image, tmp_path, kind):
     image = _variants(scene_image, tmp_path)[kind]
     if kind == "I;16":
         assert image.mode == "I;16"
-    width, height = {"wide 300x100": (300, 100), "tall 90x250": (90, 250), "tiny 20x20": (20, 20),
-                     "large 400x400": (400, 400)}.get(kind, scene_image.size)  # fmt: skip
+    width, height = {
+        "wide 300x100": (300, 100),
+        "tall 90x250": (90, 250),
+        "tiny 20x20": (20, 20),
+        "large 400x400": (400, 400),
+    }.get(kind, scene_image.size)
     results = detector.predict(image, LABELS, score_threshold=THRESHOLD, vlm_mode="off")
     assert isinstance(results, list) and len(results) == 1
     check_result(results[0], width, height, LABELS)
@@ -329,8 +371,10 @@ def test_every_vlm_mode(detector, scene_image, mode):
 
 
 def test_vlm_modes_differ(detector, scene_image):
-    scores = {m: detector.predict(scene_image, LABELS, score_threshold=0.0, vlm_mode=m)[0]["scores"]
-              for m in ("crops", "dense", "off")}  # fmt: skip
+    scores = {
+        m: detector.predict(scene_image, LABELS, score_threshold=0.0, vlm_mode=m)[0]["scores"]
+        for m in ("crops", "dense", "off")
+    }
     assert not torch.allclose(scores["dense"][:5], scores["off"][:5])
     assert not torch.allclose(scores["crops"][:5], scores["off"][:5])
     # "crops" re-scores only the crop_top_k best proposals
@@ -341,7 +385,9 @@ def test_boxes_are_in_original_pixels(detector, scene_image):
     """A 2x nearest-upscaled image reaches the network exactly as the original (bilinear halving of
     duplicated pixels), so its detections must be the original's with boxes x2."""
     big = scene_image.resize((256, 256), Image.NEAREST)
-    small_r, big_r = detector.predict([scene_image, big], LABELS, score_threshold=THRESHOLD, vlm_mode="off", batch_size=1)
+    small_r, big_r = detector.predict(
+        [scene_image, big], LABELS, score_threshold=THRESHOLD, vlm_mode="off", batch_size=1
+    )
     assert len(small_r["scores"]) > 0
     torch.testing.assert_close(big_r["scores"], small_r["scores"], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(big_r["boxes"], 2 * small_r["boxes"], atol=1e-2, rtol=1e-4)
@@ -366,10 +412,13 @@ def test_max_detections_and_nms(detector, scene_image):
 
 def test_predict_order_and_batches(detector, scene_image):
     other = toyworld.render(toyworld.detection_scenes(1, seed=4)[0])
-    results = detector.predict([scene_image, other, scene_image], LABELS, score_threshold=THRESHOLD, vlm_mode="off",
-                               batch_size=1)  # fmt: skip
+    results = detector.predict(
+        [scene_image, other, scene_image], LABELS, score_threshold=THRESHOLD, vlm_mode="off", batch_size=1
+    )
     assert len(results) == 3
-    assert torch.equal(results[0]["boxes"], results[2]["boxes"]) and torch.equal(results[0]["scores"], results[2]["scores"])
+    assert torch.equal(results[0]["boxes"], results[2]["boxes"]) and torch.equal(
+        results[0]["scores"], results[2]["scores"]
+    )
     assert not torch.equal(results[0]["scores"], results[1]["scores"])
 
 
@@ -401,15 +450,19 @@ def test_off_mode_scores_are_p_det(detector, scene_image):
     predictor = DetectionPredictor(detector)
     p_det = _manual_p_det(detector, scene_image, predictor.set_vocabulary(LABELS))
     assert (p_det.sum(-1) < 1).all()  # the background takes the rest
-    out = predictor.predict(scene_image, score_threshold=0.0, nms_threshold=1.0, max_detections=100_000, vlm_mode="off")[0]
+    out = predictor.predict(
+        scene_image, score_threshold=0.0, nms_threshold=1.0, max_detections=100_000, vlm_mode="off"
+    )[0]
     expected = p_det.flatten().sort(descending=True).values
     assert len(out["scores"]) == len(expected)
     torch.testing.assert_close(out["scores"], expected, atol=1e-6, rtol=1e-5)
 
 
 def _scores_by_pair(result: dict) -> dict:
-    return {(tuple(round(v, 3) for v in b.tolist()), int(c)): float(s)
-            for b, c, s in zip(result["boxes"], result["labels"], result["scores"])}  # fmt: skip
+    return {
+        (tuple(round(v, 3) for v in b.tolist()), int(c)): float(s)
+        for b, c, s in zip(result["boxes"], result["labels"], result["scores"])
+    }
 
 
 def test_geometric_ensemble(clip, scene_image, monkeypatch):
@@ -454,8 +507,11 @@ def test_head_state_dict(detector, clip):
 
 
 def _model_snapshot(model: ChineseCLIP) -> tuple:
-    return ({k: v.clone() for k, v in model.state_dict().items()}, {n: p.requires_grad for n, p in model.named_parameters()},
-            {n: m.training for n, m in model.named_modules()})  # fmt: skip
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        {n: p.requires_grad for n, p in model.named_parameters()},
+        {n: m.training for n, m in model.named_modules()},
+    )
 
 
 def _assert_unchanged(model: ChineseCLIP, snapshot: tuple) -> None:
@@ -468,8 +524,10 @@ def _assert_unchanged(model: ChineseCLIP, snapshot: tuple) -> None:
 def _one_training_step(det: OpenVocabDetector, scene_image) -> None:
     scene = toyworld.detection_scenes(1, seed=3)[0]
     vocab = det.encode_vocabulary([c.name for c in toyworld.CATEGORIES])
-    target = {"boxes": torch.tensor([o.box for o in scene.objects], dtype=torch.float32),
-              "labels": torch.tensor([toyworld.CATEGORIES.index(o.category) for o in scene.objects])}  # fmt: skip
+    target = {
+        "boxes": torch.tensor([o.box for o in scene.objects], dtype=torch.float32),
+        "labels": torch.tensor([toyworld.CATEGORIES.index(o.category) for o in scene.objects]),
+    }
     x = torch.from_numpy(np.array(scene_image)).permute(2, 0, 1).float() / 255
     det.train()
     params = [p for _, p in det.trainable_named_parameters()]

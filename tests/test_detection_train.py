@@ -24,9 +24,16 @@ from cnclip_vision.errors import CNClipError
 from cnclip_vision.training.clip import TrainingError
 
 DETECTOR = dict(
-    image_size=128, out_channels=32, levels="p3-p7", representation_size=64, rpn_pre_nms_top_n=(200, 100),
-    rpn_post_nms_top_n=(100, 50), box_batch_size_per_image=32, crop_top_k=10, templates=("{}",),
-)  # fmt: skip
+    image_size=128,
+    out_channels=32,
+    levels="p3-p7",
+    representation_size=64,
+    rpn_pre_nms_top_n=(200, 100),
+    rpn_post_nms_top_n=(100, 50),
+    box_batch_size_per_image=32,
+    crop_top_k=10,
+    templates=("{}",),
+)
 BASE_NAMES = [c.name for c in sorted(toyworld.BASE_CATEGORIES, key=lambda c: c.id)]
 N_TRAIN, BATCH, STEPS = 12, 4, 5  # 3 steps per epoch: 5 steps cross an epoch boundary
 
@@ -42,10 +49,20 @@ def data(tmp_path_factory) -> dict[str, Path]:
 
 def make_config(output_dir: Path, train_data: Path, **overrides) -> DetectorTrainConfig:
     options = dict(
-        output_dir=str(output_dir), train_data=str(train_data), clip="toy-tiny", detector=dict(DETECTOR),
-        batch_size=BATCH, max_steps=STEPS, lr=1e-3, num_workers=0, progress=False, log_every=1, save_every=1,
-        device="cpu", seed=0,
-    )  # fmt: skip
+        output_dir=str(output_dir),
+        train_data=str(train_data),
+        clip="toy-tiny",
+        detector=dict(DETECTOR),
+        batch_size=BATCH,
+        max_steps=STEPS,
+        lr=1e-3,
+        num_workers=0,
+        progress=False,
+        log_every=1,
+        save_every=1,
+        device="cpu",
+        seed=0,
+    )
     return DetectorTrainConfig(**{**options, **overrides})
 
 
@@ -73,8 +90,12 @@ def test_a_few_steps_reduce_the_loss(clip):
     targets = []
     for s in scenes:
         objects = [o for o in s.objects if o.category.name in BASE_NAMES]
-        targets.append({"boxes": torch.tensor([o.box for o in objects], dtype=torch.float32).reshape(-1, 4),
-                        "labels": torch.tensor([BASE_NAMES.index(o.category.name) for o in objects], dtype=torch.int64)})  # fmt: skip
+        targets.append(
+            {
+                "boxes": torch.tensor([o.box for o in objects], dtype=torch.float32).reshape(-1, 4),
+                "labels": torch.tensor([BASE_NAMES.index(o.category.name) for o in objects], dtype=torch.int64),
+            }
+        )
     assert sum(len(t["labels"]) for t in targets) >= 4
     clip_before = {k: v.clone() for k, v in clip.state_dict().items()}
     params = [p for _, p in det.trainable_named_parameters()]
@@ -128,8 +149,9 @@ def test_periodic_evaluation_keeps_the_training_vocabulary(clip, data):
 @pytest.fixture(scope="module")
 def run_a(data, tmp_path_factory) -> tuple[DetectorTrainConfig, dict]:
     """STEPS steps straight through, base categories only, evaluated at the end."""
-    config = make_config(tmp_path_factory.mktemp("run-a"), data["train"], categories="base", eval_data=str(data["val"]),
-                         eval_every=STEPS)  # evaluated once, after the last step  # fmt: skip
+    config = make_config(
+        tmp_path_factory.mktemp("run-a"), data["train"], categories="base", eval_data=str(data["val"]), eval_every=STEPS
+    )  # evaluated once, after the last step
     return config, train_detector(config)
 
 
@@ -183,10 +205,22 @@ def test_weight_decay_groups(clip, run_a):
     det = OpenVocabDetector(clip, DetectorConfig(clip="toy-tiny", **{**DETECTOR, "trainable_layers": 1}))
     decayed, exempt, vectors = split(det)
     assert not decayed & exempt and exempt == vectors
-    assert {"background", "log_inv_temperature", "backbone.tower.blocks.3.norm1.weight", "backbone.tower.norm.bias",
-            "rpn.head.cls_logits.bias", "region_head.embed.bias"} <= exempt  # fmt: skip
-    assert {"region_head.embed.weight", "region_head.mlp.fc6.weight", "region_head.bbox.weight", "rpn.head.conv.0.0.weight",
-            "backbone.tower.blocks.3.attn.qkv.weight", "backbone.stages.0.0.weight"} <= decayed  # fmt: skip
+    assert {
+        "background",
+        "log_inv_temperature",
+        "backbone.tower.blocks.3.norm1.weight",
+        "backbone.tower.norm.bias",
+        "rpn.head.cls_logits.bias",
+        "region_head.embed.bias",
+    } <= exempt
+    assert {
+        "region_head.embed.weight",
+        "region_head.mlp.fc6.weight",
+        "region_head.bbox.weight",
+        "rpn.head.conv.0.0.weight",
+        "backbone.tower.blocks.3.attn.qkv.weight",
+        "backbone.stages.0.0.weight",
+    } <= decayed
 
     config_a, _ = run_a
     decayed, exempt, _ = split(OpenVocabDetector(clip, DetectorConfig(clip="toy-tiny", **config_a.detector)))
@@ -228,7 +262,9 @@ def test_resume_is_exact(request, accum_steps, tmp_path, monkeypatch):
     resumed position, counted in optimizer steps, was once handed to a sampler that counted micro-batches)."""
     config_a, _ = request.getfixturevalue("run_a" if accum_steps == 1 else "run_a_accumulated")
     assert config_a.accum_steps == accum_steps
-    config_b = dataclasses.replace(config_a, output_dir=str(tmp_path / "run-b"), eval_data=None)  # A evaluates after its last step only
+    config_b = dataclasses.replace(
+        config_a, output_dir=str(tmp_path / "run-b"), eval_data=None
+    )  # A evaluates after its last step only
     with monkeypatch.context() as patch:
         _die_in_step(patch, 3, accum_steps)
         with pytest.raises(_Interrupt):
@@ -267,8 +303,9 @@ def test_resume_with_another_detector_config(run_a, tmp_path):
     config_a, _ = run_a
     out = tmp_path / "changed"
     shutil.copytree(config_a.output_dir, out)
-    changed = dataclasses.replace(config_a, output_dir=str(out), eval_data=None,
-                                  detector={**config_a.detector, "out_channels": 16})  # fmt: skip
+    changed = dataclasses.replace(
+        config_a, output_dir=str(out), eval_data=None, detector={**config_a.detector, "out_channels": 16}
+    )
     with pytest.raises(CNClipError, match="checkpoint.pt"):
         train_detector(changed, resume=True)
 
@@ -288,8 +325,18 @@ def test_dataset_categories(data, tmp_path):
 # ------------------------------------------------------------------------------------ bad configs
 def test_recipe_file(data, tmp_path):
     recipe = tmp_path / "recipe.json"
-    recipe.write_text(json.dumps({"output_dir": str(tmp_path), "train_data": str(data["train"]), "betas": [0.9, 0.99],
-                                  "detector": DETECTOR, "batch_size": 8}), encoding="utf-8")  # fmt: skip
+    recipe.write_text(
+        json.dumps(
+            {
+                "output_dir": str(tmp_path),
+                "train_data": str(data["train"]),
+                "betas": [0.9, 0.99],
+                "detector": DETECTOR,
+                "batch_size": 8,
+            }
+        ),
+        encoding="utf-8",
+    )
     config = DetectorTrainConfig.from_file(recipe, batch_size=4, lr=None)  # overrides win, None is "not given"
     assert config.batch_size == 4 and config.betas == (0.9, 0.99) and config.lr == DetectorTrainConfig.lr
 
@@ -393,10 +440,23 @@ def test_torchrun_two_processes(data, tmp_path):
     (tmp_path / "recipe.json").write_text(json.dumps(recipe, default=list), encoding="utf-8")
     torchrun = Path(sys.executable).with_name("torchrun")
     out = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "cnclip_vision.cli", "-q", "train-detector",
-         "--config", str(tmp_path / "recipe.json")],
-        capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"),
-    )  # fmt: skip
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "cnclip_vision.cli",
+            "-q",
+            "train-detector",
+            "--config",
+            str(tmp_path / "recipe.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert [r["step"] for r in train_records(tmp_path / "ddp" / "metrics.jsonl")] == [1, 2, 3]
     summary = json.loads(out.stdout)

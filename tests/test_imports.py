@@ -24,7 +24,9 @@ def _python(code: str) -> str:
 
 
 def test_import_does_no_work():
-    loaded = json.loads(_python(f"import sys, json, cnclip_vision; print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"))
+    loaded = json.loads(
+        _python(f"import sys, json, cnclip_vision; print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))")
+    )
     assert loaded == [], f"import cnclip_vision imported {loaded}"
 
 
@@ -61,9 +63,15 @@ def test_library_imports_timm_and_registers():
 
 
 @pytest.mark.parametrize(
-    "package", ["cnclip_vision", "cnclip_vision.models", "cnclip_vision.data", "cnclip_vision.backbones",
-                "cnclip_vision.detection"],
-)  # fmt: skip
+    "package",
+    [
+        "cnclip_vision",
+        "cnclip_vision.models",
+        "cnclip_vision.data",
+        "cnclip_vision.backbones",
+        "cnclip_vision.detection",
+    ],
+)
 def test_public_names_resolve(package):
     module = importlib.import_module(package)
     for name in module.__all__:

@@ -11,7 +11,14 @@ import pytest
 import torch
 
 from cnclip_vision.errors import CNClipError
-from cnclip_vision.retrieval import EmbeddingIndex, build_ann_index, choose_index_key, exact_topk, parse_memory, save_embeddings
+from cnclip_vision.retrieval import (
+    EmbeddingIndex,
+    build_ann_index,
+    choose_index_key,
+    exact_topk,
+    parse_memory,
+    save_embeddings,
+)
 from cnclip_vision.retrieval import ann, store
 
 faiss = pytest.importorskip("faiss", reason="FAISS indexes need faiss-cpu (in the dev extra)")
@@ -74,7 +81,14 @@ def test_choice_follows_autofaiss(n, d, memory, key):
 def test_choice_errors_and_memory_sizes():
     with pytest.raises(CNClipError, match="raise --memory"):
         choose_index_key(10_000_000, 512, "10MB")
-    assert [parse_memory(v) for v in ("4GB", "512MB", "1.5G", "2GiB", "100", 10)] == [4 << 30, 512 << 20, 3 << 29, 2 << 30, 100, 10]
+    assert [parse_memory(v) for v in ("4GB", "512MB", "1.5G", "2GiB", "100", 10)] == [
+        4 << 30,
+        512 << 20,
+        3 << 29,
+        2 << 30,
+        100,
+        10,
+    ]
     with pytest.raises(ValueError, match="4GB"):
         parse_memory("lots")
 
@@ -115,8 +129,9 @@ def test_recall_target_met_on_queries_it_was_not_tuned_on(collection, world, key
 def test_compressed_index_reports_an_unreachable_target(collection, caplog):
     out, x, ids = collection
     with caplog.at_level(logging.WARNING, logger="cnclip_vision.retrieval"):
-        info = build_ann_index(out, memory="1MB", index_key="IVF64,PQ8x8", target_recall=0.99, num_queries=200,
-                               progress=False)  # fmt: skip
+        info = build_ann_index(
+            out, memory="1MB", index_key="IVF64,PQ8x8", target_recall=0.99, num_queries=200, progress=False
+        )
     assert "out of reach" in caplog.text and info["measured"]["recall@10"] < 0.99
     assert info["bytes_per_vector"] < 20 and info["tuned"]["curve"]  # 8 code bytes + 8 id bytes per vector
     index = EmbeddingIndex.from_dir(out)

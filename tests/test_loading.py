@@ -127,8 +127,10 @@ def test_cli_convert_original_to_transformers(tmp_path):
     torch.save({"state_dict": {"module." + k: v for k, v in ref.state_dict().items()}}, tmp_path / "clip_cn_x.pt")
     out = subprocess.run(
         [sys.executable, "-m", "cnclip_vision.cli", "convert", str(tmp_path / "clip_cn_x.pt"), str(tmp_path / "hf")],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["output"] == str(tmp_path / "hf")
     hf = ChineseCLIPModel.from_pretrained(tmp_path / "hf").eval()

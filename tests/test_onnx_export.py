@@ -23,8 +23,15 @@ SMALL_VIT = CLIPConfig(
     vision=VisionConfig(image_size=224, width=128, layers=2, heads=2, patch_size=16),
     text=TextConfig(hidden_size=128, num_layers=2, num_heads=2, intermediate_size=256),
 )
-EXPORTED = {"image_encoder.onnx", "text_encoder.onnx", "onnx_config.json", "export_report.json", "vocab.txt",
-            "tokenizer_config.json", "preprocessor_config.json"}  # fmt: skip
+EXPORTED = {
+    "image_encoder.onnx",
+    "text_encoder.onnx",
+    "onnx_config.json",
+    "export_report.json",
+    "vocab.txt",
+    "tokenizer_config.json",
+    "preprocessor_config.json",
+}
 
 
 def _session(path):
@@ -261,9 +268,16 @@ def test_rn50_image_encoder(tmp_path):
     model = cnclip_vision.create_model("RN50")
     example = torch.randn(2, 3, 224, 224)
     dynamic = {"pixel_values": {0: torch.export.Dim("batch")}}
-    info = _export_one(_ImageEncoder(model).eval(), (example,), tmp_path / "image_encoder.onnx",
-                       input_names=["pixel_values"], output_name="image_embeds", dynamic_shapes=dynamic,
-                       opset=17, weight_bytes=0)  # fmt: skip
+    info = _export_one(
+        _ImageEncoder(model).eval(),
+        (example,),
+        tmp_path / "image_encoder.onnx",
+        input_names=["pixel_values"],
+        output_name="image_embeds",
+        dynamic_shapes=dynamic,
+        opset=17,
+        weight_bytes=0,
+    )
     assert info["opset"] >= 17 and info["file"] == "image_encoder.onnx"
     pixels = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     (actual,) = _session(tmp_path / "image_encoder.onnx").run(None, {"pixel_values": pixels.numpy()})

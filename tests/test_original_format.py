@@ -11,8 +11,15 @@ from cnclip_vision.models.configs import get_config
 from .conftest import VIT_ARCHS, random_inputs, reference_clip, small_config
 
 
-def _save_original(model: torch.nn.Module, path, *, prefix: str = "module.", pooler: bool = False,
-                   wqkv: bool = False, half: bool = False) -> None:
+def _save_original(
+    model: torch.nn.Module,
+    path,
+    *,
+    prefix: str = "module.",
+    pooler: bool = False,
+    wqkv: bool = False,
+    half: bool = False,
+) -> None:
     """Write ``model`` the way the Chinese-CLIP training code does: ``{"epoch", "step", "name", "state_dict"}``."""
     state = {prefix + k: (v.half() if half and v.is_floating_point() else v) for k, v in model.state_dict().items()}
     if pooler:  # some released files carry the unused BERT pooler

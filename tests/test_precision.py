@@ -52,9 +52,12 @@ def test_create_model_takes_precision_too():
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [(dict(precision="fp16"), "needs a GPU"), (dict(precision="int4"), "allowed values"),
-     (dict(precision="bf16", dtype="bf16"), "either dtype= or precision=")],
-)  # fmt: skip
+    [
+        (dict(precision="fp16"), "needs a GPU"),
+        (dict(precision="int4"), "allowed values"),
+        (dict(precision="bf16", dtype="bf16"), "either dtype= or precision="),
+    ],
+)
 def test_bad_precision(saved, kwargs, match):
     with pytest.raises(ValueError, match=match):
         cnclip_vision.load(saved, **kwargs)
@@ -65,13 +68,17 @@ def test_cli_precision_int8(saved, capsys, tmp_path):
 
     image = tmp_path / "a.png"
     Image.new("RGB", (64, 48), (200, 30, 30)).save(image)
-    assert main(["-q", "classify", str(image), "--labels", "红色,蓝色", "--model", str(saved), "--precision", "int8"]) == 0
+    assert (
+        main(["-q", "classify", str(image), "--labels", "红色,蓝色", "--model", str(saved), "--precision", "int8"]) == 0
+    )
     assert "红色" in capsys.readouterr().out
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
-                    reason="torch.compile's CPU backend needs a C++ compiler")  # fmt: skip
+@pytest.mark.skipif(
+    shutil.which("g++") is None and shutil.which("c++") is None,
+    reason="torch.compile's CPU backend needs a C++ compiler",
+)
 def test_compile_gives_the_same_embeddings(saved):
     config = small_config("ViT-B-16")
     ref_image, ref_text = _features(cnclip_vision.load(saved), config)

@@ -15,11 +15,16 @@ from cnclip_vision.data.tokenizer import VOCAB_PATH, tokenize
 from cnclip_vision.data.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, image_transform
 
 HUB_CONFIG = {
-    "crop_size": 224, "do_center_crop": False, "do_normalize": True, "do_resize": True,
+    "crop_size": 224,
+    "do_center_crop": False,
+    "do_normalize": True,
+    "do_resize": True,
     "feature_extractor_type": "ChineseCLIPFeatureExtractor",
-    "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
-    "resample": 3, "size": {"height": 224, "width": 224},
-}  # fmt: skip
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "resample": 3,
+    "size": {"height": 224, "width": 224},
+}
 TEXTS = ["一只猫", "在沙发上睡觉的狗", "A photo of an e-bike 电动车", "ＡＢＣ１２３，。！", "🐱 café"]
 
 
@@ -42,8 +47,10 @@ def test_save_pretrained_writes_the_hub_format(tmp_path):
     assert json.loads((tmp_path / "preprocessor_config.json").read_text()) == HUB_CONFIG
     assert (tmp_path / "vocab.txt").read_bytes() == VOCAB_PATH.read_bytes()
     assert json.loads((tmp_path / "tokenizer_config.json").read_text()) == {
-        "tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 512,
-    }  # fmt: skip
+        "tokenizer_class": "BertTokenizer",
+        "do_lower_case": True,
+        "model_max_length": 512,
+    }
 
 
 def test_round_trip(tmp_path):

@@ -61,8 +61,21 @@ def image_dir(tmp_path_factory):
     return root
 
 
-GOOD = sorted(["a/00.png", "a/03.png", "a/06.png", "a/09.png", "b/c/01.png", "b/c/04.png", "b/c/07.png", "b/c/10.png",
-               "02.png", "05.png", "08.png"])  # fmt: skip
+GOOD = sorted(
+    [
+        "a/00.png",
+        "a/03.png",
+        "a/06.png",
+        "a/09.png",
+        "b/c/01.png",
+        "b/c/04.png",
+        "b/c/07.png",
+        "b/c/10.png",
+        "02.png",
+        "05.png",
+        "08.png",
+    ]
+)
 BAD = {"b/corrupt.jpg", "truncated.png", "a/notes.png"}
 
 
@@ -146,7 +159,9 @@ def test_interrupted_extraction_resumes_without_redoing_or_losing(model, image_d
     encoded.clear()  # another shard size: a new layout, whose shards copy the embeddings instead of encoding them
     summary = _extract(model, image_dir, tmp_path / "emb", shard_size=4)
     assert (summary["reused_shards"], summary["num_shards"], summary["num_copied"], sum(encoded)) == (0, 4, 11, 0)
-    assert sorted(p.name for p in (tmp_path / "emb").glob("shard-*")) == [f"shard-0000{i}-of-00004.safetensors" for i in range(4)]
+    assert sorted(p.name for p in (tmp_path / "emb").glob("shard-*")) == [
+        f"shard-0000{i}-of-00004.safetensors" for i in range(4)
+    ]
     ids, emb = load_embeddings(tmp_path / "emb")
     order = [reference_ids.index(i) for i in ids]
     assert sorted(ids) == sorted(reference_ids) and torch.equal(emb, reference[order])
@@ -157,7 +172,9 @@ def test_interrupted_extraction_resumes_without_redoing_or_losing(model, image_d
 
 def test_text_embeddings_round_trip_and_model_change(model, tmp_path):
     path = tmp_path / "texts.jsonl"
-    lines = [json.dumps({"text_id": 100 + i, "text": t, "image_ids": [i]}, ensure_ascii=False) for i, t in enumerate(TEXTS)]
+    lines = [
+        json.dumps({"text_id": 100 + i, "text": t, "image_ids": [i]}, ensure_ascii=False) for i, t in enumerate(TEXTS)
+    ]
     path.write_text("\n".join(lines[:3] + [""] + lines[3:]) + "\n", encoding="utf-8")
     summary = extract_text_embeddings(model, path, tmp_path / "emb", shard_size=3, progress=False)
     assert (summary["modality"], summary["num_embedded"], summary["num_shards"]) == ("text", 7, 4)
@@ -179,7 +196,10 @@ def test_text_embeddings_round_trip_and_model_change(model, tmp_path):
         ('{"text_id": 1, "text": "猫"}\n\n{"text_id": 2, "text": "狗"\n', r"texts\.jsonl:3: not valid JSON"),
         ('{"text_id": 1, "text": "猫"}\n[1, 2]\n', r":2: expected a JSON object"),
         ('{"text_id": 1}\n', r":1: missing key text"),
-        ('{"text_id": 1, "text": "猫"}\n{"text_id": 1, "text": "狗"}\n', r":2: duplicate text_id 1 \(first on line 1\)"),
+        (
+            '{"text_id": 1, "text": "猫"}\n{"text_id": 1, "text": "狗"}\n',
+            r":2: duplicate text_id 1 \(first on line 1\)",
+        ),
         ('{"text_id": 1.5, "text": "猫"}\n', r":1: text_id must be an integer or a string"),
         ('{"text_id": 1, "text": "  "}\n', r":1: text must be a non-empty string"),
         ('{"text_id": 1, "text": "猫", "image_ids": 3}\n', r":1: image_ids must be a list"),
@@ -195,9 +215,14 @@ def test_text_jsonl_errors_name_the_line(tmp_path, content, message):
 
 def test_text_jsonl_parsing(tmp_path):
     path = tmp_path / "texts.jsonl"
-    path.write_bytes(b'\xef\xbb\xbf{"text_id": 7, "text": "\xe7\x8c\xab", "image_ids": [1, "x.jpg"]}\n\n{"text_id": "a", "text": "b"}\n')
+    path.write_bytes(
+        b'\xef\xbb\xbf{"text_id": 7, "text": "\xe7\x8c\xab", "image_ids": [1, "x.jpg"]}\n\n{"text_id": "a", "text": "b"}\n'
+    )
     records = read_text_jsonl(path)
-    assert [(r.text_id, r.text, r.image_ids, r.line) for r in records] == [("7", "猫", ("1", "x.jpg"), 1), ("a", "b", (), 3)]
+    assert [(r.text_id, r.text, r.image_ids, r.line) for r in records] == [
+        ("7", "猫", ("1", "x.jpg"), 1),
+        ("a", "b", (), 3),
+    ]
     with pytest.raises(CNClipError, match=":3: missing key image_ids"):
         read_text_jsonl(path, require_image_ids=True)
     path.write_bytes(b'{"text_id": 1, "text": "a"}\n{"text_id": 2, "text": "\xff"}\n')
@@ -357,22 +382,47 @@ def test_recall_matches_the_original_chinese_clip_evaluation(tmp_path, monkeypat
 
     def top10(queries, candidates, candidate_ids):  # the original's ranking: sorted by score, reverse=True
         scores = (torch.from_numpy(queries) @ torch.from_numpy(candidates).T).tolist()
-        return [[cid for cid, _ in sorted(zip(candidate_ids, row), key=lambda x: x[1], reverse=True)[:10]] for row in scores]
+        return [
+            [cid for cid, _ in sorted(zip(candidate_ids, row), key=lambda x: x[1], reverse=True)[:10]] for row in scores
+        ]
 
     t2i_pred, i2t_pred = tmp_path / "t2i.jsonl", tmp_path / "i2t.jsonl"
-    t2i_pred.write_text("".join(json.dumps({"text_id": t, "image_ids": p}) + "\n"
-                                for t, p in zip(text_ids, top10(text_feats, image_feats, image_ids))))  # fmt: skip
-    i2t_pred.write_text("".join(json.dumps({"image_id": i, "text_ids": p}) + "\n"
-                                for i, p in zip(image_ids, top10(image_feats, text_feats, text_ids))))  # fmt: skip
+    t2i_pred.write_text(
+        "".join(
+            json.dumps({"text_id": t, "image_ids": p}) + "\n"
+            for t, p in zip(text_ids, top10(text_feats, image_feats, image_ids))
+        )
+    )
+    i2t_pred.write_text(
+        "".join(
+            json.dumps({"image_id": i, "text_ids": p}) + "\n"
+            for i, p in zip(image_ids, top10(image_feats, text_feats, text_ids))
+        )
+    )
     monkeypatch.setattr(sys, "argv", ["transform_ir_annotation_to_tr.py", "--input", str(golden)])
     runpy.run_module("cn_clip.eval.transform_ir_annotation_to_tr", run_name="__main__")
     t2i_mean, t2i_r1, t2i_r5, t2i_r10 = evaluation.compute_score(str(golden), str(t2i_pred))
-    i2t_mean, i2t_r1, i2t_r5, i2t_r10 = evaluation_tr.compute_score(str(tmp_path / "valid_texts.tr.jsonl"), str(i2t_pred))
+    i2t_mean, i2t_r1, i2t_r5, i2t_r10 = evaluation_tr.compute_score(
+        str(tmp_path / "valid_texts.tr.jsonl"), str(i2t_pred)
+    )
 
-    ours = evaluate_retrieval(text_feats, [str(t) for t in text_ids], image_feats, [f"{i}.jpg" for i in image_ids],
-                              {str(t): v for t, v in gt.items()})  # fmt: skip
-    expected = {"t2i_R@1": t2i_r1, "t2i_R@5": t2i_r5, "t2i_R@10": t2i_r10, "i2t_R@1": i2t_r1, "i2t_R@5": i2t_r5,
-                "i2t_R@10": i2t_r10, "t2i_mean_recall": t2i_mean, "i2t_mean_recall": i2t_mean,
-                "mean_recall": (t2i_mean + i2t_mean) / 2}  # fmt: skip
+    ours = evaluate_retrieval(
+        text_feats,
+        [str(t) for t in text_ids],
+        image_feats,
+        [f"{i}.jpg" for i in image_ids],
+        {str(t): v for t, v in gt.items()},
+    )
+    expected = {
+        "t2i_R@1": t2i_r1,
+        "t2i_R@5": t2i_r5,
+        "t2i_R@10": t2i_r10,
+        "i2t_R@1": i2t_r1,
+        "i2t_R@5": i2t_r5,
+        "i2t_R@10": i2t_r10,
+        "t2i_mean_recall": t2i_mean,
+        "i2t_mean_recall": i2t_mean,
+        "mean_recall": (t2i_mean + i2t_mean) / 2,
+    }
     assert 0 < t2i_r1 < t2i_r10 < 100  # a case that tells the values apart
     assert {k: ours[k] for k in expected} == pytest.approx(expected, abs=1e-9)

@@ -154,10 +154,22 @@ def test_srun_environment_runs_two_ranks(images, reference, tmp_path):
     """Two tasks started as ``srun --ntasks 2`` starts them: SLURM variables only, no torchrun."""
     port = str(_free_port())
     procs = [
-        subprocess.Popen([sys.executable, "-m", "cnclip_vision.cli", "-q", "embed", str(images), "--out", "emb", *EMBED],
-                         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env=_env(SLURM_PROCID=str(r), SLURM_LOCALID=str(r), SLURM_STEP_NUM_TASKS="2", SLURM_NTASKS="2",
-                                  SLURM_STEP_NODELIST="localhost", SLURM_JOB_ID="4242", MASTER_PORT=port))  # fmt: skip
+        subprocess.Popen(
+            [sys.executable, "-m", "cnclip_vision.cli", "-q", "embed", str(images), "--out", "emb", *EMBED],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(
+                SLURM_PROCID=str(r),
+                SLURM_LOCALID=str(r),
+                SLURM_STEP_NUM_TASKS="2",
+                SLURM_NTASKS="2",
+                SLURM_STEP_NODELIST="localhost",
+                SLURM_JOB_ID="4242",
+                MASTER_PORT=port,
+            ),
+        )
         for r in range(2)
     ]
     outputs = [p.communicate(timeout=600) for p in procs]
@@ -179,13 +191,26 @@ def test_ray_data_actors_write_the_same_shards(images, reference, tmp_path):
 
     ray.init(num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False, log_to_driver=False)
     try:
-        summary = extract_image_embeddings_ray("toy-tiny", images, tmp_path / "emb", model_options={"device": "cpu"},
-                                               shard_size=4, batch_size=4, num_actors=2)  # fmt: skip
+        summary = extract_image_embeddings_ray(
+            "toy-tiny",
+            images,
+            tmp_path / "emb",
+            model_options={"device": "cpu"},
+            shard_size=4,
+            batch_size=4,
+            num_actors=2,
+        )
     finally:
         ray.shutdown()
-    assert (summary["engine"], summary["ray_actors"], summary["num_failed"], summary["num_encoded"]) == ("ray", 2, 2, 38)
+    assert (summary["engine"], summary["ray_actors"], summary["num_failed"], summary["num_encoded"]) == (
+        "ray",
+        2,
+        2,
+        38,
+    )
     _same(tmp_path / "emb", reference)
-    again = extract_image_embeddings_ray("toy-tiny", images, tmp_path / "emb", model_options={"device": "cpu"},
-                                         shard_size=4, batch_size=4, num_actors=2)  # fmt: skip
+    again = extract_image_embeddings_ray(
+        "toy-tiny", images, tmp_path / "emb", model_options={"device": "cpu"}, shard_size=4, batch_size=4, num_actors=2
+    )
     assert (again["reused_shards"], again["num_encoded"], again["ray_actors"]) == (16, 0, 0)  # Ray not even started
     assert not ray.is_initialized()

@@ -93,8 +93,10 @@ def test_removing_and_adding_items_touches_only_their_shards(model, paths, tmp_p
     added = paths[40:42]
     counter.n = 0
     summary = _extract(model, kept + added, out)
-    assert counter.n == 2 and summary["num_encoded"] == 2 and summary["num_copied"] == sum(
-        1 for p in kept if _shard(p, 8) in {_shard(a, 8) for a in added}
+    assert (
+        counter.n == 2
+        and summary["num_encoded"] == 2
+        and summary["num_copied"] == sum(1 for p in kept if _shard(p, 8) in {_shard(a, 8) for a in added})
     )
     assert summary["rewritten_shards"] == len({_shard(p, 8) for p in added})
     assert sorted(load_embeddings(out)[0]) == sorted(kept + added)
@@ -143,20 +145,42 @@ def _write_v1(model, paths, out, shard_size=16):
     from cnclip_vision.models.encode import encode_images
 
     emb = encode_images(model, paths).numpy()
-    key = {"format": "cnclip-embeddings", "version": 1, "modality": "image", "model_fingerprint": info["fingerprint"],
-           "dtype": "float32", "dim": emb.shape[1], "normalized": True}  # fmt: skip
+    key = {
+        "format": "cnclip-embeddings",
+        "version": 1,
+        "modality": "image",
+        "model_fingerprint": info["fingerprint"],
+        "dtype": "float32",
+        "dim": emb.shape[1],
+        "normalized": True,
+    }
     out.mkdir()
     shards = []
     for i, start in enumerate(range(0, len(ids), shard_size)):
         stop = min(len(ids), start + shard_size)
         meta = {**key, "start": start, "stop": stop, "range_digest": "x", "ids": ids[start:stop], "failures": []}
-        save_file({"embeddings": emb[start:stop]}, str(out / f"shard-{i:05d}.safetensors"),
-                  metadata={"cnclip_embeddings": json.dumps(meta)})  # fmt: skip
+        save_file(
+            {"embeddings": emb[start:stop]},
+            str(out / f"shard-{i:05d}.safetensors"),
+            metadata={"cnclip_embeddings": json.dumps(meta)},
+        )
         shards.append({"file": f"shard-{i:05d}.safetensors", "start": start, "stop": stop, "count": stop - start})
     (out / "ids.txt").write_text("".join(i + "\n" for i in ids))
-    manifest = {**{k: key[k] for k in ("format", "version", "modality")}, "source": "x", "model": info, "dim": key["dim"],
-                "dtype": "float32", "normalized": True, "shard_size": shard_size, "num_inputs": len(ids),
-                "num_embedded": len(ids), "num_failed": 0, "ids_file": "ids.txt", "shards": shards, "failures": []}  # fmt: skip
+    manifest = {
+        **{k: key[k] for k in ("format", "version", "modality")},
+        "source": "x",
+        "model": info,
+        "dim": key["dim"],
+        "dtype": "float32",
+        "normalized": True,
+        "shard_size": shard_size,
+        "num_inputs": len(ids),
+        "num_embedded": len(ids),
+        "num_failed": 0,
+        "ids_file": "ids.txt",
+        "shards": shards,
+        "failures": [],
+    }
     (out / "manifest.json").write_text(json.dumps(manifest))
     return ids, emb
 

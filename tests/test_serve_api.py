@@ -34,8 +34,15 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def service(world):
-    config = ServeConfig(index=str(world.index), model="toy-tiny", detector="toy-detector", api_key=KEY,
-                         max_upload_bytes=UPLOAD_LIMIT, max_image_pixels=4_000_000, max_labels=64)  # fmt: skip
+    config = ServeConfig(
+        index=str(world.index),
+        model="toy-tiny",
+        detector="toy-detector",
+        api_key=KEY,
+        max_upload_bytes=UPLOAD_LIMIT,
+        max_image_pixels=4_000_000,
+        max_labels=64,
+    )
     return Service.load(config)
 
 
@@ -80,8 +87,14 @@ def scene_objects(world, image_index: int = 0):
     """The path of scene ``image_index`` and its (name, xyxy box) ground truth."""
     image = world.scenes["images"][image_index]
     names = {c["id"]: c["name"] for c in world.scenes["categories"]}
-    objects = [(names[a["category_id"]], [a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]])
-               for a in world.scenes["annotations"] if a["image_id"] == image["id"]]  # fmt: skip
+    objects = [
+        (
+            names[a["category_id"]],
+            [a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]],
+        )
+        for a in world.scenes["annotations"]
+        if a["image_id"] == image["id"]
+    ]
     return world.scene_path(image), objects
 
 
@@ -92,8 +105,12 @@ def test_health_needs_no_key_and_everything_else_does(server, world):
     body = health.json()
     assert body["status"] == "ok" and body["model"] == "toy-tiny" and body["detector"] == "toy-detector"
     assert body["index_size"] == len(world.labels) + len(world.scenes["images"])
-    for method, path in [("GET", "/api/info"), ("GET", "/openapi.json"), ("POST", "/api/search"),
-                         ("GET", "/api/thumbnail?id=test/000/000000.png")]:  # fmt: skip
+    for method, path in [
+        ("GET", "/api/info"),
+        ("GET", "/openapi.json"),
+        ("POST", "/api/search"),
+        ("GET", "/api/thumbnail?id=test/000/000000.png"),
+    ]:
         for headers in ({}, {"X-API-Key": "wrong-key-but-long"}):
             r = httpx.request(method, server.url + path, headers=headers, json={"text": "猫"}, timeout=30)
             assert_json_error(r, 401, "API key")
@@ -103,8 +120,15 @@ def test_health_needs_no_key_and_everything_else_does(server, world):
 def test_openapi_schema_lists_every_route(client):
     schema = client.get("/openapi.json").json()
     assert schema["openapi"].startswith("3.")
-    assert set(schema["paths"]) == {"/api/health", "/api/info", "/api/search", "/api/search/image", "/api/classify",
-                                    "/api/detect", "/api/thumbnail"}  # fmt: skip
+    assert set(schema["paths"]) == {
+        "/api/health",
+        "/api/info",
+        "/api/search",
+        "/api/search/image",
+        "/api/classify",
+        "/api/detect",
+        "/api/thumbnail",
+    }
     assert "X-API-Key" in json.dumps(schema["components"]["securitySchemes"])
     detect = schema["paths"]["/api/detect"]["post"]
     assert "multipart/form-data" in detect["requestBody"]["content"]
@@ -113,8 +137,12 @@ def test_openapi_schema_lists_every_route(client):
 
 def test_info(client, world):
     info = client.get("/api/info").json()
-    assert info["index"] == {"size": len(world.labels) + len(world.scenes["images"]), "modality": "image", "thumbnails": True,
-                             "search": "exact"}
+    assert info["index"] == {
+        "size": len(world.labels) + len(world.scenes["images"]),
+        "modality": "image",
+        "thumbnails": True,
+        "search": "exact",
+    }
     assert info["detector"] == "toy-detector" and info["auth"] is True
     assert info["limits"]["max_upload_bytes"] == UPLOAD_LIMIT and info["limits"]["max_labels"] == 64
     assert len(info["example_labels"]) > 0
@@ -204,8 +232,19 @@ def test_thumbnail_of_an_indexed_image(client, world):
     assert diff < 12  # the same picture (JPEG loss only)
 
 
-@pytest.mark.parametrize("image_id", ["../scenes.json", "../index/manifest.json", "/etc/passwd", "test/000/../../../scenes.json",
-                                      "test/000/nope.png", "label_cn.txt", "test", "%2e%2e/scenes.json"])  # fmt: skip
+@pytest.mark.parametrize(
+    "image_id",
+    [
+        "../scenes.json",
+        "../index/manifest.json",
+        "/etc/passwd",
+        "test/000/../../../scenes.json",
+        "test/000/nope.png",
+        "label_cn.txt",
+        "test",
+        "%2e%2e/scenes.json",
+    ],
+)
 def test_thumbnail_serves_index_entries_only(client, image_id):
     assert_json_error(client.get("/api/thumbnail", params={"id": image_id}), 404, "no such image")
 
@@ -214,8 +253,11 @@ def test_thumbnail_serves_index_entries_only(client, image_id):
 def test_classify_returns_a_distribution_over_the_labels(client, world):
     path = world.images / "test" / "000" / "000000.png"  # class 0
     labels = world.labels[:5]
-    r = client.post("/api/classify", files={"image": ("a.png", path.read_bytes(), "image/png")},
-                    data={"labels": f"{labels[0]}，{labels[1]}, {labels[2]}、{labels[3]},{labels[4]},{labels[0]}"})  # fmt: skip
+    r = client.post(
+        "/api/classify",
+        files={"image": ("a.png", path.read_bytes(), "image/png")},
+        data={"labels": f"{labels[0]}，{labels[1]}, {labels[2]}、{labels[3]},{labels[4]},{labels[0]}"},
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["labels"] == labels  # split on ，/,/、, stripped, duplicates dropped
@@ -223,16 +265,22 @@ def test_classify_returns_a_distribution_over_the_labels(client, world):
     assert sum(probs) == pytest.approx(1.0, abs=1e-4) and probs == sorted(probs, reverse=True)
     assert sorted(x["label"] for x in body["results"]) == sorted(labels)
     assert body["results"][0]["label"] == labels[0]
-    top = client.post("/api/classify", files={"image": ("a.png", path.read_bytes(), "image/png")},
-                      data={"labels": ",".join(labels), "top_k": "2"}).json()  # fmt: skip
+    top = client.post(
+        "/api/classify",
+        files={"image": ("a.png", path.read_bytes(), "image/png")},
+        data={"labels": ",".join(labels), "top_k": "2"},
+    ).json()
     assert [x["label"] for x in top["results"]] == [x["label"] for x in body["results"][:2]]
 
 
 def test_detect_finds_the_objects_of_a_scene(client, world):
     path, objects = scene_objects(world, 0)
     names = list(dict.fromkeys(name for name, _ in objects))
-    r = client.post("/api/detect", files={"image": ("scene.png", path.read_bytes(), "image/png")},
-                    data={"labels": "，".join(names), "threshold": "0.3", "draw": "true"})  # fmt: skip
+    r = client.post(
+        "/api/detect",
+        files={"image": ("scene.png", path.read_bytes(), "image/png")},
+        data={"labels": "，".join(names), "threshold": "0.3", "draw": "true"},
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert (body["width"], body["height"]) == Image.open(path).size
@@ -258,19 +306,33 @@ def test_detect_boxes_are_in_original_pixels(client, world, sx, sy):
     image = Image.open(path).convert("RGB")
     image = image.resize((image.width * sx, image.height * sy), Image.Resampling.NEAREST)
     names = list(dict.fromkeys(name for name, _ in objects))
-    body = client.post("/api/detect", files={"image": ("s.png", png_bytes(image), "image/png")},
-                       data={"labels": "，".join(names), "threshold": "0.3"}).json()  # fmt: skip
+    body = client.post(
+        "/api/detect",
+        files={"image": ("s.png", png_bytes(image), "image/png")},
+        data={"labels": "，".join(names), "threshold": "0.3"},
+    ).json()
     assert (body["width"], body["height"]) == image.size
-    found = [any(d["label"] == name and iou(d["box"], [box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy]) >= 0.5
-                 for d in body["detections"]) for name, box in objects]  # fmt: skip
+    found = [
+        any(
+            d["label"] == name and iou(d["box"], [box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy]) >= 0.5
+            for d in body["detections"]
+        )
+        for name, box in objects
+    ]
     assert sum(found) >= 0.5 * len(objects), (objects, body["detections"])
 
 
 def test_lower_threshold_returns_a_superset(client, world):
     path, objects = scene_objects(world, 2)
     names = "，".join(dict.fromkeys(name for name, _ in objects))
-    low, high = (client.post("/api/detect", files={"image": ("s.png", path.read_bytes(), "image/png")},
-                             data={"labels": names, "threshold": t}).json()["detections"] for t in ("0.05", "0.6"))  # fmt: skip
+    low, high = (
+        client.post(
+            "/api/detect",
+            files={"image": ("s.png", path.read_bytes(), "image/png")},
+            data={"labels": names, "threshold": t},
+        ).json()["detections"]
+        for t in ("0.05", "0.6")
+    )
     assert [d for d in low if d["score"] >= 0.6] == high
     assert len(low) >= len(high)
 
@@ -290,8 +352,9 @@ def test_uploads_that_are_not_images(client):
 
 def test_truncated_image(client, world):
     data = (world.images / "test" / "000" / "000000.png").read_bytes()
-    r = client.post("/api/classify", files={"image": ("t.png", data[: len(data) // 2], "image/png")},
-                    data={"labels": "猫,狗"})  # fmt: skip
+    r = client.post(
+        "/api/classify", files={"image": ("t.png", data[: len(data) // 2], "image/png")}, data={"labels": "猫,狗"}
+    )
     assert_json_error(r, 422, "truncated")
 
 
@@ -302,8 +365,10 @@ def test_upload_over_the_size_limit(client, server):
     r = client.post("/api/search/image", files={"image": ("big.png", data, "image/png")})
     assert_json_error(r, 413, "over the limit")
 
-    body = (b'--x\r\nContent-Disposition: form-data; name="image"; filename="big.png"\r\n'
-            b"Content-Type: image/png\r\n\r\n" + data + b"\r\n--x--\r\n")
+    body = (
+        b'--x\r\nContent-Disposition: form-data; name="image"; filename="big.png"\r\n'
+        b"Content-Type: image/png\r\n\r\n" + data + b"\r\n--x--\r\n"
+    )
 
     def chunks():  # no Content-Length: the limit is counted while reading
         for i in range(0, len(body), 65536):
@@ -321,17 +386,20 @@ def test_decompression_bomb(client):
     assert_json_error(r, 413, "pixels")
 
 
-@pytest.mark.parametrize("body, words", [
-    ({"text": ""}, ["empty"]),
-    ({"text": "   "}, ["empty"]),
-    ({"text": "猫" * 300}, ["300 characters"]),
-    ({}, ["text", "required"]),
-    ({"txt": "猫"}, ["txt"]),
-    ({"text": "猫", "k": "many"}, ["k"]),
-    ({"text": "猫", "k": 0}, ["k"]),
-    ({"text": "猫", "k": 100_000}, ["k must be"]),
-    ({"text": ["猫"]}, ["text"]),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "body, words",
+    [
+        ({"text": ""}, ["empty"]),
+        ({"text": "   "}, ["empty"]),
+        ({"text": "猫" * 300}, ["300 characters"]),
+        ({}, ["text", "required"]),
+        ({"txt": "猫"}, ["txt"]),
+        ({"text": "猫", "k": "many"}, ["k"]),
+        ({"text": "猫", "k": 0}, ["k"]),
+        ({"text": "猫", "k": 100_000}, ["k must be"]),
+        ({"text": ["猫"]}, ["text"]),
+    ],
+)
 def test_bad_search_requests(client, body, words):
     assert_json_error(client.post("/api/search", json=body), 422, *words)
 
@@ -355,8 +423,12 @@ def test_missing_and_mistyped_form_fields(client, world):
     assert_json_error(client.post("/api/detect", data={"labels": "猫"}), 422, "image")
     assert_json_error(client.post("/api/detect", files=upload), 422, "labels")
     assert_json_error(client.post("/api/detect", files={"file": upload["image"]}, data={"labels": "猫"}), 422, "image")
-    assert_json_error(client.post("/api/detect", files=upload, data={"labels": "猫", "threshold": "high"}), 422, "threshold")
-    assert_json_error(client.post("/api/detect", files=upload, data={"labels": "猫", "threshold": "1.5"}), 422, "threshold")
+    assert_json_error(
+        client.post("/api/detect", files=upload, data={"labels": "猫", "threshold": "high"}), 422, "threshold"
+    )
+    assert_json_error(
+        client.post("/api/detect", files=upload, data={"labels": "猫", "threshold": "1.5"}), 422, "threshold"
+    )
     assert_json_error(client.post("/api/search/image", files=upload, data={"k": "-1"}), 422, "k")
     assert_json_error(client.post("/api/detect", json={"labels": "猫"}), 422, "image")
     assert_json_error(client.get("/api/thumbnail"), 422, "id")

@@ -20,8 +20,10 @@ from PIL import Image
 from cnclip_vision.serve import BackgroundServer, ServeConfig, Service, create_app
 from cnclip_vision.serve.demo import build_demo
 
-INSTALL_HINT = ("install the browser: apt-get update && apt-get install -y chromium chromium-driver fonts-noto-cjk "
-                "(or `make install`); or point CNCLIP_CHROMIUM / CNCLIP_CHROMEDRIVER at a Chromium and its driver")  # fmt: skip
+INSTALL_HINT = (
+    "install the browser: apt-get update && apt-get install -y chromium chromium-driver fonts-noto-cjk "
+    "(or `make install`); or point CNCLIP_CHROMIUM / CNCLIP_CHROMEDRIVER at a Chromium and its driver"
+)
 TIMEOUT = 30
 
 
@@ -59,10 +61,22 @@ def browser():
 
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,1000",
-                "--lang=zh-CN", "--no-first-run", "--no-default-browser-check", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--disable-extensions", "--disable-default-apps",
-                "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"):  # fmt: skip
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,1000",
+        "--lang=zh-CN",
+        "--no-first-run",
+        "--no-default-browser-check",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-extensions",
+        "--disable-default-apps",
+        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+    ):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=DriverService(executable_path=driver_path), options=options)
     driver.set_page_load_timeout(TIMEOUT)
@@ -87,7 +101,8 @@ def _css(driver, selector: str):
 def _loaded_images(driver, selector: str) -> int:
     return driver.execute_script(
         "return [...document.querySelectorAll(arguments[0])].filter(i => i.complete && i.naturalWidth > 0).length",
-        selector)  # fmt: skip
+        selector,
+    )
 
 
 def keep_screenshot(path: Path) -> None:
@@ -157,7 +172,9 @@ def test_page_in_a_real_browser(browser, server, world, tmp_path):
     tab.send_keys(Keys.ARROW_RIGHT)
     assert d.find_element(By.ID, "tab-image").get_attribute("aria-selected") == "true"
     assert d.switch_to.active_element == d.find_element(By.ID, "tab-image")
-    assert d.find_element(By.ID, "panel-image").is_displayed() and not d.find_element(By.ID, "panel-search").is_displayed()
+    assert (
+        d.find_element(By.ID, "panel-image").is_displayed() and not d.find_element(By.ID, "panel-search").is_displayed()
+    )
 
     # --- image → image: upload an indexed image, it comes back first
     target = world.images / "test" / "007" / "000000.png"
@@ -171,7 +188,9 @@ def test_page_in_a_real_browser(browser, server, world, tmp_path):
     assert d.find_element(By.ID, "panel-detect").is_displayed()
     scene = world.scenes["images"][0]
     names = {c["id"]: c["name"] for c in world.scenes["categories"]}
-    present = list(dict.fromkeys(names[a["category_id"]] for a in world.scenes["annotations"] if a["image_id"] == scene["id"]))
+    present = list(
+        dict.fromkeys(names[a["category_id"]] for a in world.scenes["annotations"] if a["image_id"] == scene["id"])
+    )
     d.find_element(By.ID, "detect-file").send_keys(str(world.scene_path(scene)))
     labels = d.find_element(By.ID, "detect-labels")
     labels.clear()

@@ -45,8 +45,16 @@ def _cnclip(capsys, *argv: str) -> tuple[int, str, str]:
 def test_help_lists_the_options(capsys):
     rc, out, _ = _cnclip(capsys, "serve", "--help")
     assert rc == 0
-    for option in ("--index", "--model", "--detector", "--host", "--port", "--allow-remote", "--api-key-file",
-                   "--max-upload-mb"):  # fmt: skip
+    for option in (
+        "--index",
+        "--model",
+        "--detector",
+        "--host",
+        "--port",
+        "--allow-remote",
+        "--api-key-file",
+        "--max-upload-mb",
+    ):
         assert option in out
 
 
@@ -72,9 +80,24 @@ def test_bad_api_key_file(capsys, tmp_path):
 def test_serves_until_terminated(world):
     """The real command in a subprocess: prints its address, answers, stops on SIGTERM."""
     key = "cli-test-key-42424242"
-    proc = subprocess.Popen([*CLI, "serve", "--index", str(world.index), "--model", "toy-tiny", "--detector",
-                             "toy-detector", "--port", "0"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            text=True, env=_env(CNCLIP_API_KEY=key))  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            *CLI,
+            "serve",
+            "--index",
+            str(world.index),
+            "--model",
+            "toy-tiny",
+            "--detector",
+            "toy-detector",
+            "--port",
+            "0",
+        ],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env=_env(CNCLIP_API_KEY=key),
+    )
     lines: queue.Queue[str] = queue.Queue()
     log: list[str] = []
     reader = threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True)

@@ -34,8 +34,9 @@ def test_bounded_mixed_load_without_errors(world):
     bench = _bench_module()
     service = Service.load(ServeConfig(index=str(world.index), model="toy-tiny", detector="toy-detector"))
     with BackgroundServer(create_app(service)) as server:
-        result = bench.run_load(server.url, bench.toy_payloads(world), scenario="mixed", clients=4, requests=25,
-                                max_seconds=300)  # fmt: skip
+        result = bench.run_load(
+            server.url, bench.toy_payloads(world), scenario="mixed", clients=4, requests=25, max_seconds=300
+        )
     summary = result.summary()
     assert summary["errors"] == 0, summary["error_samples"]
     assert summary["done"] == summary["planned"] == 100 and not summary["stopped_by_deadline"]

@@ -57,13 +57,25 @@ SPACES = [" ", "  ", "\t", "\n", "\r\n", "\u3000", "\u00a0", "\u2003", " \t\n "]
 CONTROLS = ["\x00", "\x07", "\x1b", "\x7f", "\u200b", "\u200d", "\ufeff", "\ufffd", "\x85"]
 # Where transformers' Rust BertTokenizer differs from the original (our tokenizer follows the original):
 RARE = [
-    "a\ue000b", "\uf8ff", "\U000f0000",  # private use: kept by the original, deleted by transformers
-    "ΟΔΟΣ", "ΑΣ.",  # capital sigma: the original lower-cases with the final-sigma rule
+    "a\ue000b",
+    "\uf8ff",
+    "\U000f0000",  # private use: kept by the original, deleted by transformers
+    "ΟΔΟΣ",
+    "ΑΣ.",  # capital sigma: the original lower-cases with the final-sigma rule
     "a\U0002b820b",  # CJK Extension E: split off as a CJK character only by the original
-    "a\u2e43b", "a\u0898b", "a\U00011070b", "a\u1734b", "a\u166db",  # newer punctuation / marks than its tables
-    "x" * 150, "ab" * 99,  # words over 100 characters: the original's limit is 200
-    "[MASK]", "[CLS]", "[PAD]x", "[SEP]", "[UNK]",  # literals, not special tokens, in the original
-]  # fmt: skip
+    "a\u2e43b",
+    "a\u0898b",
+    "a\U00011070b",
+    "a\u1734b",
+    "a\u166db",  # newer punctuation / marks than its tables
+    "x" * 150,
+    "ab" * 99,  # words over 100 characters: the original's limit is 200
+    "[MASK]",
+    "[CLS]",
+    "[PAD]x",
+    "[SEP]",
+    "[UNK]",  # literals, not special tokens, in the original
+]
 ORDINARY = [WORDS_ZH, WORDS_EN, FULL_WIDTH, ASCII_PUNCT, CJK_PUNCT, EMOJI, ACCENTED, OTHER, CONTROLS]
 
 
@@ -101,8 +113,12 @@ def test_vocab_file_and_special_ids():
     tok = get_tokenizer()
     assert tok.vocab_size == 21128 == tok.hf_tokenizer.vocab_size
     assert (tok.pad_token_id, tok.unk_token_id, tok.cls_token_id, tok.sep_token_id, tok.mask_token_id) == (
-        0, 100, 101, 102, 103,
-    )  # fmt: skip
+        0,
+        100,
+        101,
+        102,
+        103,
+    )
     ids = tokenize("一只猫")[0, :5].tolist()
     assert ids == [101, 671, 1372, 4344, 102]  # real ids, not the tiny default vocab of transformers 5
 
@@ -125,9 +141,10 @@ def test_parity_with_original_cn_clip(original):
     differ = [FULL_CORPUS[i] for i in torch.nonzero((ours != reference).any(1)).flatten().tolist()]
     assert not differ, f"{len(differ)} strings differ, e.g. {differ[:3]!r}"
     for context_length in (2, 8, 77):
-        assert torch.equal(tokenize(FULL_CORPUS[:200], context_length), original.tokenize(
-            [normalize_quotes(t) for t in FULL_CORPUS[:200]], context_length
-        ))  # fmt: skip
+        assert torch.equal(
+            tokenize(FULL_CORPUS[:200], context_length),
+            original.tokenize([normalize_quotes(t) for t in FULL_CORPUS[:200]], context_length),
+        )
 
 
 def test_parity_with_transformers_bert_tokenizer(hf_bert):
@@ -164,11 +181,18 @@ def test_every_character_class_matches_original(original):
     from cnclip_vision.data.tokenizer import _FAST_CHARS
 
     chars = (
-        _sweep(0, 0x33FF) + _sweep(0x3400, 0x9FFF, 7) + _sweep(0xA000, 0xABFF) + _sweep(0xAC00, 0xD7AF, 11)
-        + _sweep(0xE000, 0xF8FF, 13) + _sweep(0xF900, 0xFFFF) + _sweep(0x1F000, 0x1FAFF)
-        + _sweep(0x20000, 0x2FFFF, 97) + _sweep(0x10000, 0x1EFFF, 7) + _sweep(0xE0000, 0xE01EF)
+        _sweep(0, 0x33FF)
+        + _sweep(0x3400, 0x9FFF, 7)
+        + _sweep(0xA000, 0xABFF)
+        + _sweep(0xAC00, 0xD7AF, 11)
+        + _sweep(0xE000, 0xF8FF, 13)
+        + _sweep(0xF900, 0xFFFF)
+        + _sweep(0x1F000, 0x1FAFF)
+        + _sweep(0x20000, 0x2FFFF, 97)
+        + _sweep(0x10000, 0x1EFFF, 7)
+        + _sweep(0xE0000, 0xE01EF)
         + _sweep(0xF0000, 0x10FFFF, 4099)
-    )  # fmt: skip
+    )
     texts = chars + [f"a{c}b" for c in chars] + [f"Σ{c}" for c in chars[::5]]
     assert sum(bool(_FAST_CHARS.fullmatch(c)) for c in chars) > 10000  # both paths are exercised
     ours = get_tokenizer().wordpiece_ids(texts)
@@ -202,8 +226,9 @@ def test_padding_does_not_change_cls_output():
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=21128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64)  # fmt: skip
+    config = BertConfig(
+        vocab_size=21128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
     bert = BertModel(config, add_pooling_layer=False).eval()
     texts = ["猫", "一只猫在沙发上睡觉", "a red circle 左上角"]
     tok = get_tokenizer()
@@ -213,7 +238,7 @@ def test_padding_does_not_change_cls_output():
 
 
 def test_curly_quotes_map_to_ascii():
-    assert normalize_quotes("“猫”‘狗’„x‟") == "\"猫\"'狗'\"x\""
+    assert normalize_quotes("“猫”‘狗’„x‟") == '"猫"\'狗\'"x"'
     assert torch.equal(tokenize("“猫”"), tokenize('"猫"'))
     assert torch.equal(tokenize("‘猫’"), tokenize("'猫'"))
     assert 100 not in tokenize("“猫” ‘狗’ „鱼‟")[0].tolist()

@@ -26,7 +26,9 @@ def held_out(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def detector():
-    assert (TOY_DETECTOR_DIR / "detector.safetensors").is_file(), "run `make toy-detector` to build the shipped detector"
+    assert (TOY_DETECTOR_DIR / "detector.safetensors").is_file(), (
+        "run `make toy-detector` to build the shipped detector"
+    )
     return OpenVocabDetector.from_pretrained("toy-detector")
 
 
@@ -71,8 +73,9 @@ def test_shortened_recipe_learns(tmp_path):
 
     train = toyworld.write_detection_set(tmp_path / "train", 600, 0, annotate=toyworld.BASE_CATEGORIES)
     val = toyworld.write_detection_set(tmp_path / "val", 80, 31, image_size=128)
-    config = DetectorTrainConfig.from_file(RECIPE, output_dir=str(tmp_path / "run"), train_data=str(train),
-                                           max_steps=120, num_workers=0, progress=False)  # fmt: skip
+    config = DetectorTrainConfig.from_file(
+        RECIPE, output_dir=str(tmp_path / "run"), train_data=str(train), max_steps=120, num_workers=0, progress=False
+    )
     config.eval_data = None  # the recipe's held-out set lives in build/ (None overrides are ignored by from_file)
     summary = train_detector(config)
     trained = OpenVocabDetector.from_pretrained(summary["detector_dir"])
@@ -88,8 +91,13 @@ def test_shortened_recipe_learns(tmp_path):
 
 def test_demo_runs_offline(tmp_path):
     out = tmp_path / "demo"
-    run = subprocess.run([sys.executable, str(ROOT / "examples" / "demo.py"), "--output", str(out)],
-                         capture_output=True, text=True, timeout=600, env=dict(os.environ, HF_HUB_OFFLINE="1"))  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "demo.py"), "--output", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert results["detection"]["metrics"]["AP50_novel"] >= DETECTOR_QUALITY_BARS["AP50_novel"]

@@ -42,8 +42,14 @@ def test_shortened_recipe_learns(tmp_path):
     toyworld.write_imagefolder(tmp_path / "eval", n_per_class=3, seed=7, image_size=TOY_CONFIG.vision.image_size)
     recipe = json.loads(RECIPE.read_text())
     recipe["train_data"]["toyworld"].update(n=24000)
-    recipe.update(output_dir=str(tmp_path / "run"), max_steps=250, log_every=25, save_every=1000,
-                  eval_zeroshot=str(tmp_path / "eval"), progress=False)  # fmt: skip
+    recipe.update(
+        output_dir=str(tmp_path / "run"),
+        max_steps=250,
+        log_every=25,
+        save_every=1000,
+        eval_zeroshot=str(tmp_path / "eval"),
+        progress=False,
+    )
     (tmp_path / "recipe.json").write_text(json.dumps(recipe))
     config = TrainConfig.from_file(tmp_path / "recipe.json")
     torch.manual_seed(config.seed)
@@ -51,6 +57,8 @@ def test_shortened_recipe_learns(tmp_path):
     before = evaluate_toy_model(untrained, seed=99, n_per_class=3, n_retrieval=200)["zeroshot_top1"]
     summary = train(config)
     after = evaluate_toy_model(cnclip_vision.load(summary["model_dir"]), seed=99, n_per_class=3, n_retrieval=200)
-    losses = [json.loads(ln)["loss"] for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in ln]
+    losses = [
+        json.loads(ln)["loss"] for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in ln
+    ]
     assert losses[-1] < losses[0] - 0.5, losses
     assert after["zeroshot_top1"] > max(5 / 64, before + 0.05), (before, after)

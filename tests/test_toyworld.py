@@ -115,8 +115,14 @@ def test_held_out_combos_never_in_pairs_and_speed() -> None:
     start, cpu = time.perf_counter(), time.process_time()
     pairs = tw.generate_pairs(n, 1)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-    logger.info("generate_pairs: %d 64 px pairs in %.2f s wall (%.0f img/s), %.2f s CPU (%.0f img/s per core)",
-                n, wall, n / wall, cpu, n / max(cpu, 1e-9))  # fmt: skip
+    logger.info(
+        "generate_pairs: %d 64 px pairs in %.2f s wall (%.0f img/s), %.2f s CPU (%.0f img/s per core)",
+        n,
+        wall,
+        n / wall,
+        cpu,
+        n / max(cpu, 1e-9),
+    )
     held = {c.id for c in tw.HELD_OUT_COMBOS}
     seen = {cid for s in pairs.class_sets for cid in s}
     assert not seen & held
@@ -199,7 +205,9 @@ def test_caption_examples_parse() -> None:
     assert facts == (((red_circle, 0), 1), ((blue_triangle, 5), 2))
     assert tw.caption_facts("画面中央是一个紫色的菱形") == (((tw.get_category("紫色菱形").id, 4), 1),)
     assert tw.caption_facts("图中有三个图形：一个红色半圆形和两个红色圆形。") == (
-        ((red_circle, None), 2), ((tw.get_category("红色半圆形").id, None), 1))  # fmt: skip
+        ((red_circle, None), 2),
+        ((tw.get_category("红色半圆形").id, None), 1),
+    )
 
 
 def test_captions_vary() -> None:

@@ -22,10 +22,21 @@ from cnclip_vision.errors import CNClipError
 from cnclip_vision.training.clip import TrainConfig, TrainingError, clip_loss, train
 from cnclip_vision.data.transforms import image_transform
 
-TINY = CLIPConfig(32, VisionConfig(image_size=32, width=64, layers=1, heads=2, patch_size=8),
-                  TextConfig(hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128))  # fmt: skip
-COLOURS = {"红色": (220, 30, 30), "蓝色": (30, 60, 220), "绿色": (30, 170, 60), "黄色": (230, 210, 30),
-           "紫色": (140, 40, 200), "橙色": (240, 130, 20), "青色": (20, 200, 200), "粉色": (240, 120, 180)}  # fmt: skip
+TINY = CLIPConfig(
+    32,
+    VisionConfig(image_size=32, width=64, layers=1, heads=2, patch_size=8),
+    TextConfig(hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128),
+)
+COLOURS = {
+    "红色": (220, 30, 30),
+    "蓝色": (30, 60, 220),
+    "绿色": (30, 170, 60),
+    "黄色": (230, 210, 30),
+    "紫色": (140, 40, 200),
+    "橙色": (240, 130, 20),
+    "青色": (20, 200, 200),
+    "粉色": (240, 120, 180),
+}
 
 
 def _write_pairs(root: Path, n: int = 128, seed: int = 0) -> Path:
@@ -39,14 +50,26 @@ def _write_pairs(root: Path, n: int = 128, seed: int = 0) -> Path:
         x, y = (int(v) for v in rng.integers(0, 14, 2))
         image.paste(COLOURS[name], (x, y, x + 18, y + 18))
         image.save(root / f"{i}.png")
-        lines.append(json.dumps({"image": f"{i}.png", "caption": f"图中有一个{name}的方块，编号{i}"}, ensure_ascii=False))
+        lines.append(
+            json.dumps({"image": f"{i}.png", "caption": f"图中有一个{name}的方块，编号{i}"}, ensure_ascii=False)
+        )
     (root / "train.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return root / "train.jsonl"
 
 
 def _config(tmp_path: Path, data: Path, **kwargs) -> TrainConfig:
-    base = dict(output_dir=str(tmp_path / "run"), train_data=str(data), model={"config": TINY.to_dict()},
-                epochs=2, batch_size=32, lr=2e-3, num_workers=0, save_every=3, log_every=1, progress=False)  # fmt: skip
+    base = dict(
+        output_dir=str(tmp_path / "run"),
+        train_data=str(data),
+        model={"config": TINY.to_dict()},
+        epochs=2,
+        batch_size=32,
+        lr=2e-3,
+        num_workers=0,
+        save_every=3,
+        log_every=1,
+        progress=False,
+    )
     return TrainConfig(**{**base, **kwargs})
 
 
@@ -65,14 +88,18 @@ def test_loss_matches_definition():
     img = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
     txt = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
     logits = 10 * img @ txt.t()
-    expected = (torch.nn.functional.cross_entropy(logits, torch.arange(4)) +
-                torch.nn.functional.cross_entropy(logits.t(), torch.arange(4))) / 2  # fmt: skip
+    expected = (
+        torch.nn.functional.cross_entropy(logits, torch.arange(4))
+        + torch.nn.functional.cross_entropy(logits.t(), torch.arange(4))
+    ) / 2
     torch.testing.assert_close(clip_loss(img, txt, torch.tensor(10.0)), expected)
     # pairs 0 and 1 share a key: they are removed from each other's negatives only
     masked = clip_loss(img, txt, torch.tensor(10.0), torch.tensor([7, 7, 1, 2]))
     logits[0, 1] = logits[1, 0] = float("-inf")
-    expected = (torch.nn.functional.cross_entropy(logits, torch.arange(4)) +
-                torch.nn.functional.cross_entropy(logits.t(), torch.arange(4))) / 2  # fmt: skip
+    expected = (
+        torch.nn.functional.cross_entropy(logits, torch.arange(4))
+        + torch.nn.functional.cross_entropy(logits.t(), torch.arange(4))
+    ) / 2
     torch.testing.assert_close(masked, expected)
 
 
@@ -141,15 +168,33 @@ def test_accumulation_keeps_the_global_batch(tmp_path, data):
 
 
 # Parameters of the tiny CLIP (timm ViT + BERT) and whether AdamW decays them.
-DECAYED = ["visual.patch_embed.proj.weight", "visual.blocks.0.attn.qkv.weight", "visual.blocks.0.mlp.fc1.weight",
-           "visual.head.weight", "text.embeddings.word_embeddings.weight", "text.embeddings.token_type_embeddings.weight",
-           "text.encoder.layer.0.attention.self.query.weight", "text.encoder.layer.0.output.dense.weight",
-           "text_projection.weight"]  # fmt: skip
-NOT_DECAYED = ["logit_scale", "visual.pos_embed", "visual.cls_token", "visual.norm_pre.weight", "visual.norm_pre.bias",
-               "visual.blocks.0.norm1.weight", "visual.blocks.0.attn.qkv.bias", "visual.norm.weight", "visual.norm.bias",
-               "text.embeddings.position_embeddings.weight", "text.embeddings.LayerNorm.weight",
-               "text.embeddings.LayerNorm.bias", "text.encoder.layer.0.attention.self.query.bias",
-               "text.encoder.layer.0.output.LayerNorm.weight"]  # fmt: skip
+DECAYED = [
+    "visual.patch_embed.proj.weight",
+    "visual.blocks.0.attn.qkv.weight",
+    "visual.blocks.0.mlp.fc1.weight",
+    "visual.head.weight",
+    "text.embeddings.word_embeddings.weight",
+    "text.embeddings.token_type_embeddings.weight",
+    "text.encoder.layer.0.attention.self.query.weight",
+    "text.encoder.layer.0.output.dense.weight",
+    "text_projection.weight",
+]
+NOT_DECAYED = [
+    "logit_scale",
+    "visual.pos_embed",
+    "visual.cls_token",
+    "visual.norm_pre.weight",
+    "visual.norm_pre.bias",
+    "visual.blocks.0.norm1.weight",
+    "visual.blocks.0.attn.qkv.bias",
+    "visual.norm.weight",
+    "visual.norm.bias",
+    "text.embeddings.position_embeddings.weight",
+    "text.embeddings.LayerNorm.weight",
+    "text.embeddings.LayerNorm.bias",
+    "text.encoder.layer.0.attention.self.query.bias",
+    "text.encoder.layer.0.output.LayerNorm.weight",
+]
 
 
 def _groups_by_name(module: torch.nn.Module, groups: list[dict]) -> tuple[set[str], set[str]]:
@@ -171,7 +216,10 @@ def test_weight_decay_groups():
     assert set(DECAYED) <= decayed, sorted(set(DECAYED) - decayed)
     assert set(NOT_DECAYED) <= exempt, sorted(set(NOT_DECAYED) - exempt)
     assert exempt == {n for n, p in model.named_parameters() if p.ndim < 2} | {
-        "visual.pos_embed", "visual.cls_token", "text.embeddings.position_embeddings.weight"}  # fmt: skip
+        "visual.pos_embed",
+        "visual.cls_token",
+        "text.embeddings.position_embeddings.weight",
+    }
 
 
 def test_the_run_uses_the_weight_decay_groups(tmp_path, data):
@@ -194,7 +242,9 @@ def test_lock_image_freezes_the_tower(tmp_path, data):
     start = cnclip_vision.create_model(TINY)
     for (name, a), (_, b) in zip(start.visual.state_dict().items(), trained.visual.state_dict().items()):
         assert torch.equal(a, b), name
-    assert any(not torch.equal(a, b) for a, b in zip(start.text.state_dict().values(), trained.text.state_dict().values()))
+    assert any(
+        not torch.equal(a, b) for a, b in zip(start.text.state_dict().values(), trained.text.state_dict().values())
+    )
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is exercised on Linux")
@@ -205,10 +255,25 @@ def test_torchrun_two_processes_equal_one(tmp_path, data):
     torchrun = Path(sys.executable).with_name("torchrun")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "cnclip_vision.cli", "-q", "train",
-         "--config", str(tmp_path / "recipe.json"), "--output-dir", str(tmp_path / "ddp")],
-        capture_output=True, text=True, timeout=600, env=env,
-    )  # fmt: skip
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "cnclip_vision.cli",
+            "-q",
+            "train",
+            "--config",
+            str(tmp_path / "recipe.json"),
+            "--output-dir",
+            str(tmp_path / "ddp"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     ddp_losses, single_losses = _losses(tmp_path / "ddp"), _losses(tmp_path / "single" / "run")
     assert len(ddp_losses) == len(single_losses) == 4
@@ -231,11 +296,13 @@ def test_jsonl_and_tsv_readers(tmp_path):
 
 @pytest.mark.parametrize(
     ("name", "content", "match"),
-    [("bad.jsonl", '{"image": "0.png", "caption": "猫"}\n{not json\n', r"bad\.jsonl:2: not valid JSON"),
-     ("keys.jsonl", '{"img": "0.png"}\n', r"keys\.jsonl:1: expected an object"),
-     ("bad.tsv", "0.png\t猫\n0.png 猫 no tab\n", r"bad\.tsv:2: expected 'image path<TAB>caption'"),
-     ("empty.jsonl", "\n\n", "is empty")],
-)  # fmt: skip
+    [
+        ("bad.jsonl", '{"image": "0.png", "caption": "猫"}\n{not json\n', r"bad\.jsonl:2: not valid JSON"),
+        ("keys.jsonl", '{"img": "0.png"}\n', r"keys\.jsonl:1: expected an object"),
+        ("bad.tsv", "0.png\t猫\n0.png 猫 no tab\n", r"bad\.tsv:2: expected 'image path<TAB>caption'"),
+        ("empty.jsonl", "\n\n", "is empty"),
+    ],
+)
 def test_malformed_files(tmp_path, name, content, match):
     _write_pairs(tmp_path, n=1)
     (tmp_path / name).write_text(content, encoding="utf-8")
@@ -259,7 +326,10 @@ def test_original_layout(tmp_path):
         Image.new("RGB", (32, 32), colour).save(buffer, format="PNG")
         images.append(f"{1000 + i}\t{base64.urlsafe_b64encode(buffer.getvalue()).decode()}")
     (tmp_path / "train_imgs.tsv").write_text("\n".join(images) + "\n")
-    texts = [{"text_id": 1, "text": "红色", "image_ids": [1000]}, {"text_id": 2, "text": "蓝色", "image_ids": [1001, 999]}]
+    texts = [
+        {"text_id": 1, "text": "红色", "image_ids": [1000]},
+        {"text_id": 2, "text": "蓝色", "image_ids": [1001, 999]},
+    ]
     (tmp_path / "train_texts.jsonl").write_text("\n".join(json.dumps(t, ensure_ascii=False) for t in texts) + "\n")
     dataset = OriginalLayoutDataset(tmp_path, "train", image_transform(32))
     assert len(dataset) == 2 and dataset.skipped == 1  # image 999 is not in the TSV

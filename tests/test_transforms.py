@@ -23,10 +23,15 @@ from cnclip_vision.data.transforms import (
 
 # The Hub preprocessor_config.json of OFA-Sys/chinese-clip-vit-base-patch16 (L-14-336 has 336).
 HUB_CONFIG = {
-    "crop_size": 224, "do_center_crop": False, "do_normalize": True, "do_resize": True,
-    "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
-    "resample": 3, "size": {"height": 224, "width": 224},
-}  # fmt: skip
+    "crop_size": 224,
+    "do_center_crop": False,
+    "do_normalize": True,
+    "do_resize": True,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "resample": 3,
+    "size": {"height": 224, "width": 224},
+}
 DOWNSCALED = [(640, 480), (500, 375), (1024, 768), (224, 224)]
 UPSCALED = [(100, 300)]
 
@@ -123,12 +128,21 @@ def _modes() -> dict[str, Image.Image]:
     transparent = palette.copy()
     transparent.info["transparency"] = 0
     return {
-        "RGB": rgb, "L": rgb.convert("L"), "LA": rgb.convert("LA"), "P": palette, "P+transparency": transparent,
-        "RGBA": rgb.convert("RGBA"), "CMYK": rgb.convert("CMYK"), "1": rgb.convert("1"),
-        "YCbCr": rgb.convert("YCbCr"), "I;16": Image.fromarray(gray.astype(np.uint16) * 257),
-        "I": Image.fromarray(gray.astype(np.int32) * 257), "F": Image.fromarray(gray.astype(np.float32) / 255),
-        "F>1": Image.fromarray(gray.astype(np.float32) * 2), "PA": palette.convert("PA"),
-    }  # fmt: skip
+        "RGB": rgb,
+        "L": rgb.convert("L"),
+        "LA": rgb.convert("LA"),
+        "P": palette,
+        "P+transparency": transparent,
+        "RGBA": rgb.convert("RGBA"),
+        "CMYK": rgb.convert("CMYK"),
+        "1": rgb.convert("1"),
+        "YCbCr": rgb.convert("YCbCr"),
+        "I;16": Image.fromarray(gray.astype(np.uint16) * 257),
+        "I": Image.fromarray(gray.astype(np.int32) * 257),
+        "F": Image.fromarray(gray.astype(np.float32) / 255),
+        "F>1": Image.fromarray(gray.astype(np.float32) * 2),
+        "PA": palette.convert("PA"),
+    }
 
 
 @pytest.mark.parametrize("mode", list(_modes()))
@@ -182,22 +196,32 @@ def test_every_input_kind_gives_the_same_tensor(transform, tmp_path):
     reference = transform(image)
     with open(path, "rb") as file:
         sources = {
-            "str": str(path), "Path": path, "bytes": data, "bytearray": bytearray(data),
-            "memoryview": memoryview(data), "BytesIO": io.BytesIO(data), "file": file, "ndarray": array,
-            "ndarray float": array / 255.0, "ndarray uint16": array.astype(np.uint16) * 257,
+            "str": str(path),
+            "Path": path,
+            "bytes": data,
+            "bytearray": bytearray(data),
+            "memoryview": memoryview(data),
+            "BytesIO": io.BytesIO(data),
+            "file": file,
+            "ndarray": array,
+            "ndarray float": array / 255.0,
+            "ndarray uint16": array.astype(np.uint16) * 257,
             "ndarray RGBA": np.dstack([array, np.full(array.shape[:2], 7, np.uint8)]),
             "non-contiguous ndarray": np.asfortranarray(array),
             "tensor uint8": torch.from_numpy(array).permute(2, 0, 1),
             "tensor float": torch.from_numpy(array).permute(2, 0, 1) / 255.0,
-        }  # fmt: skip
+        }
         for name, source in sources.items():
             assert torch.equal(transform(source), reference), name
     gray = np.array(image.convert("L"))
     gray_reference = transform(image.convert("L"))
     for name, source in {
-        "HxW": gray, "HxWx1": gray[..., None], "tensor HxW": torch.from_numpy(gray),
-        "tensor 1xHxW": torch.from_numpy(gray)[None], "tensor float HxW": torch.from_numpy(gray) / 255.0,
-    }.items():  # fmt: skip
+        "HxW": gray,
+        "HxWx1": gray[..., None],
+        "tensor HxW": torch.from_numpy(gray),
+        "tensor 1xHxW": torch.from_numpy(gray)[None],
+        "tensor float HxW": torch.from_numpy(gray) / 255.0,
+    }.items():
         assert torch.equal(transform(source), gray_reference), name
 
 

@@ -105,9 +105,13 @@ def test_similarity(model):
 
 @pytest.mark.parametrize(
     ("labels", "error", "match"),
-    [([], ValueError, "empty"), (["猫", "狗", "猫"], ValueError, "duplicate.*猫"), (["猫", ""], ValueError, r"labels\[1\]"),
-     ("猫", TypeError, "list of strings")],
-)  # fmt: skip
+    [
+        ([], ValueError, "empty"),
+        (["猫", "狗", "猫"], ValueError, "duplicate.*猫"),
+        (["猫", ""], ValueError, r"labels\[1\]"),
+        ("猫", TypeError, "list of strings"),
+    ],
+)
 def test_bad_labels(model, labels, error, match):
     with pytest.raises(error, match=match):
         ZeroShotClassifier(model, labels)
@@ -159,13 +163,27 @@ def test_evaluate_folder_counts(model, tmp_path):
 
 
 def _cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "cnclip_vision.cli", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "cnclip_vision.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_cli_classify_json_and_csv(model, model_dir, tmp_path):
     root = _imagefolder(tmp_path)
-    out = _cli("classify", str(root / "test"), "--model", str(model_dir), "--labels", "猫，狗,兔子,电动车", "-k", "2",
-               "--templates", "none", "--classifier-cache", str(tmp_path / "cache.safetensors"))  # fmt: skip
+    out = _cli(
+        "classify",
+        str(root / "test"),
+        "--model",
+        str(model_dir),
+        "--labels",
+        "猫，狗,兔子,电动车",
+        "-k",
+        "2",
+        "--templates",
+        "none",
+        "--classifier-cache",
+        str(tmp_path / "cache.safetensors"),
+    )
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
     assert doc["n_images"] == 8 and doc["n_skipped"] == 2
@@ -176,9 +194,23 @@ def test_cli_classify_json_and_csv(model, model_dir, tmp_path):
     assert first["labels"] == expected["labels"] and first["label"] == expected["labels"][0]
     assert (tmp_path / "cache.safetensors").is_file()
     # CSV, to a file, reusing the cache
-    out = _cli("-q", "classify", str(root / "test" / "000"), "--model", str(model_dir), "--labels", ",".join(LABELS),
-               "--templates", "none", "--classifier-cache", str(tmp_path / "cache.safetensors"), "--format", "csv",
-               "--output", str(tmp_path / "out.csv"))  # fmt: skip
+    out = _cli(
+        "-q",
+        "classify",
+        str(root / "test" / "000"),
+        "--model",
+        str(model_dir),
+        "--labels",
+        ",".join(LABELS),
+        "--templates",
+        "none",
+        "--classifier-cache",
+        str(tmp_path / "cache.safetensors"),
+        "--format",
+        "csv",
+        "--output",
+        str(tmp_path / "out.csv"),
+    )
     assert out.returncode == 0, out.stderr
     rows = list(csv.DictReader(io.StringIO((tmp_path / "out.csv").read_text(encoding="utf-8"))))
     assert len(rows) == 3 and set(rows[0]) >= {"image", "label", "prob", "labels", "probs"}
@@ -206,7 +238,7 @@ def test_cli_eval_zeroshot(model, model_dir, tmp_path):
         (["classify", "{imgs}", "--labels", "猫", "--model", "ViT-Q-1"], "known models"),
         (["eval-zeroshot", "{empty}"], "label file"),
     ],
-)  # fmt: skip
+)
 def test_cli_errors_are_one_line(model_dir, tmp_path, capsys, args, message):
     """In process for speed (the subprocess path is covered by test_cli_error_through_subprocess)."""
     from cnclip_vision.cli import main

@@ -53,7 +53,9 @@ def _check_input(x: torch.Tensor, in_chans: int, min_size: int, name: str) -> to
         shape = ", ".join([str(s) for s in x.shape]) + ("," if x.dim() == 1 else "")  # tuple(x.shape), scriptable
         raise ValueError(f"{name} takes images [N, {in_chans}, H, W]; got a tensor of shape ({shape})")
     if min(x.shape[-2], x.shape[-1]) < min_size:
-        raise ValueError(f"{name} needs inputs of at least {min_size}x{min_size} pixels; got {x.shape[-2]}x{x.shape[-1]}")
+        raise ValueError(
+            f"{name} needs inputs of at least {min_size}x{min_size} pixels; got {x.shape[-2]}x{x.shape[-1]}"
+        )
     return x
 
 
@@ -147,7 +149,9 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: torch.nn
     problems = fit_report(body(model.state_dict()), body(state))
     if problems:
         name = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
-        raise CheckpointError("\n".join([f"checkpoint does not fit timm model {name}", *problems, looks_like(state_dict)]))
+        raise CheckpointError(
+            "\n".join([f"checkpoint does not fit timm model {name}", *problems, looks_like(state_dict)])
+        )
     return state
 
 
@@ -173,16 +177,24 @@ def _cfg(arch: str, hub_id: str, **kwargs: Any) -> dict[str, Any]:
     }
 
 
-default_cfgs = generate_default_cfgs({
-    "chinese_clip_vit_base_patch16_224.ofa_sys": _cfg("ViT-B-16", "OFA-Sys/chinese-clip-vit-base-patch16"),
-    "chinese_clip_vit_large_patch14_224.ofa_sys": _cfg("ViT-L-14", "OFA-Sys/chinese-clip-vit-large-patch14"),
-    "chinese_clip_vit_large_patch14_336.ofa_sys": _cfg("ViT-L-14-336", "OFA-Sys/chinese-clip-vit-large-patch14-336px"),
-    "chinese_clip_vit_huge_patch14_224.ofa_sys": _cfg("ViT-H-14", "OFA-Sys/chinese-clip-vit-huge-patch14"),
-    "chinese_clip_resnet50_224.ofa_sys": _cfg(
-        "RN50", "OFA-Sys/chinese-clip-rn50", hf_hub_filename="clip_cn_rn50.pt",
-        first_conv="stem.conv1.conv", classifier="head.proj", pool_size=(7, 7),
-    ),
-})  # fmt: skip
+default_cfgs = generate_default_cfgs(
+    {
+        "chinese_clip_vit_base_patch16_224.ofa_sys": _cfg("ViT-B-16", "OFA-Sys/chinese-clip-vit-base-patch16"),
+        "chinese_clip_vit_large_patch14_224.ofa_sys": _cfg("ViT-L-14", "OFA-Sys/chinese-clip-vit-large-patch14"),
+        "chinese_clip_vit_large_patch14_336.ofa_sys": _cfg(
+            "ViT-L-14-336", "OFA-Sys/chinese-clip-vit-large-patch14-336px"
+        ),
+        "chinese_clip_vit_huge_patch14_224.ofa_sys": _cfg("ViT-H-14", "OFA-Sys/chinese-clip-vit-huge-patch14"),
+        "chinese_clip_resnet50_224.ofa_sys": _cfg(
+            "RN50",
+            "OFA-Sys/chinese-clip-rn50",
+            hf_hub_filename="clip_cn_rn50.pt",
+            first_conv="stem.conv1.conv",
+            classifier="head.proj",
+            pool_size=(7, 7),
+        ),
+    }
+)
 
 
 def _create_vit(variant: str, pretrained: bool, **kwargs: Any) -> ChineseCLIPViT:

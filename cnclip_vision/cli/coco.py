@@ -18,7 +18,9 @@ def _split_list(text: str | None) -> list[int | str] | None:
 def _make_ovcoco(args: argparse.Namespace) -> int:
     from cnclip_vision.detection.coco import convert_ovcoco
 
-    path, counts = convert_ovcoco(args.instances, args.output, split=args.split, keep_empty_images=args.keep_empty_images)
+    path, counts = convert_ovcoco(
+        args.instances, args.output, split=args.split, keep_empty_images=args.keep_empty_images
+    )
     summary = {"output": str(path), **counts}
     write_records(argparse.Namespace(output=None, format="json"), [summary], document=summary)
     return 0
@@ -28,7 +30,9 @@ def _eval_coco(args: argparse.Namespace) -> int:
     from cnclip_vision.detection.evaluation import evaluate_coco
 
     if (args.results is None) == (args.detector is None):
-        raise ValueError("give either --results RESULTS.json (evaluate detections) or --detector DIR (detect, then evaluate)")
+        raise ValueError(
+            "give either --results RESULTS.json (evaluate detections) or --detector DIR (detect, then evaluate)"
+        )
     results: object = args.results
     ground_truth: object = args.ground_truth
     if args.detector is not None:
@@ -37,11 +41,24 @@ def _eval_coco(args: argparse.Namespace) -> int:
         from cnclip_vision.cli.common import resolve_device
 
         detector = OpenVocabDetector.from_pretrained(args.detector, device=resolve_device(args.device))
-        results, dataset = detect_coco(detector, args.ground_truth, args.image_root, name_map=args.name_map,
-                                       batch_size=args.batch_size, vlm_mode=args.vlm_mode, progress=not args.quiet)  # fmt: skip
+        results, dataset = detect_coco(
+            detector,
+            args.ground_truth,
+            args.image_root,
+            name_map=args.name_map,
+            batch_size=args.batch_size,
+            vlm_mode=args.vlm_mode,
+            progress=not args.quiet,
+        )
         ground_truth = dataset.coco
-    metrics = evaluate_coco(ground_truth, results, novel=_split_list(args.novel), base=_split_list(args.base),  # type: ignore[arg-type]
-                            max_dets=args.max_dets, output=args.results_output)  # fmt: skip
+    metrics = evaluate_coco(
+        ground_truth,
+        results,
+        novel=_split_list(args.novel),
+        base=_split_list(args.base),  # type: ignore[arg-type]
+        max_dets=args.max_dets,
+        output=args.results_output,
+    )
     write_records(args, [metrics], document=metrics)
     return 0
 
@@ -66,12 +83,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="COCO box AP (pycocotools) with OV-COCO base/novel AP50",
         description="Evaluate COCO-format detections ([{image_id, category_id, bbox: [x, y, w, h], score}]) against "
         "a COCO ground-truth file. Prints AP, AP50, AP75, APs/m/l, per-category AP and AP50 on the base, novel and "
-        "all classes (split from each category's \"split\" field unless --base/--novel are given) as JSON; "
+        'all classes (split from each category\'s "split" field unless --base/--novel are given) as JSON; '
         "figures are fractions, -1 where there is no ground truth.",
     )
     p.add_argument("--ground-truth", required=True, help="COCO annotation file")
     p.add_argument("--results", default=None, help="detections JSON (COCO results format) to evaluate")
-    p.add_argument("--detector", default=None, help="or: a detector directory (or toy-detector) run on the ground truth's images")
+    p.add_argument(
+        "--detector", default=None, help="or: a detector directory (or toy-detector) run on the ground truth's images"
+    )
     p.add_argument("--image-root", default=None, help="with --detector: the image folder (default: beside the file)")
     p.add_argument("--name-map", default=None, help="with --detector: English -> Chinese category names (JSON or TSV)")
     p.add_argument("--vlm-mode", choices=("crops", "dense", "off"), default=None, help="with --detector: VLM branch")
@@ -80,6 +99,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--results-output", default=None, help="write the (checked) detections as COCO results JSON here")
     p.add_argument("--novel", default=None, help="novel categories, comma-separated ids or names")
     p.add_argument("--base", default=None, help="base categories, comma-separated ids or names")
-    p.add_argument("--max-dets", type=int, default=100, help="detections kept per image and class, as pycocotools counts them (default: %(default)s)")
+    p.add_argument(
+        "--max-dets",
+        type=int,
+        default=100,
+        help="detections kept per image and class, as pycocotools counts them (default: %(default)s)",
+    )
     add_output_options(p, csv_ok=False)
     p.set_defaults(func=_eval_coco, format="json")

@@ -20,15 +20,26 @@ logger = logging.getLogger("cnclip_vision.cli")
 def add_model_options(parser: argparse.ArgumentParser, *, batch_size: int = 64) -> None:
     """``--model``, ``--device``, ``--batch-size``, ``--precision``, ``--workers``."""
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default="ViT-B-16",
-                       help="registered name (see `cnclip models`), Hugging Face directory, or clip_cn_*.pt file "
-                            "(default: %(default)s, from the Hugging Face cache)")  # fmt: skip
+    group.add_argument(
+        "--model",
+        default="ViT-B-16",
+        help="registered name (see `cnclip models`), Hugging Face directory, or clip_cn_*.pt file "
+        "(default: %(default)s, from the Hugging Face cache)",
+    )
     group.add_argument("--arch", default=None, help="architecture when it cannot be inferred from the checkpoint")
-    group.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)")
-    group.add_argument("--batch-size", type=_positive_int, default=batch_size, help="images or texts per batch (default: %(default)s)")
-    group.add_argument("--precision", choices=("fp32", "bf16", "fp16", "int8"), default="fp32",
-                       help="fp32, bf16 (fast only with bf16 matrix units), fp16 (GPU only) or int8 (dynamic "
-                            "quantisation of the Linear layers, CPU) (default: %(default)s)")  # fmt: skip
+    group.add_argument(
+        "--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)"
+    )
+    group.add_argument(
+        "--batch-size", type=_positive_int, default=batch_size, help="images or texts per batch (default: %(default)s)"
+    )
+    group.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16", "int8"),
+        default="fp32",
+        help="fp32, bf16 (fast only with bf16 matrix units), fp16 (GPU only) or int8 (dynamic "
+        "quantisation of the Linear layers, CPU) (default: %(default)s)",
+    )
     group.add_argument("--compile", action="store_true", help="torch.compile both towers (slow first batch)")
     group.add_argument("--workers", type=int, default=None, help="DataLoader worker processes for decoding images")
 
@@ -37,8 +48,12 @@ def add_output_options(parser: argparse.ArgumentParser, *, csv_ok: bool = True) 
     group = parser.add_argument_group("output")
     group.add_argument("-o", "--output", default=None, help="write the result to this file instead of stdout")
     if csv_ok:
-        group.add_argument("--format", choices=("json", "jsonl", "csv"), default="json",
-                           help="json (one document), jsonl (one record per line) or csv (default: %(default)s)")  # fmt: skip
+        group.add_argument(
+            "--format",
+            choices=("json", "jsonl", "csv"),
+            default="json",
+            help="json (one document), jsonl (one record per line) or csv (default: %(default)s)",
+        )
 
 
 def _positive_int(text: str) -> int:
@@ -62,8 +77,9 @@ def load_model(args: argparse.Namespace) -> Any:
     if args.precision == "fp16" and not device.startswith("cuda"):
         raise ValueError("--precision fp16 needs a GPU (--device cuda); use fp32 or int8 on the CPU")
     logger.info("loading %s on %s (%s)", args.model, device, args.precision)
-    return load(args.model, arch=args.arch, device=device, precision=args.precision,
-                compile=getattr(args, "compile", False))  # fmt: skip
+    return load(
+        args.model, arch=args.arch, device=device, precision=args.precision, compile=getattr(args, "compile", False)
+    )
 
 
 def write_records(args: argparse.Namespace, records: Sequence[dict[str, Any]], document: Any = None) -> None:
@@ -75,7 +91,9 @@ def write_records(args: argparse.Namespace, records: Sequence[dict[str, Any]], d
         writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
         writer.writeheader()
         for record in records:
-            writer.writerow({k: json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else v for k, v in record.items()})
+            writer.writerow(
+                {k: json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else v for k, v in record.items()}
+            )
     elif fmt == "jsonl":
         for record in records:
             buffer.write(json.dumps(record, ensure_ascii=False) + "\n")

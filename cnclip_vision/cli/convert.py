@@ -40,6 +40,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--arch", default=None, help="architecture name when it cannot be inferred (e.g. ViT-B-16)")
     p.set_defaults(func=_convert, output=None, format="json")
 
-    p = sub.add_parser("models", help="list the registered model names", description="List registered models (JSON or CSV).")
-    p.add_argument("--format", choices=("json", "jsonl", "csv"), default="json", help="output format (default: %(default)s)")
+    p = sub.add_parser(
+        "models", help="list the registered model names", description="List registered models (JSON or CSV)."
+    )
+    p.add_argument(
+        "--format", choices=("json", "jsonl", "csv"), default="json", help="output format (default: %(default)s)"
+    )
     p.set_defaults(func=_models, output=None)

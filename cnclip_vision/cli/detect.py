@@ -74,8 +74,12 @@ def _detect(args: argparse.Namespace) -> int:
         raise ValueError("give the class names with --labels 猫,狗 (or --labels-file, or --query NAME=IMAGE)")
     overrides = {"vlm_mode": args.vlm_mode} if args.vlm_mode else {}
     detector = OpenVocabDetector.from_pretrained(args.detector, device=resolve_device(args.device), **overrides)
-    predictor = DetectionPredictor(detector, score_threshold=args.score_threshold, nms_threshold=args.nms_threshold,
-                                   max_detections=args.max_detections)  # fmt: skip
+    predictor = DetectionPredictor(
+        detector,
+        score_threshold=args.score_threshold,
+        nms_threshold=args.nms_threshold,
+        max_detections=args.max_detections,
+    )
     predictor.set_vocabulary(labels)
     pictures = _picture_paths(args.images, args.picture)
     records, failed = [], 0
@@ -87,12 +91,22 @@ def _detect(args: argparse.Namespace) -> int:
             failed += 1
             continue
         result = predictor.predict([image])[0]
-        records.append({
-            "image": path, "width": image.width, "height": image.height,
-            "detections": [{"label": n, "label_index": int(i), "score": round(float(s), 4),
-                            "box": [round(float(v), 2) for v in b]}
-                           for n, i, s, b in zip(result["label_names"], result["labels"], result["scores"], result["boxes"])],
-        })  # fmt: skip
+        records.append(
+            {
+                "image": path,
+                "width": image.width,
+                "height": image.height,
+                "detections": [
+                    {
+                        "label": n,
+                        "label_index": int(i),
+                        "score": round(float(s), 4),
+                        "box": [round(float(v), 2) for v in b],
+                    }
+                    for n, i, s, b in zip(result["label_names"], result["labels"], result["scores"], result["boxes"])
+                ],
+            }
+        )
         if picture_path is not None:
             _save_picture(draw_detections(image, result), picture_path)
             logger.info("%s: %d detections, picture %s", path, len(result["scores"]), picture_path)
@@ -113,13 +127,24 @@ def _heatmap(args: argparse.Namespace) -> int:
     image = load_image(args.image)
     maps = similarity_map(model, image, labels, size=args.size, templates=args.templates)
     out = Path(args.picture)
-    paths = [out] if len(labels) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix or '.png'}") for i in range(len(labels))]
+    paths = (
+        [out]
+        if len(labels) == 1
+        else [out.with_name(f"{out.stem}_{i}{out.suffix or '.png'}") for i in range(len(labels))]
+    )
     records = []
     for label, heat, path in zip(labels, maps, paths):
         _save_picture(heatmap_overlay(image, heat, caption=label), path)
         peak = int(heat.flatten().argmax())
-        records.append({"label": label, "picture": str(path), "grid": list(heat.shape), "max_cosine": round(float(heat.max()), 4),
-                        "peak_cell": [peak // heat.shape[1], peak % heat.shape[1]]})  # fmt: skip
+        records.append(
+            {
+                "label": label,
+                "picture": str(path),
+                "grid": list(heat.shape),
+                "max_cosine": round(float(heat.max()), 4),
+                "peak_cell": [peak // heat.shape[1], peak % heat.shape[1]],
+            }
+        )
     write_records(args, records)
     return 0
 
@@ -163,7 +188,9 @@ def _train_detector(args: argparse.Namespace) -> int:
         config = DetectorTrainConfig(**{k: v for k, v in overrides.items() if v is not None})
     summary = train_detector(config, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
-        json.dump({"config": dataclasses.asdict(config), **summary}, sys.stdout, ensure_ascii=False, indent=2, default=list)
+        json.dump(
+            {"config": dataclasses.asdict(config), **summary}, sys.stdout, ensure_ascii=False, indent=2, default=list
+        )
         sys.stdout.write("\n")
     return 0
 
@@ -193,29 +220,46 @@ def _toy_detector_export(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "detect", help="open-vocabulary detection with Chinese labels; pictures with boxes",
+        "detect",
+        help="open-vocabulary detection with Chinese labels; pictures with boxes",
         description="Detect the given labels (also categories never seen in training) in images. Detections "
         "are printed as JSON on stdout (or --output); --picture draws boxes with Chinese labels.",
-    )  # fmt: skip
+    )
     p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--detector", default="toy-detector", help="detector directory (default: %(default)s, the toy world's)")
+    p.add_argument(
+        "--detector", default="toy-detector", help="detector directory (default: %(default)s, the toy world's)"
+    )
     p.add_argument("--labels", help="comma-separated labels, e.g. 猫,狗,电动车")
     p.add_argument("--labels-file", help="a file with one label per line")
-    p.add_argument("--query", action="append", metavar="NAME=IMAGE[@x1,y1,x2,y2]",
-                   help="an image-conditioned query: the (cropped) image's embedding is the class (repeatable)")  # fmt: skip
-    p.add_argument("-o", "--output", dest="picture", default=None,
-                   help="picture with the boxes and labels: a .png/.jpg file for one image, else a folder")  # fmt: skip
+    p.add_argument(
+        "--query",
+        action="append",
+        metavar="NAME=IMAGE[@x1,y1,x2,y2]",
+        help="an image-conditioned query: the (cropped) image's embedding is the class (repeatable)",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        dest="picture",
+        default=None,
+        help="picture with the boxes and labels: a .png/.jpg file for one image, else a folder",
+    )
     p.add_argument("--json", dest="output", default=None, help="write the detections JSON here instead of stdout")
     p.add_argument("--score-threshold", type=float, default=0.3, help="minimum score (default: %(default)s)")
     p.add_argument("--nms-threshold", type=float, default=0.5, help="IoU of class-aware NMS (default: %(default)s)")
     p.add_argument("--max-detections", type=int, default=100, help="per image (default: %(default)s)")
-    p.add_argument("--vlm-mode", choices=("crops", "dense", "off"), default=None, help="override the detector's VLM branch")
+    p.add_argument(
+        "--vlm-mode", choices=("crops", "dense", "off"), default=None, help="override the detector's VLM branch"
+    )
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     p.set_defaults(func=_detect, format="json")
 
-    p = sub.add_parser("heatmap", help="similarity heat map of labels over an image (dense CLIP features)",
-                       description="Cosine similarity of each patch's dense embedding to each label, drawn over "
-                       "the image. With several labels, PICTURE gets a _0, _1, ... suffix per label.")  # fmt: skip
+    p = sub.add_parser(
+        "heatmap",
+        help="similarity heat map of labels over an image (dense CLIP features)",
+        description="Cosine similarity of each patch's dense embedding to each label, drawn over "
+        "the image. With several labels, PICTURE gets a _0, _1, ... suffix per label.",
+    )
     p.add_argument("image", help="image file")
     p.add_argument("--labels", help="comma-separated labels")
     p.add_argument("--labels-file", help="a file with one label per line")
@@ -230,12 +274,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_heatmap, format="json")
 
     p = sub.add_parser(
-        "train-detector", help="train the open-vocabulary detector on COCO-format data",
+        "train-detector",
+        help="train the open-vocabulary detector on COCO-format data",
         description="Train the pyramid, RPN and region head of the detector on a frozen CLIP. Options come from "
         "a JSON recipe (--config, e.g. recipes/toy-detector.json or recipes/ovcoco-vit-b-16.json) and/or flags "
         "(flags win). Run under torchrun for data parallel training. Metrics go to OUTPUT_DIR/metrics.jsonl, "
         "the detector to OUTPUT_DIR/detector; a JSON summary is printed at the end.",
-    )  # fmt: skip
+    )
     p.add_argument("--config", help="JSON recipe")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt if it exists")
     p.add_argument("--categories", help="train only on these categories (comma-separated names) or 'base'")
@@ -243,10 +288,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=text)
     p.set_defaults(func=_train_detector)
 
-    p = sub.add_parser("toy-detector-eval", help="AP50 base/novel of a toy-world detector per VLM mode",
-                       description="Evaluate a toy detector on freshly generated scenes with all 64 categories "
-                       "scored together: AP50 base / novel / all for each VLM mode and with random text "
-                       "embeddings for the novel categories.")  # fmt: skip
+    p = sub.add_parser(
+        "toy-detector-eval",
+        help="AP50 base/novel of a toy-world detector per VLM mode",
+        description="Evaluate a toy detector on freshly generated scenes with all 64 categories "
+        "scored together: AP50 base / novel / all for each VLM mode and with random text "
+        "embeddings for the novel categories.",
+    )
     p.add_argument("--detector", default="toy-detector", help="detector directory (default: %(default)s)")
     p.add_argument("--annotations", default=None, help="an existing toy COCO file (default: generate one)")
     p.add_argument("--data-dir", default="build/toy-detector-eval", help="where generated scenes go")
@@ -257,10 +305,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     add_output_options(p, csv_ok=False)
     p.set_defaults(func=_toy_detector_eval, format="json")
 
-    p = sub.add_parser("toy-detector-export", help="store a trained toy detector in the package (fp16)",
-                       description="Copy a trained toy detector (head weights in half precision; it references "
-                       "toy-tiny) into the package so that OpenVocabDetector.from_pretrained('toy-detector') and "
-                       "`cnclip detect` find it.")  # fmt: skip
+    p = sub.add_parser(
+        "toy-detector-export",
+        help="store a trained toy detector in the package (fp16)",
+        description="Copy a trained toy detector (head weights in half precision; it references "
+        "toy-tiny) into the package so that OpenVocabDetector.from_pretrained('toy-detector') and "
+        "`cnclip detect` find it.",
+    )
     p.add_argument("src", help="trained detector directory (OUTPUT_DIR/detector of train-detector)")
     p.add_argument("--dst", default=None, help="destination (default: the package's assets/toy-detector)")
     add_output_options(p)

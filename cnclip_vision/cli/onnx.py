@@ -16,13 +16,18 @@ def _export_onnx(args: argparse.Namespace) -> int:
 
     logger.info("loading %s on %s", args.model, args.device)
     model = load(args.model, arch=args.arch, device=args.device)
-    report = export_onnx(model, args.output_dir, opset=args.opset, fp16=args.fp16, check=not args.no_check,
-                         source=str(args.model))  # fmt: skip
+    report = export_onnx(
+        model, args.output_dir, opset=args.opset, fp16=args.fp16, check=not args.no_check, source=str(args.model)
+    )
     check = report["check"]
     if check is not None:
         tolerance = ", ".join(f"{k} {v}" for k, v in check["tolerance"].items())
-        logger.info("onnxruntime vs PyTorch: max abs difference %.3g, min cosine %.8f (tolerance: %s)",
-                    check["max_abs_diff"], check["min_cosine"], tolerance)  # fmt: skip
+        logger.info(
+            "onnxruntime vs PyTorch: max abs difference %.3g, min cosine %.8f (tolerance: %s)",
+            check["max_abs_diff"],
+            check["min_cosine"],
+            tolerance,
+        )
     write_records(args, [report], document=report)
     return 0
 
@@ -40,9 +45,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "Prints the report as JSON. Needs: pip install 'cnclip-vision[onnx]'.",
     )
     group = p.add_argument_group("model")
-    group.add_argument("--model", default="ViT-B-16",
-                       help="registered name (see `cnclip models`), Hugging Face directory, or clip_cn_*.pt file "
-                            "(default: %(default)s, from the Hugging Face cache)")  # fmt: skip
+    group.add_argument(
+        "--model",
+        default="ViT-B-16",
+        help="registered name (see `cnclip models`), Hugging Face directory, or clip_cn_*.pt file "
+        "(default: %(default)s, from the Hugging Face cache)",
+    )
     group.add_argument("--arch", default=None, help="architecture when it cannot be inferred from the checkpoint")
     group.add_argument(
         "--device", default="cpu", help="torch device for tracing and the PyTorch reference (default: %(default)s)"
@@ -50,7 +58,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     group = p.add_argument_group("export")
     group.add_argument("-o", "--output", dest="output_dir", required=True, help="output directory (created)")
     group.add_argument("--opset", type=int, default=17, help="ONNX opset, >= 17 (default: %(default)s)")
-    group.add_argument("--fp16", action="store_true",
-                       help="half-precision weights and compute (float16 pixel_values and embeddings)")  # fmt: skip
+    group.add_argument(
+        "--fp16", action="store_true", help="half-precision weights and compute (float16 pixel_values and embeddings)"
+    )
     group.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison with PyTorch")
     p.set_defaults(func=_export_onnx, output=None, format="json")

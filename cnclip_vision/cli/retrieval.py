@@ -23,8 +23,9 @@ def _embed(args: argparse.Namespace) -> int:
         raise ValueError("give either an image folder / list file or --texts FILE.jsonl (exactly one)")
     if args.images is not None and not Path(args.images).exists():
         raise CNClipError(f"no such image folder or list file: {args.images}")
-    common = dict(batch_size=args.batch_size, shard_size=args.shard_size, dtype=args.dtype, resume=args.resume,
-                  verify=args.verify)  # fmt: skip
+    common = dict(
+        batch_size=args.batch_size, shard_size=args.shard_size, dtype=args.dtype, resume=args.resume, verify=args.verify
+    )
     if args.engine == "ray":
         summary = _embed_ray(args, common)
     else:
@@ -54,8 +55,13 @@ def _embed_ray(args: argparse.Namespace, common: dict[str, Any]) -> dict[str, An
     options = {"arch": args.arch, "precision": args.precision}
     if args.device:
         options["device"] = args.device
-    ray = dict(model_options=options, num_actors=args.ray_actors, num_gpus_per_actor=args.ray_gpus_per_actor,
-               ray_address=args.ray_address, **common)  # fmt: skip
+    ray = dict(
+        model_options=options,
+        num_actors=args.ray_actors,
+        num_gpus_per_actor=args.ray_gpus_per_actor,
+        ray_address=args.ray_address,
+        **common,
+    )
     if args.texts is not None:
         return extract_text_embeddings_ray(args.model, args.texts, args.out, **ray)
     return extract_image_embeddings_ray(args.model, args.images, args.out, num_workers=args.workers or 0, **ray)
@@ -74,8 +80,13 @@ def _search(args: argparse.Namespace) -> int:
     if not texts and not images:
         raise ValueError("give query texts, --queries-file FILE, or --image QUERY_IMAGE")
     model = load_model(args)
-    index = EmbeddingIndex.from_dir(args.index, ann=False if args.exact else None, ann_params=args.ann_params,
-                                    use_faiss=args.faiss, device=model.device)  # fmt: skip
+    index = EmbeddingIndex.from_dir(
+        args.index,
+        ann=False if args.exact else None,
+        ann_params=args.ann_params,
+        use_faiss=args.faiss,
+        device=model.device,
+    )
     logger.info("%s: %d embeddings, %s search", args.index, len(index), index.backend)
     results = []
     if texts:
@@ -109,8 +120,9 @@ def _eval_retrieval(args: argparse.Namespace) -> int:
     else:
         with tempfile.TemporaryDirectory(prefix="cnclip-eval-") as tmp:
             out = args.save_embeddings or tmp
-            extract_image_embeddings(model, args.images, out, batch_size=args.batch_size, num_workers=args.workers,
-                                     progress=not args.quiet)  # fmt: skip
+            extract_image_embeddings(
+                model, args.images, out, batch_size=args.batch_size, num_workers=args.workers, progress=not args.quiet
+            )
             image_ids, image_emb = load_embeddings(out)
     if args.text_embeddings is not None:
         text_ids, text_emb = load_embeddings(args.text_embeddings)
@@ -120,11 +132,17 @@ def _eval_retrieval(args: argparse.Namespace) -> int:
         text_emb = encode_texts(model, texts, batch_size=max(args.batch_size, 64), progress=not args.quiet)
     ground_truth = {r.text_id: r.image_ids for r in records}
     metrics = evaluate_retrieval(text_emb, text_ids, image_emb, image_ids, ground_truth)
-    report: dict[str, Any] = {"texts": str(args.texts), "images": str(args.images or args.image_embeddings),
-                              **({"model": args.model} if model is not None else {}),
-                              **{k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}}  # fmt: skip
-    logger.info("t2i R@1/5/10 %.2f/%.2f/%.2f  i2t R@1/5/10 %.2f/%.2f/%.2f  mean recall %.2f",
-                *(report[f"{d}_R@{k}"] for d in ("t2i", "i2t") for k in (1, 5, 10)), report["mean_recall"])  # fmt: skip
+    report: dict[str, Any] = {
+        "texts": str(args.texts),
+        "images": str(args.images or args.image_embeddings),
+        **({"model": args.model} if model is not None else {}),
+        **{k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()},
+    }
+    logger.info(
+        "t2i R@1/5/10 %.2f/%.2f/%.2f  i2t R@1/5/10 %.2f/%.2f/%.2f  mean recall %.2f",
+        *(report[f"{d}_R@{k}"] for d in ("t2i", "i2t") for k in (1, 5, 10)),
+        report["mean_recall"],
+    )
     write_records(args, [report], document=report)
     return 0
 
@@ -132,9 +150,18 @@ def _eval_retrieval(args: argparse.Namespace) -> int:
 def _index_build(args: argparse.Namespace) -> int:
     from cnclip_vision.retrieval.ann import build_ann_index
 
-    info = build_ann_index(args.embeddings, memory=args.memory, target_recall=args.recall, k=args.k,
-                           index_key=args.index_key, queries=args.queries, num_queries=args.num_queries,
-                           train_size=args.train_size, seed=args.seed, progress=not args.quiet)  # fmt: skip
+    info = build_ann_index(
+        args.embeddings,
+        memory=args.memory,
+        target_recall=args.recall,
+        k=args.k,
+        index_key=args.index_key,
+        queries=args.queries,
+        num_queries=args.num_queries,
+        train_size=args.train_size,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
     row = {k: v for k, v in info.items() if isinstance(v, _SCALARS)}
     row.update({f"test_{k}": v for k, v in info["measured"].items()})
     write_records(args, [row], document=info)
@@ -147,7 +174,9 @@ def _index_info(args: argparse.Namespace) -> int:
 
     info = read_ann_info(args.embeddings)
     if info is None:
-        raise CNClipError(f"{args.embeddings} has no FAISS index; build one with `cnclip index build {args.embeddings}`")
+        raise CNClipError(
+            f"{args.embeddings} has no FAISS index; build one with `cnclip index build {args.embeddings}`"
+        )
     info["current"] = info.get("embeddings_digest") == store.embeddings_digest(store.read_manifest(args.embeddings))
     row = {k: v for k, v in info.items() if isinstance(v, _SCALARS)}
     write_records(args, [row], document=info)
@@ -172,26 +201,56 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("images", nargs="?", help="image folder or .txt list file (omit with --texts)")
     p.add_argument("--texts", metavar="FILE.jsonl", help="embed the texts of this JSONL file instead of images")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created; reused when resuming)")
-    p.add_argument("--shard-size", type=int, default=10_000,
-                   help="inputs per shard file; an interruption loses at most the shards in progress "
-                        "(default: %(default)s)")  # fmt: skip
-    p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
-                   help="storage type of the embeddings; float16 halves the size (default: %(default)s)")  # fmt: skip
-    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                   help="keep the finished shards of an earlier run with the same inputs and model "
-                        "(--no-resume redoes everything; default: resume)")  # fmt: skip
-    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
-                   help="when resuming, check the finished shards' bytes against their checksums and redo damaged "
-                        "ones (--no-verify checks only headers and sizes; default: verify)")  # fmt: skip
-    p.add_argument("--engine", choices=("torchrun", "ray"), default="torchrun",
-                   help="torchrun: this process, or one rank of `torchrun`/`srun` (detected from the environment); "
-                        "ray: a pool of Ray Data actors (pip install 'ray[data]') (default: %(default)s)")  # fmt: skip
-    p.add_argument("--dist-timeout", type=float, default=24 * 3600, metavar="SECONDS",
-                   help="under torchrun/srun: how long a rank waits for the others (default: %(default)s)")  # fmt: skip
+    p.add_argument(
+        "--shard-size",
+        type=int,
+        default=10_000,
+        help="inputs per shard file; an interruption loses at most the shards in progress (default: %(default)s)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "float16"),
+        default="float32",
+        help="storage type of the embeddings; float16 halves the size (default: %(default)s)",
+    )
+    p.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep the finished shards of an earlier run with the same inputs and model "
+        "(--no-resume redoes everything; default: resume)",
+    )
+    p.add_argument(
+        "--verify",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="when resuming, check the finished shards' bytes against their checksums and redo damaged "
+        "ones (--no-verify checks only headers and sizes; default: verify)",
+    )
+    p.add_argument(
+        "--engine",
+        choices=("torchrun", "ray"),
+        default="torchrun",
+        help="torchrun: this process, or one rank of `torchrun`/`srun` (detected from the environment); "
+        "ray: a pool of Ray Data actors (pip install 'ray[data]') (default: %(default)s)",
+    )
+    p.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=24 * 3600,
+        metavar="SECONDS",
+        help="under torchrun/srun: how long a rank waits for the others (default: %(default)s)",
+    )
     p.add_argument("--ray-address", default=None, help="--engine ray: the cluster to join (default: start a local one)")
-    p.add_argument("--ray-actors", type=int, default=1, help="--engine ray: actors, each with its own model (default: 1)")
-    p.add_argument("--ray-gpus-per-actor", type=float, default=0.0,
-                   help="--engine ray: GPUs per actor; > 0 loads the model on cuda (default: 0)")  # fmt: skip
+    p.add_argument(
+        "--ray-actors", type=int, default=1, help="--engine ray: actors, each with its own model (default: 1)"
+    )
+    p.add_argument(
+        "--ray-gpus-per-actor",
+        type=float,
+        default=0.0,
+        help="--engine ray: GPUs per actor; > 0 loads the model on cuda (default: 0)",
+    )
     add_model_options(p)
     add_output_options(p)
     p.set_defaults(func=_embed)
@@ -210,12 +269,20 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image", action="append", metavar="QUERY_IMAGE", help="query image file (repeatable)")
     p.add_argument("--index", required=True, metavar="DIR", help="embeddings folder written by `cnclip embed`")
     p.add_argument("-k", "--top-k", type=int, default=10, help="results per query (default: %(default)s)")
-    p.add_argument("--faiss", action="store_true",
-                   help="exact search with faiss.IndexFlatIP instead of torch (needs faiss-cpu; same results)")  # fmt: skip
-    p.add_argument("--exact", action="store_true",
-                   help="ignore the folder's FAISS index (`cnclip index build`) and search exactly")  # fmt: skip
-    p.add_argument("--ann-params", default=None, metavar="PARAMS",
-                   help="override the FAISS index's tuned search parameters, e.g. efSearch=256 or nprobe=64")  # fmt: skip
+    p.add_argument(
+        "--faiss",
+        action="store_true",
+        help="exact search with faiss.IndexFlatIP instead of torch (needs faiss-cpu; same results)",
+    )
+    p.add_argument(
+        "--exact", action="store_true", help="ignore the folder's FAISS index (`cnclip index build`) and search exactly"
+    )
+    p.add_argument(
+        "--ann-params",
+        default=None,
+        metavar="PARAMS",
+        help="override the FAISS index's tuned search parameters, e.g. efSearch=256 or nprobe=64",
+    )
     add_model_options(p)
     add_output_options(p)
     p.set_defaults(func=_search)
@@ -233,10 +300,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     src = p.add_argument_group("images (exactly one)")
     src.add_argument("--images", metavar="DIR_OR_LIST", help="image folder or .txt list file, encoded now")
     src.add_argument("--image-embeddings", metavar="DIR", help="image embeddings written earlier by `cnclip embed`")
-    p.add_argument("--text-embeddings", metavar="DIR",
-                   help="text embeddings written by `cnclip embed --texts` (default: encode the texts now)")  # fmt: skip
-    p.add_argument("--save-embeddings", metavar="DIR",
-                   help="with --images: keep the image embeddings in DIR (resumable) instead of a temporary folder")  # fmt: skip
+    p.add_argument(
+        "--text-embeddings",
+        metavar="DIR",
+        help="text embeddings written by `cnclip embed --texts` (default: encode the texts now)",
+    )
+    p.add_argument(
+        "--save-embeddings",
+        metavar="DIR",
+        help="with --images: keep the image embeddings in DIR (resumable) instead of a temporary folder",
+    )
     add_model_options(p)
     add_output_options(p)
     p.set_defaults(func=_eval_retrieval)
@@ -255,21 +328,38 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     b = actions.add_parser("build", help="build, tune and write the index", description=p.description)
     b.add_argument("embeddings", metavar="EMB_DIR", help="embeddings folder written by `cnclip embed`")
     b.add_argument("--memory", default="4GB", help="memory budget of the index, e.g. 1GB, 512MB (default: %(default)s)")
-    b.add_argument("--recall", type=float, default=0.95,
-                   help="target recall@k against exact search to tune for (default: %(default)s)")  # fmt: skip
+    b.add_argument(
+        "--recall",
+        type=float,
+        default=0.95,
+        help="target recall@k against exact search to tune for (default: %(default)s)",
+    )
     b.add_argument("-k", type=int, default=10, help="the k of recall@k (default: %(default)s)")
-    b.add_argument("--index-key", default=None, metavar="KEY",
-                   help="a FAISS index factory key instead of the automatic choice, e.g. IVF1024,Flat")  # fmt: skip
-    b.add_argument("--queries", default=None, metavar="DIR",
-                   help="embeddings folder of tuning/test queries, e.g. text embeddings for text→image search "
-                        "(default: rows of the collection, their own row left out)")  # fmt: skip
-    b.add_argument("--num-queries", type=int, default=1000, help="queries per set, tuning and test (default: %(default)s)")
+    b.add_argument(
+        "--index-key",
+        default=None,
+        metavar="KEY",
+        help="a FAISS index factory key instead of the automatic choice, e.g. IVF1024,Flat",
+    )
+    b.add_argument(
+        "--queries",
+        default=None,
+        metavar="DIR",
+        help="embeddings folder of tuning/test queries, e.g. text embeddings for text→image search "
+        "(default: rows of the collection, their own row left out)",
+    )
+    b.add_argument(
+        "--num-queries", type=int, default=1000, help="queries per set, tuning and test (default: %(default)s)"
+    )
     b.add_argument("--train-size", type=int, default=None, help="training sample (default: 64 per IVF cluster)")
     b.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     add_output_options(b)
     b.set_defaults(func=_index_build)
-    i = actions.add_parser("info", help="print the index's parameters and measured figures",
-                           description="Print ann.json of an embeddings folder and whether it matches the embeddings.")  # fmt: skip
+    i = actions.add_parser(
+        "info",
+        help="print the index's parameters and measured figures",
+        description="Print ann.json of an embeddings folder and whether it matches the embeddings.",
+    )
     i.add_argument("embeddings", metavar="EMB_DIR", help="embeddings folder with a FAISS index")
     add_output_options(i)
     i.set_defaults(func=_index_info)

@@ -39,17 +39,36 @@ def _serve(args: argparse.Namespace) -> int:
     check_bind(args.host, args.allow_remote)  # before loading anything
     api_key = _api_key(args)
     config = ServeConfig(
-        index=args.index, model=args.model, detector=args.detector, images=args.images, device=args.device,
-        api_key=api_key, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_labels=args.max_labels,
-        max_k=args.max_k, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, templates=args.templates,
-    )  # fmt: skip
+        index=args.index,
+        model=args.model,
+        detector=args.detector,
+        images=args.images,
+        device=args.device,
+        api_key=api_key,
+        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+        max_labels=args.max_labels,
+        max_k=args.max_k,
+        max_batch=args.max_batch,
+        batch_wait_ms=args.batch_wait_ms,
+        templates=args.templates,
+    )
     if not is_loopback(args.host) and api_key is None:
-        logger.warning("listening on %s without an API key: anyone who can reach this port can use the service "
-                       "(set %s or --api-key-file)", args.host, API_KEY_ENV)  # fmt: skip
+        logger.warning(
+            "listening on %s without an API key: anyone who can reach this port can use the service "
+            "(set %s or --api-key-file)",
+            args.host,
+            API_KEY_ENV,
+        )
     service = Service.load(config)
     logger.info("API key %s", f"required ({'X-API-Key'} header)" if api_key else "not required")
-    run(create_app(service), args.host, args.port, allow_remote=args.allow_remote,
-        access_log=args.access_log and not args.quiet, log_level="warning" if args.quiet else "info")  # fmt: skip
+    run(
+        create_app(service),
+        args.host,
+        args.port,
+        allow_remote=args.allow_remote,
+        access_log=args.access_log and not args.quiet,
+        log_level="warning" if args.quiet else "info",
+    )
     return 0
 
 
@@ -78,35 +97,65 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         'pip install "cnclip-vision[serve]".',
     )
     p.add_argument("--index", required=True, help="embedding directory written by `cnclip embed`")
-    p.add_argument("--model", default="ViT-B-16",
-                   help="the model the index was built with: name, directory or .pt (default: %(default)s)")  # fmt: skip
-    p.add_argument("--detector", default=None,
-                   help="detector directory or toy-detector; without it /api/detect answers 503")  # fmt: skip
-    p.add_argument("--images", default=None,
-                   help="folder the index ids are relative to, for thumbnails (default: the folder recorded when "
-                        "the index was built)")  # fmt: skip
+    p.add_argument(
+        "--model",
+        default="ViT-B-16",
+        help="the model the index was built with: name, directory or .pt (default: %(default)s)",
+    )
+    p.add_argument(
+        "--detector", default=None, help="detector directory or toy-detector; without it /api/detect answers 503"
+    )
+    p.add_argument(
+        "--images",
+        default=None,
+        help="folder the index ids are relative to, for thumbnails (default: the folder recorded when "
+        "the index was built)",
+    )
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     net = p.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     net.add_argument("--port", type=int, default=8000, help="port; 0 picks a free one (default: %(default)s)")
-    net.add_argument("--allow-remote", action="store_true",
-                     help="allow a --host other than loopback (the service is then reachable from other "
-                          "machines)")  # fmt: skip
-    net.add_argument("--no-access-log", dest="access_log", action="store_false",
-                     help="do not log every request (the access log goes to stderr)")
-    net.add_argument("--api-key-file", default=None,
-                     help=f"file holding the API key (default: the {API_KEY_ENV} environment variable; "
-                          "none: no key)")  # fmt: skip
+    net.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="allow a --host other than loopback (the service is then reachable from other machines)",
+    )
+    net.add_argument(
+        "--no-access-log",
+        dest="access_log",
+        action="store_false",
+        help="do not log every request (the access log goes to stderr)",
+    )
+    net.add_argument(
+        "--api-key-file",
+        default=None,
+        help=f"file holding the API key (default: the {API_KEY_ENV} environment variable; none: no key)",
+    )
     lim = p.add_argument_group("limits and batching")
-    lim.add_argument("--max-upload-mb", type=_positive_float, default=20.0,
-                     help="largest accepted upload in MB (default: %(default)s)")  # fmt: skip
+    lim.add_argument(
+        "--max-upload-mb",
+        type=_positive_float,
+        default=20.0,
+        help="largest accepted upload in MB (default: %(default)s)",
+    )
     lim.add_argument("--max-labels", type=_positive_int, default=256, help="labels per request (default: %(default)s)")
     lim.add_argument("--max-k", type=_positive_int, default=100, help="results per search (default: %(default)s)")
-    lim.add_argument("--max-batch", type=_positive_int, default=32,
-                     help="queries batched into one encoder call (default: %(default)s)")  # fmt: skip
-    lim.add_argument("--batch-wait-ms", type=float, default=2.0,
-                     help="how long a batch waits for more queries once the model is free "
-                          "(default: %(default)s)")  # fmt: skip
-    lim.add_argument("--templates", choices=("default", "single", "none"), default="default",
-                     help="prompt templates for /api/classify labels (default: %(default)s)")  # fmt: skip
+    lim.add_argument(
+        "--max-batch",
+        type=_positive_int,
+        default=32,
+        help="queries batched into one encoder call (default: %(default)s)",
+    )
+    lim.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=2.0,
+        help="how long a batch waits for more queries once the model is free (default: %(default)s)",
+    )
+    lim.add_argument(
+        "--templates",
+        choices=("default", "single", "none"),
+        default="default",
+        help="prompt templates for /api/classify labels (default: %(default)s)",
+    )
     p.set_defaults(func=_serve)

@@ -33,11 +33,17 @@ def _toy_eval(args: argparse.Namespace) -> int:
     report = evaluate_toy_model(model, seed=args.seed, n_per_class=args.n_per_class, n_retrieval=args.n_retrieval)
     report = {"model": args.model, "bars": QUALITY_BARS, **report}
     write_records(args, [report], document=report)
-    logger.info("zero-shot top-1 %.4f (held-out combos %.4f), text->image R@1 %.4f", report["zeroshot_top1"],
-                report["zeroshot_top1_held_out_combos"], report["t2i_R@1"])  # fmt: skip
+    logger.info(
+        "zero-shot top-1 %.4f (held-out combos %.4f), text->image R@1 %.4f",
+        report["zeroshot_top1"],
+        report["zeroshot_top1_held_out_combos"],
+        report["t2i_R@1"],
+    )
     if args.check and not report["passes"]:
-        raise CNClipError(f"the toy model misses the quality bars {QUALITY_BARS}: zero-shot top-1 "
-                          f"{report['zeroshot_top1']:.4f}, text->image R@1 {report['t2i_R@1']:.4f}")  # fmt: skip
+        raise CNClipError(
+            f"the toy model misses the quality bars {QUALITY_BARS}: zero-shot top-1 "
+            f"{report['zeroshot_top1']:.4f}, text->image R@1 {report['t2i_R@1']:.4f}"
+        )
     return 0
 
 
@@ -50,24 +56,35 @@ def _toy_export(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("toy-data", help="write a toy-world dataset (images + labels/captions/COCO boxes)",
-                       description="Write a deterministic toy-world dataset: an ImageFolder with label_cn.txt "
-                       "(--n images per class), image-caption pairs as JSONL (--n pairs), or a COCO detection set "
-                       "(--n images).")  # fmt: skip
+    p = sub.add_parser(
+        "toy-data",
+        help="write a toy-world dataset (images + labels/captions/COCO boxes)",
+        description="Write a deterministic toy-world dataset: an ImageFolder with label_cn.txt "
+        "(--n images per class), image-caption pairs as JSONL (--n pairs), or a COCO detection set "
+        "(--n images).",
+    )
     p.add_argument("kind", choices=("imagefolder", "pairs", "detection"), help="what to write")
     p.add_argument("out", help="output folder")
-    p.add_argument("--n", type=int, default=10, help="images per class / pairs / detection images (default: %(default)s)")
+    p.add_argument(
+        "--n", type=int, default=10, help="images per class / pairs / detection images (default: %(default)s)"
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--image-size", type=int, default=64, help="image side in pixels (default: %(default)s)")
-    p.add_argument("--base-only", action="store_true",
-                   help="detection: annotate only the 48 base categories (novel objects stay unlabelled, as OV-COCO)")  # fmt: skip
+    p.add_argument(
+        "--base-only",
+        action="store_true",
+        help="detection: annotate only the 48 base categories (novel objects stay unlabelled, as OV-COCO)",
+    )
     add_output_options(p)
     p.set_defaults(func=_toy_data)
 
-    p = sub.add_parser("toy-eval", help="measure a toy-world model on freshly generated held-out data",
-                       description="Zero-shot top-1 over the 64 colour x shape classes (and on the combinations "
-                       "held out of pretraining) and strict text->image R@1 on caption/image pairs whose captions "
-                       "identify their image, on newly generated data.")  # fmt: skip
+    p = sub.add_parser(
+        "toy-eval",
+        help="measure a toy-world model on freshly generated held-out data",
+        description="Zero-shot top-1 over the 64 colour x shape classes (and on the combinations "
+        "held out of pretraining) and strict text->image R@1 on caption/image pairs whose captions "
+        "identify their image, on newly generated data.",
+    )
     p.add_argument("--model", default="toy-tiny", help="model name or path (default: %(default)s)")
     p.add_argument("--seed", type=int, default=12345, help="seed of the held-out data (default: %(default)s)")
     p.add_argument("--n-per-class", type=int, default=20, help="classification images per class (default: %(default)s)")
@@ -76,9 +93,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     add_output_options(p)
     p.set_defaults(func=_toy_eval)
 
-    p = sub.add_parser("toy-export", help="store a trained toy model in the package (fp16)",
-                       description="Copy a trained toy model into the package (half precision) so that "
-                       "cnclip_vision.load('toy-tiny') finds it.")  # fmt: skip
+    p = sub.add_parser(
+        "toy-export",
+        help="store a trained toy model in the package (fp16)",
+        description="Copy a trained toy model into the package (half precision) so that "
+        "cnclip_vision.load('toy-tiny') finds it.",
+    )
     p.add_argument("src", help="trained model directory (OUTPUT_DIR/model of cnclip train)")
     p.add_argument("--dst", default=None, help="destination (default: the package's assets/toy-tiny)")
     add_output_options(p)

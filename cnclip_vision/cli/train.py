@@ -17,7 +17,10 @@ _OVERRIDES = {  # option -> (type, help)
     "batch_size": (int, "global batch: summed over ranks and accumulation steps; all of it acts as negatives"),
     "accum_steps": (int, "gradient accumulation steps (micro-batch = batch / ranks / accum)"),
     "lr": (float, "peak learning rate of AdamW"),
-    "weight_decay": (float, "AdamW weight decay (not on biases, norms, gains, logit scale, positional/class embeddings)"),
+    "weight_decay": (
+        float,
+        "AdamW weight decay (not on biases, norms, gains, logit scale, positional/class embeddings)",
+    ),
     "warmup": (float, "warmup: a fraction of the steps (< 1) or a number of steps"),
     "precision": (str, "fp32, bf16 (autocast; CPU or GPU) or fp16 (GPU only)"),
     "seed": (int, "random seed (initialisation and data order)"),
@@ -46,7 +49,9 @@ def _train(args: argparse.Namespace) -> int:
         config = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
     summary = train(config, resume=args.resume)
     if int(__import__("os").environ.get("RANK", "0")) == 0:
-        json.dump({"config": dataclasses.asdict(config), **summary}, sys.stdout, ensure_ascii=False, indent=2, default=list)
+        json.dump(
+            {"config": dataclasses.asdict(config), **summary}, sys.stdout, ensure_ascii=False, indent=2, default=list
+        )
         sys.stdout.write("\n")
     return 0
 

@@ -19,7 +19,9 @@ def _classifier(args: argparse.Namespace, model, labels: list[str]):
     if cache is not None and cache.is_file():
         clf = ZeroShotClassifier.load(cache, model)
         if clf.labels != labels or list(clf.templates) != list(_templates(args)):
-            raise CNClipError(f"--classifier-cache {cache} holds other labels or templates; delete it or pass another path")
+            raise CNClipError(
+                f"--classifier-cache {cache} holds other labels or templates; delete it or pass another path"
+            )
         logger.info("class embeddings read from %s", cache)
         return clf
     clf = ZeroShotClassifier(model, labels, templates=_templates(args), batch_size=max(args.batch_size, 64))
@@ -48,18 +50,35 @@ def _classify(args: argparse.Namespace) -> int:
     model = load_model(args)
     clf = _classifier(args, model, labels)
     records, failures = [], []
-    for batch in iter_image_batches(paths, image_transform(model.image_size), batch_size=args.batch_size,
-                                    num_workers=args.workers, device=model.device, progress=not args.quiet,
-                                    desc="classify", on_failure=lambda p, r: failures.append((p, r))):  # fmt: skip
+    for batch in iter_image_batches(
+        paths,
+        image_transform(model.image_size),
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        device=model.device,
+        progress=not args.quiet,
+        desc="classify",
+        on_failure=lambda p, r: failures.append((p, r)),
+    ):
         cosine = clf.scores_from_features(encode_images(model, batch.pixel_values))
         for i, pred in zip(batch.indices, clf.top_k(cosine, args.top_k)):
-            records.append({"image": str(paths[i]), "label": pred["labels"][0], "prob": round(pred["probs"][0], 6),
-                            "labels": pred["labels"], "probs": [round(p, 6) for p in pred["probs"]]})  # fmt: skip
+            records.append(
+                {
+                    "image": str(paths[i]),
+                    "label": pred["labels"][0],
+                    "prob": round(pred["probs"][0], 6),
+                    "labels": pred["labels"],
+                    "probs": [round(p, 6) for p in pred["probs"]],
+                }
+            )
     if not records:
         raise CNClipError(f"none of the {len(paths)} images could be read")
     logger.info("classified %d images, skipped %d unreadable", len(records), len(failures))
-    summary = {"n_images": len(records), "n_skipped": len(failures),
-               "skipped": [{"path": str(p), "reason": r} for p, r in failures]}  # fmt: skip
+    summary = {
+        "n_images": len(records),
+        "n_skipped": len(failures),
+        "skipped": [{"path": str(p), "reason": r} for p, r in failures],
+    }
     write_records(args, records, document={"results": records, **summary})
     return 0
 
@@ -70,16 +89,27 @@ def _eval_zeroshot(args: argparse.Namespace) -> int:
     root = Path(args.dataset)
     if not root.is_dir():
         raise CNClipError(f"dataset folder {root} does not exist")
-    label_file = Path(args.labels_file) if args.labels_file else next(
-        (p for p in (root / "label_cn.txt", root.parent / "label_cn.txt") if p.is_file()), root / "label_cn.txt")
+    label_file = (
+        Path(args.labels_file)
+        if args.labels_file
+        else next(
+            (p for p in (root / "label_cn.txt", root.parent / "label_cn.txt") if p.is_file()), root / "label_cn.txt"
+        )
+    )
     labels = read_label_file(label_file)
     model = load_model(args)
     clf = _classifier(args, model, labels)
-    report = clf.evaluate(root, split=args.split, batch_size=args.batch_size, num_workers=args.workers,
-                          progress=not args.quiet)  # fmt: skip
+    report = clf.evaluate(
+        root, split=args.split, batch_size=args.batch_size, num_workers=args.workers, progress=not args.quiet
+    )
     report = {"dataset": str(root), "model": args.model, **report}
-    logger.info("top-1 %.4f top-5 %.4f on %d images (%d skipped)", report["top1"], report["top5"],
-                report["n_images"], report["n_skipped"])  # fmt: skip
+    logger.info(
+        "top-1 %.4f top-5 %.4f on %d images (%d skipped)",
+        report["top1"],
+        report["top5"],
+        report["n_images"],
+        report["n_skipped"],
+    )
     rows = [{"class": name, **stats} for name, stats in report["per_class"].items()]
     write_records(args, rows, document=report)
     return 0
@@ -89,14 +119,22 @@ def _add_label_options(parser: argparse.ArgumentParser, *, file_only: bool = Fal
     group = parser.add_argument_group("labels and prompts")
     if not file_only:
         group.add_argument("--labels", help="comma-separated Chinese class names, e.g. 猫,狗,兔子")
-    group.add_argument("--labels-file", help="file with one class name per line" +
-                       (" (default: DATASET/label_cn.txt)" if file_only else ""))  # fmt: skip
-    group.add_argument("--templates", choices=("default", "single", "none"), default="default",
-                       help="prompt templates: our 25 Chinese templates, one ('一张{}的照片。'), or the bare name "
-                            "(default: %(default)s)")  # fmt: skip
+    group.add_argument(
+        "--labels-file",
+        help="file with one class name per line" + (" (default: DATASET/label_cn.txt)" if file_only else ""),
+    )
+    group.add_argument(
+        "--templates",
+        choices=("default", "single", "none"),
+        default="default",
+        help="prompt templates: our 25 Chinese templates, one ('一张{}的照片。'), or the bare name "
+        "(default: %(default)s)",
+    )
     group.add_argument("--template-file", help="your own templates, one per line, each with a {} placeholder")
-    group.add_argument("--classifier-cache", help="safetensors file caching the class embeddings (written on the "
-                       "first run, read afterwards)")  # fmt: skip
+    group.add_argument(
+        "--classifier-cache",
+        help="safetensors file caching the class embeddings (written on the first run, read afterwards)",
+    )
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:

@@ -74,7 +74,9 @@ def read_pairs(path: str | os.PathLike[str]) -> tuple[list[tuple[Path, str]], li
         else:
             fields = row.split("\t")
             if len(fields) != 2:
-                raise CNClipError(f"{where}: expected 'image path<TAB>caption', found {len(fields)} tab-separated fields")
+                raise CNClipError(
+                    f"{where}: expected 'image path<TAB>caption', found {len(fields)} tab-separated fields"
+                )
             image, caption = fields
         if not isinstance(caption, str) or not caption.strip() or not isinstance(image, str) or not image:
             raise CNClipError(f"{where}: empty image path or caption")
@@ -182,4 +184,6 @@ def open_dataset(
         return OriginalLayoutDataset(path, split, transform)
     if path.suffix in (".jsonl", ".tsv"):
         return CaptionDataset(path, transform)
-    raise CNClipError(f"{path}: expected a .jsonl or .tsv file, or a folder with {split}_imgs.tsv and {split}_texts.jsonl")
+    raise CNClipError(
+        f"{path}: expected a .jsonl or .tsv file, or a folder with {split}_imgs.tsv and {split}_texts.jsonl"
+    )

@@ -35,7 +35,9 @@ def list_images(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]
         return found
     if path.suffix.lower() in (".txt", ".lst", ".list") and path.is_file():
         lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
-        paths = [Path(ln) if Path(ln).is_absolute() else path.parent / ln for ln in lines if ln and not ln.startswith("#")]
+        paths = [
+            Path(ln) if Path(ln).is_absolute() else path.parent / ln for ln in lines if ln and not ln.startswith("#")
+        ]
         if not paths:
             raise CNClipError(f"the image list {path} is empty")
         return paths

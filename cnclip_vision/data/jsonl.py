@@ -64,8 +64,10 @@ def read_text_jsonl(path: str | os.PathLike[str], *, require_image_ids: bool = F
     """
     path = Path(path)
     if not path.is_file():
-        raise CNClipError(f"no such text file: {path} (expected JSONL lines like "
-                          '{"text_id": 1, "text": "一只猫", "image_ids": [10]})')  # fmt: skip
+        raise CNClipError(
+            f"no such text file: {path} (expected JSONL lines like "
+            '{"text_id": 1, "text": "一只猫", "image_ids": [10]})'
+        )
     records: list[TextRecord] = []
     first_line: dict[str, int] = {}
     for n, obj in iter_jsonl(path):

@@ -72,8 +72,11 @@ def _image_settings(config: dict[str, Any], path: Path) -> tuple[int, list[float
         logger.warning(
             "%s asks for %s; this library always converts to RGB, resizes straight to %dx%d (bicubic), "
             "scales to [0, 1] and normalises, as the original Chinese-CLIP does",
-            path, ", ".join(unsupported), size, size,
-        )  # fmt: skip
+            path,
+            ", ".join(unsupported),
+            size,
+            size,
+        )
     return size, config.get("image_mean", list(OPENAI_CLIP_MEAN)), config.get("image_std", list(OPENAI_CLIP_STD))
 
 

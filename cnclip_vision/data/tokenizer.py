@@ -55,9 +55,15 @@ _FAST_CHARS = re.compile(
     "\ufe00-\ufe6f\uff00-\uffef\U0001f000-\U0001faff\U00020000-\U0002a6df\U000e0000-\U000e007f]*"
 )
 _CHINESE_RANGES = (
-    (0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F),
-    (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F),
-)  # fmt: skip
+    (0x4E00, 0x9FFF),
+    (0x3400, 0x4DBF),
+    (0x20000, 0x2A6DF),
+    (0x2A700, 0x2B73F),
+    (0x2B740, 0x2B81F),
+    (0x2B820, 0x2CEAF),
+    (0xF900, 0xFAFF),
+    (0x2F800, 0x2FA1F),
+)
 
 
 def normalize_quotes(text: str) -> str:
@@ -250,8 +256,12 @@ class Tokenizer:
                 if len(ids) > keep:
                     logger.warning(
                         "text %d is %d word pieces, over context_length=%d; it is truncated to %r: %r",
-                        i, len(ids), context_length, self.decode(ids[:keep]), texts[i],
-                    )  # fmt: skip
+                        i,
+                        len(ids),
+                        context_length,
+                        self.decode(ids[:keep]),
+                        texts[i],
+                    )
         n = len(pieces)
         lengths = np.fromiter((min(len(ids), keep) for ids in pieces), dtype=np.int64, count=n)
         length = context_length if padding == "max_length" else int(lengths.max()) + 2
@@ -294,8 +304,6 @@ def tokenize(texts: str | Sequence[str], context_length: int = DEFAULT_CONTEXT_L
     return get_tokenizer()(texts, context_length=context_length, padding="max_length")["input_ids"]
 
 
-def find_truncated(
-    texts: str | Sequence[str], context_length: int = DEFAULT_CONTEXT_LENGTH
-) -> list[tuple[int, str]]:
+def find_truncated(texts: str | Sequence[str], context_length: int = DEFAULT_CONTEXT_LENGTH) -> list[tuple[int, str]]:
     """``(index, text)`` of the texts that ``tokenize`` truncates at ``context_length``."""
     return get_tokenizer().find_truncated(texts, context_length)

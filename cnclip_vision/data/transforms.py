@@ -38,6 +38,7 @@ __all__ = [
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
+
 def clip_normalize(pixels: torch.Tensor) -> torch.Tensor:
     """CLIP's normalisation of float pixels in [0, 1], ``[..., 3, H, W]`` (batched tensors that never were
     PIL images, e.g. pre-rendered training arrays)."""
@@ -214,9 +215,7 @@ class ImageTransform:
 
     def batch(self, images: Sequence[ImageSource]) -> torch.Tensor:
         """Transform and stack ``images`` into ``[N, 3, S, S]``."""
-        if isinstance(images, (str, bytes, Image.Image, np.ndarray, torch.Tensor)) or not isinstance(
-            images, Sequence
-        ):
+        if isinstance(images, (str, bytes, Image.Image, np.ndarray, torch.Tensor)) or not isinstance(images, Sequence):
             raise TypeError(f"images must be a list or tuple of images, got {type(images).__name__}")
         if len(images) == 0:
             raise ValueError("images is empty: pass at least one image")

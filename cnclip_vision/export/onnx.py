@@ -325,23 +325,37 @@ def export_onnx(
         logger.info("exporting the image encoder (%s, opset %d) to %s", dtype_name, opset, directory)
         with _native_image_size(target.visual):
             image_info = _export_one(
-                _ImageEncoder(target).eval(), (example_images.to(target.device, dtype),), directory / IMAGE_ENCODER_NAME,
-                input_names=["pixel_values"], output_name="image_embeds", dynamic_shapes={"pixel_values": {0: batch}},
-                opset=opset, weight_bytes=image_bytes,
-            )  # fmt: skip
+                _ImageEncoder(target).eval(),
+                (example_images.to(target.device, dtype),),
+                directory / IMAGE_ENCODER_NAME,
+                input_names=["pixel_values"],
+                output_name="image_embeds",
+                dynamic_shapes={"pixel_values": {0: batch}},
+                opset=opset,
+                weight_bytes=image_bytes,
+            )
         logger.info("exporting the text encoder")
         text_info = _export_one(
-            _TextEncoder(target).eval(), (example_ids.to(target.device), example_mask.to(target.device)),
-            directory / TEXT_ENCODER_NAME, input_names=["input_ids", "attention_mask"], output_name="text_embeds",
+            _TextEncoder(target).eval(),
+            (example_ids.to(target.device), example_mask.to(target.device)),
+            directory / TEXT_ENCODER_NAME,
+            input_names=["input_ids", "attention_mask"],
+            output_name="text_embeds",
             dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
-            opset=opset, weight_bytes=text_bytes,
-        )  # fmt: skip
+            opset=opset,
+            weight_bytes=text_bytes,
+        )
         del target
 
     written_opset = max(image_info["opset"], text_info["opset"])
     if written_opset != opset:
-        logger.warning("requested opset %d; the exporter wrote opset %d (image encoder %d, text encoder %d)",
-                       opset, written_opset, image_info["opset"], text_info["opset"])  # fmt: skip
+        logger.warning(
+            "requested opset %d; the exporter wrote opset %d (image encoder %d, text encoder %d)",
+            opset,
+            written_opset,
+            image_info["opset"],
+            text_info["opset"],
+        )
     image_info.update(
         inputs=[_io_spec("pixel_values", ["batch", 3, size, size], dtype_name)],
         outputs=[_io_spec("image_embeds", ["batch", config.embed_dim], dtype_name)],
@@ -504,8 +518,15 @@ def _check(
             (actual,) = image_session.run(["image_embeds"], {"pixel_values": pixels.numpy().astype(float_type)})
             t2 = time.perf_counter()
             torch_seconds, ort_seconds = torch_seconds + t1 - t0, ort_seconds + t2 - t1
-            cases.append({"encoder": "image", "shape": [n, 3, size, size], "output_dtype": str(actual.dtype),
-                          "output_shape": list(actual.shape), **_compare(actual, expected)})  # fmt: skip
+            cases.append(
+                {
+                    "encoder": "image",
+                    "shape": [n, 3, size, size],
+                    "output_dtype": str(actual.dtype),
+                    "output_shape": list(actual.shape),
+                    **_compare(actual, expected),
+                }
+            )
         for n, length in text_shapes:
             ids, mask = _example_texts(n, length, model.config.text.vocab_size, generator)
             t0 = time.perf_counter()
@@ -514,9 +535,16 @@ def _check(
             (actual,) = text_session.run(["text_embeds"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
             t2 = time.perf_counter()
             torch_seconds, ort_seconds = torch_seconds + t1 - t0, ort_seconds + t2 - t1
-            cases.append({"encoder": "text", "shape": [n, length], "padded_rows": int((mask == 0).any(-1).sum()),
-                          "output_dtype": str(actual.dtype), "output_shape": list(actual.shape),
-                          **_compare(actual, expected)})  # fmt: skip
+            cases.append(
+                {
+                    "encoder": "text",
+                    "shape": [n, length],
+                    "padded_rows": int((mask == 0).any(-1).sum()),
+                    "output_dtype": str(actual.dtype),
+                    "output_shape": list(actual.shape),
+                    **_compare(actual, expected),
+                }
+            )
     for case in cases:
         expected_rows = case["shape"][0]
         shape_ok = case["output_shape"] == [expected_rows, model.config.embed_dim]

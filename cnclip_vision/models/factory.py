@@ -30,10 +30,13 @@ logger = logging.getLogger(__name__)
 __all__ = ["PRECISIONS", "create_model", "load", "resolve_dtype"]
 
 _DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16,
-}  # fmt: skip
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 
 
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:

@@ -230,7 +230,9 @@ def native_to_hf(state: Mapping[str, torch.Tensor]) -> StateDict:
         elif key == "visual.pos_embed":
             out["vision_model.embeddings.position_embedding.weight"] = value.squeeze(0)
         elif key.startswith("visual.stem."):
-            raise CheckpointError("ResNet image towers have no Hugging Face layout (transformers has no class for them)")
+            raise CheckpointError(
+                "ResNet image towers have no Hugging Face layout (transformers has no class for them)"
+            )
         else:
             out[_require(_to_hf(key), key, "native")] = value
     return out

@@ -64,7 +64,32 @@ __all__ = [
 ANN_JSON = "ann.json"
 _PQ_BYTES = (256, 128, 64, 48, 32, 24, 16, 8, 4)
 _EF_GRID = (8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
-_NPROBE_GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
+_NPROBE_GRID = (
+    1,
+    2,
+    3,
+    4,
+    6,
+    8,
+    12,
+    16,
+    24,
+    32,
+    48,
+    64,
+    96,
+    128,
+    192,
+    256,
+    384,
+    512,
+    768,
+    1024,
+    1536,
+    2048,
+    3072,
+    4096,
+)
 _UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
 
@@ -72,7 +97,9 @@ def _faiss() -> Any:
     try:
         import faiss
     except ImportError:
-        raise CNClipError("FAISS indexes need FAISS: pip install faiss-cpu (or faiss-gpu-cu12 on a GPU machine)") from None
+        raise CNClipError(
+            "FAISS indexes need FAISS: pip install faiss-cpu (or faiss-gpu-cu12 on a GPU machine)"
+        ) from None
     return faiss
 
 
@@ -137,21 +164,29 @@ def choose_index_key(num_vectors: int, dim: int, memory: str | int) -> str:
         key = f"OPQ{pq}_{y},{coarse},PQ{pq}x8"
         if estimate_index_bytes(key, n, dim) <= budget:
             return key
-    raise CNClipError(f"no FAISS index of {n:,} {dim}-d vectors fits in {budget:,} bytes (PQ4 needs about "
-                      f"{estimate_index_bytes(f'OPQ4_28,{coarse},PQ4x8', n, dim):,}); raise --memory")  # fmt: skip
+    raise CNClipError(
+        f"no FAISS index of {n:,} {dim}-d vectors fits in {budget:,} bytes (PQ4 needs about "
+        f"{estimate_index_bytes(f'OPQ4_28,{coarse},PQ4x8', n, dim):,}); raise --memory"
+    )
 
 
 # ---------------------------------------------------------------------------------- exact reference
-def _top_merge(best_s: np.ndarray, best_i: np.ndarray, s: np.ndarray, i: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def _top_merge(
+    best_s: np.ndarray, best_i: np.ndarray, s: np.ndarray, i: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
     cat_s, cat_i = np.concatenate([best_s, s], 1), np.concatenate([best_i, i], 1)
     order = np.lexsort((cat_i, -cat_s), axis=1)[:, :k]  # score descending, then row ascending
     return np.take_along_axis(cat_s, order, 1), np.take_along_axis(cat_i, order, 1)
 
 
 def exact_topk(
-    directory: str | os.PathLike[str], queries: np.ndarray, k: int, *, skip: np.ndarray | None = None,
+    directory: str | os.PathLike[str],
+    queries: np.ndarray,
+    k: int,
+    *,
+    skip: np.ndarray | None = None,
     block: int | None = None,
-) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact ``(scores [Q, k], rows [Q, k])`` of normalised ``queries`` against a directory, streamed shard by
     shard. ``skip``: sorted rows left out of every answer (held-out queries)."""
     q = np.ascontiguousarray(queries, dtype=np.float32)
@@ -253,9 +288,13 @@ def read_ann_info(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
 
 
 def load_ann_index(
-    directory: str | os.PathLike[str], *, manifest: dict[str, Any] | None = None, mmap: bool = True,
-    params: str | None = None, required: bool = False,
-) -> AnnIndex | None:  # fmt: skip
+    directory: str | os.PathLike[str],
+    *,
+    manifest: dict[str, Any] | None = None,
+    mmap: bool = True,
+    params: str | None = None,
+    required: bool = False,
+) -> AnnIndex | None:
     """The directory's FAISS index, or None when there is none or it is stale (built on other embeddings:
     a warning). ``required`` turns both into CNClipError. ``mmap`` memory-maps the index where FAISS can
     (IVF inverted lists, flat codes); HNSW graphs are read into memory."""
@@ -264,11 +303,15 @@ def load_ann_index(
     info = _read_info(directory)
     if info is None:
         if required:
-            raise CNClipError(f"{directory} has no FAISS index ({ANN_JSON}); build one with `cnclip index build {directory}`")
+            raise CNClipError(
+                f"{directory} has no FAISS index ({ANN_JSON}); build one with `cnclip index build {directory}`"
+            )
         return None
     if info.get("embeddings_digest") != store.embeddings_digest(manifest):
-        message = (f"the FAISS index in {directory} was built on other embeddings (they were extracted again since); "
-                   f"rebuild it with `cnclip index build {directory}`")  # fmt: skip
+        message = (
+            f"the FAISS index in {directory} was built on other embeddings (they were extracted again since); "
+            f"rebuild it with `cnclip index build {directory}`"
+        )
         if required:
             raise CNClipError(message)
         logger.warning("%s; searching exactly", message)
@@ -291,8 +334,10 @@ def load_ann_index(
         except RuntimeError as e:
             raise CNClipError(f"cannot read the FAISS index {path}: {str(e).splitlines()[0]}") from None
     if index.ntotal != manifest["num_embedded"] or index.d != manifest["dim"]:
-        raise CNClipError(f"{path} holds {index.ntotal} {index.d}-d vectors, the embeddings {manifest['num_embedded']} "
-                          f"{manifest['dim']}-d ones; rebuild the index")  # fmt: skip
+        raise CNClipError(
+            f"{path} holds {index.ntotal} {index.d}-d vectors, the embeddings {manifest['num_embedded']} "
+            f"{manifest['dim']}-d ones; rebuild the index"
+        )
     ann = AnnIndex(index, info, path, mmapped)
     ann.set_params(params if params is not None else info.get("params"))
     return ann
@@ -321,8 +366,14 @@ def _search_rows(index: Any, queries: np.ndarray, k: int, tail: np.ndarray, n: i
     return faiss_ids_to_rows(index.search(queries, k)[1], tail, n)
 
 
-def _tune(index: Any, queries: np.ndarray, truth: np.ndarray, k: int, target: float, rows: Callable[[np.ndarray], np.ndarray],
-          ) -> tuple[str | None, float, list[dict[str, Any]]]:  # fmt: skip
+def _tune(
+    index: Any,
+    queries: np.ndarray,
+    truth: np.ndarray,
+    k: int,
+    target: float,
+    rows: Callable[[np.ndarray], np.ndarray],
+) -> tuple[str | None, float, list[dict[str, Any]]]:
     """Smallest grid value whose recall@k reaches ``target``: doubling until reached (or no more gain), then
     bisecting. When the target is out of reach, the smallest value within 0.005 of the best recall."""
     faiss = _faiss()
@@ -353,15 +404,26 @@ def _tune(index: Any, queries: np.ndarray, truth: np.ndarray, k: int, target: fl
     else:
         best = max(tried.values())
         chosen = min(j for j, r in tried.items() if r >= best - 0.005)
-        logger.warning("recall@%d %.3f is out of reach for this index: the best found is %.3f (%s); a larger memory "
-                       "budget allows a more accurate index", k, target, best, fmt(grid[max(tried)]))  # fmt: skip
+        logger.warning(
+            "recall@%d %.3f is out of reach for this index: the best found is %.3f (%s); a larger memory "
+            "budget allows a more accurate index",
+            k,
+            target,
+            best,
+            fmt(grid[max(tried)]),
+        )
     space.set_index_parameters(index, fmt(grid[chosen]))
     curve = [{"params": fmt(grid[j]), f"recall@{k}": round(r, 5)} for j, r in sorted(tried.items())]
     return fmt(grid[chosen]), tried[chosen], curve
 
 
-def _measure(index: Any, queries: np.ndarray, truth: np.ndarray, k: int, rows: Callable[[np.ndarray], np.ndarray],
-             ) -> dict[str, Any]:  # fmt: skip
+def _measure(
+    index: Any,
+    queries: np.ndarray,
+    truth: np.ndarray,
+    k: int,
+    rows: Callable[[np.ndarray], np.ndarray],
+) -> dict[str, Any]:
     found = rows(index.search(queries, k)[1])
     one = queries[: min(200, len(queries))]
     times = []
@@ -512,8 +574,9 @@ def build_ann_index(
     params, tune_recall, curve = _tune(index, q_all[tune_i], truth[tune_i], kk, margin_target, to_rows)
     measured = _measure(index, q_all[test_i], truth[test_i], kk, to_rows)
     if measured[f"recall@{kk}"] < target_recall:
-        logger.warning("recall@%d on the test queries is %.4f, below the target %.2f", kk, measured[f"recall@{kk}"],
-                       target_recall)  # fmt: skip
+        logger.warning(
+            "recall@%d on the test queries is %.4f, below the target %.2f", kk, measured[f"recall@{kk}"], target_recall
+        )
     if len(held):
         index.add(np.ascontiguousarray(held_vectors, dtype=np.float32))  # ids head.. head+len(held)-1
     if index.ntotal != n or head + len(held) != n:
@@ -524,21 +587,49 @@ def build_ann_index(
         faiss.write_index(index, str(tmp))
     size = (directory / index_file).stat().st_size
     info = {
-        "format": "cnclip-ann", "version": 1, "index_file": index_file, "index_key": key, "params": params,
-        "metric": "inner_product", "num_vectors": n, "dim": d, "embeddings_digest": store.embeddings_digest(manifest),
-        "memory_budget": budget, "index_bytes": size, "bytes_per_vector": round(size / n, 2),
-        "target_recall": target_recall, "k": kk,
-        "tuned": {"target_with_margin": round(margin_target, 4), f"recall@{kk}": round(tune_recall, 5),
-                  "num_queries": len(tune_i), "curve": curve},
-        "measured": measured, "queries": source, "train_size": trained, "seed": seed, "gpu_training": bool(use_gpu),
-        "build_seconds": round(time.perf_counter() - started, 2), "faiss_version": faiss.__version__,
+        "format": "cnclip-ann",
+        "version": 1,
+        "index_file": index_file,
+        "index_key": key,
+        "params": params,
+        "metric": "inner_product",
+        "num_vectors": n,
+        "dim": d,
+        "embeddings_digest": store.embeddings_digest(manifest),
+        "memory_budget": budget,
+        "index_bytes": size,
+        "bytes_per_vector": round(size / n, 2),
+        "target_recall": target_recall,
+        "k": kk,
+        "tuned": {
+            "target_with_margin": round(margin_target, 4),
+            f"recall@{kk}": round(tune_recall, 5),
+            "num_queries": len(tune_i),
+            "curve": curve,
+        },
+        "measured": measured,
+        "queries": source,
+        "train_size": trained,
+        "seed": seed,
+        "gpu_training": bool(use_gpu),
+        "build_seconds": round(time.perf_counter() - started, 2),
+        "faiss_version": faiss.__version__,
         "tail_rows": held.tolist(),
-    }  # fmt: skip
+    }
     write_json(directory / ANN_JSON, info)
     for old in directory.glob("ann-*.faiss"):
         if old.name != index_file:
             old.unlink(missing_ok=True)
-    logger.info("%s: %s %s, recall@1 %.3f recall@%d %.3f on %d test queries, %.1f bytes/vector, %.0f q/s",
-                directory, key, params or "", measured["recall@1"], kk, measured[f"recall@{kk}"], len(test_i),
-                size / n, measured["qps_batch1"])  # fmt: skip
+    logger.info(
+        "%s: %s %s, recall@1 %.3f recall@%d %.3f on %d test queries, %.1f bytes/vector, %.0f q/s",
+        directory,
+        key,
+        params or "",
+        measured["recall@1"],
+        kk,
+        measured[f"recall@{kk}"],
+        len(test_i),
+        size / n,
+        measured["qps_batch1"],
+    )
     return info

@@ -63,7 +63,11 @@ def _apply_slurm_env() -> None:
 def world_from_env() -> tuple[int, int, int]:
     """``(rank, world_size, local_rank)`` of this process under torchrun / srun, ``(0, 1, 0)`` alone."""
     _apply_slurm_env()
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
+    return (
+        int(os.environ.get("RANK", "0")),
+        int(os.environ.get("WORLD_SIZE", "1")),
+        int(os.environ.get("LOCAL_RANK", "0")),
+    )
 
 
 def local_device(device: str | None = None) -> str:
@@ -108,8 +112,10 @@ class Group:
         elif dist.get_backend() != "gloo":
             group = dist.new_group(backend="gloo", timeout=timeout)
         if dist.get_world_size() != world or dist.get_rank() != rank:
-            raise RuntimeError(f"the process group ({dist.get_rank()}/{dist.get_world_size()}) does not match "
-                               f"RANK/WORLD_SIZE ({rank}/{world})")  # fmt: skip
+            raise RuntimeError(
+                f"the process group ({dist.get_rank()}/{dist.get_world_size()}) does not match "
+                f"RANK/WORLD_SIZE ({rank}/{world})"
+            )
         return cls(rank, world, group)
 
     def barrier(self) -> None:

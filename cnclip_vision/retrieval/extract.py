@@ -74,9 +74,16 @@ def make_key(modality: str, info: dict[str, Any], dim: int, dtype: str, shard_si
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     if dtype not in store.DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(store.DTYPES)}, got {dtype!r}")
-    return {"format": store.FORMAT, "version": store.FORMAT_VERSION, "modality": modality,
-            "model_fingerprint": info["fingerprint"], "dtype": dtype, "dim": dim, "normalized": True,
-            "shard_size": shard_size}  # fmt: skip
+    return {
+        "format": store.FORMAT,
+        "version": store.FORMAT_VERSION,
+        "modality": modality,
+        "model_fingerprint": info["fingerprint"],
+        "dtype": dtype,
+        "dim": dim,
+        "normalized": True,
+        "shard_size": shard_size,
+    }
 
 
 def _same_key(meta: dict[str, Any], key: dict[str, Any]) -> bool:
@@ -144,8 +151,9 @@ def _prepare_dir(out: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
-def _scan(out: Path, key: dict[str, Any], num_items: int, hashes: np.ndarray, ids: Sequence[str],
-          resume: bool) -> tuple[int, list[int], list[str]]:  # fmt: skip
+def _scan(
+    out: Path, key: dict[str, Any], num_items: int, hashes: np.ndarray, ids: Sequence[str], resume: bool
+) -> tuple[int, list[int], list[str]]:
     """Rank 0: ``(num_shards, finished-shard candidates, copy sources)`` from the files in ``out``."""
     metas: dict[str, dict[str, Any]] = {}
     for path in sorted(out.glob("shard-*.safetensors")) if resume else ():
@@ -187,8 +195,9 @@ def _share_out(todo: Sequence[int], sizes: Sequence[int], world: int) -> list[li
     return [sorted(p) for p in parts]
 
 
-def plan_run(group: Group, out: Path, key: dict[str, Any], ids: Sequence[str], hashes: np.ndarray, *,
-             resume: bool, verify: bool) -> tuple[Plan, Layout]:  # fmt: skip
+def plan_run(
+    group: Group, out: Path, key: dict[str, Any], ids: Sequence[str], hashes: np.ndarray, *, resume: bool, verify: bool
+) -> tuple[Plan, Layout]:
     """The run's :class:`Plan`, the same on every rank (rank 0 scans; all ranks verify a share)."""
 
     def scan() -> tuple[int, list[int], list[str]]:
@@ -205,7 +214,9 @@ def plan_run(group: Group, out: Path, key: dict[str, Any], ids: Sequence[str], h
             except (OSError, store.ShardError):
                 ok = False
             if not ok:
-                logger.warning("shard %s is damaged (checksum mismatch) and will be redone", store.shard_name(s, num_shards))
+                logger.warning(
+                    "shard %s is damaged (checksum mismatch) and will be redone", store.shard_name(s, num_shards)
+                )
                 bad.append(s)
     bad_all = {s for part in group.all_gather(bad) for s in part}
     reused = [s for s in candidates if s not in bad_all]
@@ -213,8 +224,13 @@ def plan_run(group: Group, out: Path, key: dict[str, Any], ids: Sequence[str], h
     todo = [s for s in range(num_shards) if s not in done]
     sizes = [len(r) for r in layout.rows]
     bad_names = {store.shard_name(s, num_shards) for s in bad_all}
-    plan = Plan(num_shards, reused, _share_out(todo, sizes, group.world_size),
-                [n for n in sources if n not in bad_names], candidates)  # fmt: skip
+    plan = Plan(
+        num_shards,
+        reused,
+        _share_out(todo, sizes, group.world_size),
+        [n for n in sources if n not in bad_names],
+        candidates,
+    )
     return plan, layout
 
 
@@ -299,8 +315,10 @@ class Sources:
 # An encoder takes the jobs and, per job, the rows still to encode (ascending), and yields
 # (job index, rows encoded, [len(rows), D] float32 embeddings, [(row, reason)] failures) in job order,
 # accounting for every row exactly once.
-Encoder = Callable[[Sequence[ShardJob], Sequence[Sequence[int]]],
-                   Iterator[tuple[int, Sequence[int], np.ndarray, Sequence[tuple[int, str]]]]]  # fmt: skip
+Encoder = Callable[
+    [Sequence[ShardJob], Sequence[Sequence[int]]],
+    Iterator[tuple[int, Sequence[int], np.ndarray, Sequence[tuple[int, str]]]],
+]
 
 
 @dataclass
@@ -312,9 +330,15 @@ class RunStats:
 
 
 def write_jobs(
-    jobs: Sequence[ShardJob], encode: Encoder, sources: Sources, out: Path, key: dict[str, Any], *,
-    progress: bool = False, desc: str = "embed",
-) -> RunStats:  # fmt: skip
+    jobs: Sequence[ShardJob],
+    encode: Encoder,
+    sources: Sources,
+    out: Path,
+    key: dict[str, Any],
+    *,
+    progress: bool = False,
+    desc: str = "embed",
+) -> RunStats:
     """Write every job's shard: rows found in ``sources`` are copied, the others encoded."""
     from tqdm.auto import tqdm
 
@@ -356,10 +380,16 @@ def write_jobs(
                 bar.update(len(rows) + len(failures))
                 nxt = next(stream, None)
             keep = np.flatnonzero(have)
-            meta = {**key, "layout": store.LAYOUT, "shard": job.shard, "num_shards": job.num_shards,
-                    "digest": store.ids_digest(job.ids), "num_items": len(job.ids),
-                    "ids": [job.ids[r] for r in keep.tolist()],
-                    "failures": [[job.ids[r], reasons[r]] for r in sorted(reasons)]}  # fmt: skip
+            meta = {
+                **key,
+                "layout": store.LAYOUT,
+                "shard": job.shard,
+                "num_shards": job.num_shards,
+                "digest": store.ids_digest(job.ids),
+                "num_items": len(job.ids),
+                "ids": [job.ids[r] for r in keep.tolist()],
+                "failures": [[job.ids[r], reasons[r]] for r in sorted(reasons)],
+            }
             store.write_shard(out / job.name, emb[keep], meta)
             stats.written += 1
     if nxt is not None:
@@ -386,13 +416,19 @@ def image_encoder(model: ChineseCLIP, *, batch_size: int, num_workers: int | Non
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     transform = image_transform(model.image_size)
 
-    def encode(jobs: Sequence[ShardJob], todo: Sequence[Sequence[int]]) -> Iterator[tuple[int, Sequence[int], np.ndarray, Sequence[tuple[int, str]]]]:  # fmt: skip
+    def encode(
+        jobs: Sequence[ShardJob], todo: Sequence[Sequence[int]]
+    ) -> Iterator[tuple[int, Sequence[int], np.ndarray, Sequence[tuple[int, str]]]]:
         flat = [(j, r) for j, rows in enumerate(todo) for r in rows]
         batches, start = [], 0
         for rows in todo:
-            batches += [list(range(start + i, start + min(i + batch_size, len(rows)))) for i in range(0, len(rows), batch_size)]
+            batches += [
+                list(range(start + i, start + min(i + batch_size, len(rows)))) for i in range(0, len(rows), batch_size)
+            ]
             start += len(rows)
-        workers = num_workers if num_workers is not None else (min(4, os.cpu_count() or 1) if len(flat) > batch_size else 0)
+        workers = (
+            num_workers if num_workers is not None else (min(4, os.cpu_count() or 1) if len(flat) > batch_size else 0)
+        )
         dataset = ImageFileDataset([jobs[j].inputs[r] for j, r in flat], transform)
         loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=_identity)
         for items in loader:
@@ -414,7 +450,9 @@ def text_encoder(model: ChineseCLIP, *, batch_size: int) -> Encoder:
     """Texts encoded shard by shard (length-bucketed within a shard)."""
     from cnclip_vision.models.encode import encode_texts
 
-    def encode(jobs: Sequence[ShardJob], todo: Sequence[Sequence[int]]) -> Iterator[tuple[int, Sequence[int], np.ndarray, Sequence[tuple[int, str]]]]:  # fmt: skip
+    def encode(
+        jobs: Sequence[ShardJob], todo: Sequence[Sequence[int]]
+    ) -> Iterator[tuple[int, Sequence[int], np.ndarray, Sequence[tuple[int, str]]]]:
         for j, rows in enumerate(todo):
             if rows:
                 texts = [jobs[j].inputs[r] for r in rows]
@@ -425,10 +463,23 @@ def text_encoder(model: ChineseCLIP, *, batch_size: int) -> Encoder:
 
 # ------------------------------------------------------------------------------------------------ a run
 def run_extraction(
-    out_dir: str | os.PathLike[str], *, modality: str, source: str, ids: Sequence[str], inputs: Sequence[str],
-    info: dict[str, Any], dim: int, make_encoder: Callable[[], Encoder], shard_size: int, dtype: str, resume: bool,
-    verify: bool, progress: bool, group: Group | None = None, paths: Sequence[str] | None = None,
-) -> dict[str, Any]:  # fmt: skip
+    out_dir: str | os.PathLike[str],
+    *,
+    modality: str,
+    source: str,
+    ids: Sequence[str],
+    inputs: Sequence[str],
+    info: dict[str, Any],
+    dim: int,
+    make_encoder: Callable[[], Encoder],
+    shard_size: int,
+    dtype: str,
+    resume: bool,
+    verify: bool,
+    progress: bool,
+    group: Group | None = None,
+    paths: Sequence[str] | None = None,
+) -> dict[str, Any]:
     """Plan, write this rank's shards, then (rank 0, once every rank is done) the manifest."""
     started = time.perf_counter()
     group = group or Group()
@@ -438,8 +489,10 @@ def run_extraction(
     views = group.all_gather(check)
     if any(v != views[0] for v in views):
         what = "input lists" if any(v[0] != views[0][0] for v in views) else "models or settings"
-        raise CNClipError(f"the {group.world_size} extraction processes see different {what}: every rank must be "
-                          "given the same inputs, model and options")  # fmt: skip
+        raise CNClipError(
+            f"the {group.world_size} extraction processes see different {what}: every rank must be "
+            "given the same inputs, model and options"
+        )
     hashes = store.item_hashes(ids)
     plan, layout = plan_run(group, out, key, ids, hashes, resume=resume, verify=verify)
     mine = [layout.job(s, ids, inputs) for s in plan.assignment[group.rank]]
@@ -447,37 +500,82 @@ def run_extraction(
         logger.info("resuming in %s: %d of %d shards already done", out, len(plan.reused), plan.num_shards)
     sources = Sources(out, plan.sources if resume else [], verify=verify)
     encoder = make_encoder() if mine else None
-    stats = write_jobs(mine, encoder, sources, out, key, progress=progress and group.is_main,  # type: ignore[arg-type]
-                       desc=f"embed {modality}s")  # fmt: skip
+    stats = write_jobs(
+        mine,
+        encoder,
+        sources,
+        out,
+        key,
+        progress=progress and group.is_main,  # type: ignore[arg-type]
+        desc=f"embed {modality}s",
+    )
     if group.world_size > 1:
-        logger.info("rank %d: %d shards written, %d %ss encoded, %d copied", group.rank, stats.written, stats.encoded,
-                    modality, stats.copied)  # fmt: skip
+        logger.info(
+            "rank %d: %d shards written, %d %ss encoded, %d copied",
+            group.rank,
+            stats.written,
+            stats.encoded,
+            modality,
+            stats.copied,
+        )
     all_stats = group.all_gather(stats)  # also the barrier: every rank has written its shards
     manifest = group.run_on_main(lambda: finish_run(out, plan, key, info, source, ids, paths))
-    return summarize(manifest, out, plan, all_stats, group.world_size, started, modality, len(ids),
-                     log=group.is_main)  # fmt: skip
+    return summarize(manifest, out, plan, all_stats, group.world_size, started, modality, len(ids), log=group.is_main)
 
 
-def finish_run(out: Path, plan: Plan, key: dict[str, Any], info: dict[str, Any], source: str, ids: Sequence[str],
-               paths: Sequence[str] | None) -> dict[str, Any]:  # fmt: skip
+def finish_run(
+    out: Path,
+    plan: Plan,
+    key: dict[str, Any],
+    info: dict[str, Any],
+    source: str,
+    ids: Sequence[str],
+    paths: Sequence[str] | None,
+) -> dict[str, Any]:
     """Rank 0, after every shard is written: ``ids.txt``, ``manifest.json``, old layouts deleted."""
     path_of = dict(zip(ids, paths)) if paths is not None else None
-    return store.finalize_directory(out, plan.num_shards, source_info={"source": source, "model": info}, key=key,
-                                    paths=path_of)  # fmt: skip
+    return store.finalize_directory(
+        out, plan.num_shards, source_info={"source": source, "model": info}, key=key, paths=path_of
+    )
 
 
-def summarize(manifest: dict[str, Any], out: Path, plan: Plan, all_stats: Sequence[RunStats], world_size: int,
-              started: float, modality: str, num_inputs: int, *, log: bool = True) -> dict[str, Any]:  # fmt: skip
+def summarize(
+    manifest: dict[str, Any],
+    out: Path,
+    plan: Plan,
+    all_stats: Sequence[RunStats],
+    world_size: int,
+    started: float,
+    modality: str,
+    num_inputs: int,
+    *,
+    log: bool = True,
+) -> dict[str, Any]:
     encoded = sum(s.encoded for s in all_stats)
     copied = sum(s.copied for s in all_stats)
-    summary = {"out_dir": str(out), **{k: v for k, v in manifest.items() if k != "shards"},
-               "num_shards": plan.num_shards, "reused_shards": len(plan.reused), "rewritten_shards": len(plan.todo),
-               "num_encoded": encoded, "num_copied": copied, "world_size": world_size,
-               "elapsed_s": round(time.perf_counter() - started, 3)}  # fmt: skip
+    summary = {
+        "out_dir": str(out),
+        **{k: v for k, v in manifest.items() if k != "shards"},
+        "num_shards": plan.num_shards,
+        "reused_shards": len(plan.reused),
+        "rewritten_shards": len(plan.todo),
+        "num_encoded": encoded,
+        "num_copied": copied,
+        "world_size": world_size,
+        "elapsed_s": round(time.perf_counter() - started, 3),
+    }
     if log:
-        logger.info("%d %s embeddings in %s (%d failed; %d of %d shards reused, %d encoded, %d copied)",
-                    manifest["num_embedded"], modality, out, manifest["num_failed"], len(plan.reused), plan.num_shards,
-                    encoded, copied)  # fmt: skip
+        logger.info(
+            "%d %s embeddings in %s (%d failed; %d of %d shards reused, %d encoded, %d copied)",
+            manifest["num_embedded"],
+            modality,
+            out,
+            manifest["num_failed"],
+            len(plan.reused),
+            plan.num_shards,
+            encoded,
+            copied,
+        )
     if not manifest["num_embedded"]:
         raise CNClipError(f"none of the {num_inputs} {modality}s could be encoded (see the warnings above)")
     return summary
@@ -540,10 +638,23 @@ def extract_image_embeddings(
     paths, ids = image_ids(images)
     store.check_ids(ids, "image")
     source = os.fspath(images) if not isinstance(images, (list, tuple)) else f"{len(images)} paths"
-    return run_extraction(out_dir, modality="image", source=source, ids=ids, inputs=paths, info=model_info(model),
-                          dim=model.config.embed_dim, shard_size=shard_size, dtype=dtype, resume=resume, verify=verify,
-                          make_encoder=lambda: image_encoder(model, batch_size=batch_size, num_workers=num_workers),
-                          progress=progress, group=_group(distributed, timeout_s), paths=paths)  # fmt: skip
+    return run_extraction(
+        out_dir,
+        modality="image",
+        source=source,
+        ids=ids,
+        inputs=paths,
+        info=model_info(model),
+        dim=model.config.embed_dim,
+        shard_size=shard_size,
+        dtype=dtype,
+        resume=resume,
+        verify=verify,
+        make_encoder=lambda: image_encoder(model, batch_size=batch_size, num_workers=num_workers),
+        progress=progress,
+        group=_group(distributed, timeout_s),
+        paths=paths,
+    )
 
 
 def extract_text_embeddings(
@@ -568,9 +679,19 @@ def extract_text_embeddings(
     records = read_text_jsonl(jsonl_path)
     ids = [r.text_id for r in records]
     store.check_ids(ids, "text")
-    return run_extraction(out_dir, modality="text", source=os.fspath(jsonl_path), ids=ids,
-                          inputs=[r.text for r in records], info=model_info(model), dim=model.config.embed_dim,
-                          shard_size=shard_size, dtype=dtype, resume=resume, verify=verify, progress=progress,
-                          make_encoder=lambda: text_encoder(model, batch_size=batch_size),
-                          group=_group(distributed, timeout_s))  # fmt: skip
-
+    return run_extraction(
+        out_dir,
+        modality="text",
+        source=os.fspath(jsonl_path),
+        ids=ids,
+        inputs=[r.text for r in records],
+        info=model_info(model),
+        dim=model.config.embed_dim,
+        shard_size=shard_size,
+        dtype=dtype,
+        resume=resume,
+        verify=verify,
+        progress=progress,
+        make_encoder=lambda: text_encoder(model, batch_size=batch_size),
+        group=_group(distributed, timeout_s),
+    )

@@ -78,6 +78,7 @@ def _image_lookup(image_ids: Sequence[str]) -> Callable[[str], int | None]:
         if gt in stems and stems[gt] is None:
             raise CNClipError(f"ground-truth image id {gt!r} matches several images (e.g. {gt}.jpg and {gt}.png)")
         return stems.get(gt)
+
     return find
 
 
@@ -118,21 +119,30 @@ def evaluate_retrieval(
         queries.append(text_index[str(text_id)])
         t2i_gt.append(rows)
     if missing:
-        logger.warning("%d ground-truth images have no embedding (unreadable or not in the image set), e.g. %s",
-                       len(missing), sorted(missing)[:3])  # fmt: skip
+        logger.warning(
+            "%d ground-truth images have no embedding (unreadable or not in the image set), e.g. %s",
+            len(missing),
+            sorted(missing)[:3],
+        )
     if not i2t_gt:
         raise CNClipError("no annotated image is in the image set: check that the image ids match the annotation")
     text_index_ = EmbeddingIndex(torch.as_tensor(text_embeddings), list(map(str, text_ids)), device=device)
     image_index = EmbeddingIndex(torch.as_tensor(image_embeddings), list(map(str, image_ids)), device=device)
     t2i = _recall_from_ranking(image_index.search(text_index_.embeddings[queries], max(ks))[1], t2i_gt, ks)
     i2t_rows = list(i2t_gt)
-    i2t = _recall_from_ranking(text_index_.search(image_index.embeddings[i2t_rows], max(ks))[1],
-                               [i2t_gt[r] for r in i2t_rows], ks)  # fmt: skip
+    i2t = _recall_from_ranking(
+        text_index_.search(image_index.embeddings[i2t_rows], max(ks))[1], [i2t_gt[r] for r in i2t_rows], ks
+    )
     result: dict[str, Any] = {f"t2i_R@{k}": v for k, v in t2i.items()}
     result.update({f"i2t_R@{k}": v for k, v in i2t.items()})
     result["t2i_mean_recall"] = sum(t2i.values()) / len(ks)
     result["i2t_mean_recall"] = sum(i2t.values()) / len(ks)
     result["mean_recall"] = (sum(t2i.values()) + sum(i2t.values())) / (2 * len(ks))
-    result.update(num_texts=len(text_ids), num_images=len(image_ids), num_t2i_queries=len(queries),
-                  num_i2t_queries=len(i2t_rows), missing_images=len(missing))  # fmt: skip
+    result.update(
+        num_texts=len(text_ids),
+        num_images=len(image_ids),
+        num_t2i_queries=len(queries),
+        num_i2t_queries=len(i2t_rows),
+        missing_images=len(missing),
+    )
     return result

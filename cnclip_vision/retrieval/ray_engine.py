@@ -31,15 +31,29 @@ __all__ = ["extract_image_embeddings_ray", "extract_text_embeddings_ray"]
 class ShardWorker:
     """A Ray actor: the model, loaded once, and the shard writer. Called with batches of shard jobs."""
 
-    def __init__(self, *, model: str, model_options: dict[str, Any], modality: str, key: dict[str, Any], out: str,
-                 sources: list[str], verify: bool, batch_size: int, num_workers: int, fingerprint: str) -> None:  # fmt: skip
+    def __init__(
+        self,
+        *,
+        model: str,
+        model_options: dict[str, Any],
+        modality: str,
+        key: dict[str, Any],
+        out: str,
+        sources: list[str],
+        verify: bool,
+        batch_size: int,
+        num_workers: int,
+        fingerprint: str,
+    ) -> None:
         import cnclip_vision
 
         self.model = cnclip_vision.load(model, **model_options)
         info = extract.model_info(self.model)
         if info["fingerprint"] != fingerprint:
-            raise CNClipError(f"the model loaded by a Ray actor ({info['description']}, {info['fingerprint']}) is not "
-                              f"the driver's ({fingerprint}): give a path every node can read")  # fmt: skip
+            raise CNClipError(
+                f"the model loaded by a Ray actor ({info['description']}, {info['fingerprint']}) is not "
+                f"the driver's ({fingerprint}): give a path every node can read"
+            )
         if modality == "image":
             self.encoder = extract.image_encoder(self.model, batch_size=batch_size, num_workers=num_workers)
         else:
@@ -52,18 +66,38 @@ class ShardWorker:
         for s, count, ids, inputs in zip(batch["shard"], batch["num_shards"], batch["ids"], batch["inputs"]):
             job = extract.ShardJob(int(s), int(count), [str(i) for i in ids], [str(x) for x in inputs])
             stats = extract.write_jobs([job], self.encoder, self.sources, self.out, self.key)
-            for name, value in (("shard", job.shard), ("encoded", stats.encoded), ("copied", stats.copied),
-                                ("failed", stats.failed)):  # fmt: skip
+            for name, value in (
+                ("shard", job.shard),
+                ("encoded", stats.encoded),
+                ("copied", stats.copied),
+                ("failed", stats.failed),
+            ):
                 rows[name].append(value)
         return {k: np.asarray(v, dtype=np.int64) for k, v in rows.items()}
 
 
 def _run(
-    model: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, modality: str, source: str, ids: Sequence[str],
-    inputs: Sequence[str], paths: Sequence[str] | None, model_options: dict[str, Any] | None, batch_size: int,
-    num_workers: int, shard_size: int, dtype: str, resume: bool, verify: bool, num_actors: int,
-    num_gpus_per_actor: float, num_cpus_per_actor: float, ray_address: str | None, init_kwargs: dict[str, Any] | None,
-) -> dict[str, Any]:  # fmt: skip
+    model: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    modality: str,
+    source: str,
+    ids: Sequence[str],
+    inputs: Sequence[str],
+    paths: Sequence[str] | None,
+    model_options: dict[str, Any] | None,
+    batch_size: int,
+    num_workers: int,
+    shard_size: int,
+    dtype: str,
+    resume: bool,
+    verify: bool,
+    num_actors: int,
+    num_gpus_per_actor: float,
+    num_cpus_per_actor: float,
+    ray_address: str | None,
+    init_kwargs: dict[str, Any] | None,
+) -> dict[str, Any]:
     try:
         import ray
         import ray.data
@@ -90,23 +124,42 @@ def _run(
             ray.init(address=ray_address, **(init_kwargs or {}))
             started_ray = True
         try:
-            dataset = ray.data.from_items([{"shard": j.shard, "num_shards": j.num_shards, "ids": j.ids,
-                                            "inputs": j.inputs} for j in jobs])  # fmt: skip
-            worker_kwargs = dict(model=os.fspath(model), model_options=options, modality=modality, key=key,
-                                 out=str(out.resolve()), sources=plan.sources if resume else [], verify=verify,
-                                 batch_size=batch_size, num_workers=num_workers, fingerprint=info["fingerprint"])  # fmt: skip
+            dataset = ray.data.from_items(
+                [{"shard": j.shard, "num_shards": j.num_shards, "ids": j.ids, "inputs": j.inputs} for j in jobs]
+            )
+            worker_kwargs = dict(
+                model=os.fspath(model),
+                model_options=options,
+                modality=modality,
+                key=key,
+                out=str(out.resolve()),
+                sources=plan.sources if resume else [],
+                verify=verify,
+                batch_size=batch_size,
+                num_workers=num_workers,
+                fingerprint=info["fingerprint"],
+            )
             results = dataset.map_batches(
-                ShardWorker, fn_constructor_kwargs=worker_kwargs, batch_size=1, concurrency=min(num_actors, len(jobs)),
-                num_gpus=num_gpus_per_actor, num_cpus=num_cpus_per_actor, batch_format="numpy",
-            ).take_all()  # fmt: skip
+                ShardWorker,
+                fn_constructor_kwargs=worker_kwargs,
+                batch_size=1,
+                concurrency=min(num_actors, len(jobs)),
+                num_gpus=num_gpus_per_actor,
+                num_cpus=num_cpus_per_actor,
+                batch_format="numpy",
+            ).take_all()
         finally:
             if started_ray:
                 ray.shutdown()
         written = sorted(int(r["shard"]) for r in results)
         if written != plan.todo:
             raise CNClipError(f"the Ray actors wrote shards {written}, expected {plan.todo}")
-        stats = extract.RunStats(len(written), sum(int(r["encoded"]) for r in results),
-                                 sum(int(r["copied"]) for r in results), sum(int(r["failed"]) for r in results))  # fmt: skip
+        stats = extract.RunStats(
+            len(written),
+            sum(int(r["encoded"]) for r in results),
+            sum(int(r["copied"]) for r in results),
+            sum(int(r["failed"]) for r in results),
+        )
     manifest = extract.finish_run(out, plan, key, info, source, ids, paths)
     summary = extract.summarize(manifest, out, plan, [stats], 1, started, modality, len(ids))
     summary.update(engine="ray", ray_actors=min(num_actors, len(jobs)) if jobs else 0)
@@ -141,10 +194,27 @@ def extract_image_embeddings_ray(
     paths, ids = extract.image_ids(images)
     store.check_ids(ids, "image")
     source = os.fspath(images) if not isinstance(images, (list, tuple)) else f"{len(images)} paths"
-    return _run(model, out_dir, modality="image", source=source, ids=ids, inputs=paths, paths=paths,
-                model_options=model_options, batch_size=batch_size, num_workers=num_workers, shard_size=shard_size,
-                dtype=dtype, resume=resume, verify=verify, num_actors=num_actors, num_gpus_per_actor=num_gpus_per_actor,
-                num_cpus_per_actor=num_cpus_per_actor, ray_address=ray_address, init_kwargs=init_kwargs)  # fmt: skip
+    return _run(
+        model,
+        out_dir,
+        modality="image",
+        source=source,
+        ids=ids,
+        inputs=paths,
+        paths=paths,
+        model_options=model_options,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        shard_size=shard_size,
+        dtype=dtype,
+        resume=resume,
+        verify=verify,
+        num_actors=num_actors,
+        num_gpus_per_actor=num_gpus_per_actor,
+        num_cpus_per_actor=num_cpus_per_actor,
+        ray_address=ray_address,
+        init_kwargs=init_kwargs,
+    )
 
 
 def extract_text_embeddings_ray(
@@ -171,8 +241,24 @@ def extract_text_embeddings_ray(
     records = read_text_jsonl(jsonl_path)
     ids = [r.text_id for r in records]
     store.check_ids(ids, "text")
-    return _run(model, out_dir, modality="text", source=os.fspath(jsonl_path), ids=ids,
-                inputs=[r.text for r in records], paths=None, model_options=model_options, batch_size=batch_size,
-                num_workers=0, shard_size=shard_size, dtype=dtype, resume=resume, verify=verify, num_actors=num_actors,
-                num_gpus_per_actor=num_gpus_per_actor, num_cpus_per_actor=num_cpus_per_actor, ray_address=ray_address,
-                init_kwargs=init_kwargs)  # fmt: skip
+    return _run(
+        model,
+        out_dir,
+        modality="text",
+        source=os.fspath(jsonl_path),
+        ids=ids,
+        inputs=[r.text for r in records],
+        paths=None,
+        model_options=model_options,
+        batch_size=batch_size,
+        num_workers=0,
+        shard_size=shard_size,
+        dtype=dtype,
+        resume=resume,
+        verify=verify,
+        num_actors=num_actors,
+        num_gpus_per_actor=num_gpus_per_actor,
+        num_cpus_per_actor=num_cpus_per_actor,
+        ray_address=ray_address,
+        init_kwargs=init_kwargs,
+    )

@@ -136,13 +136,17 @@ class EmbeddingIndex:
     def _approximate(cls, approx: AnnIndex, directory: Path, manifest: dict[str, Any]) -> EmbeddingIndex:
         self = cls.__new__(cls)
         self.embeddings = None
-        self.ids = store.LazyIds(directory / manifest.get("ids_file", store.IDS_FILE), expected=manifest["num_embedded"])
+        self.ids = store.LazyIds(
+            directory / manifest.get("ids_file", store.IDS_FILE), expected=manifest["num_embedded"]
+        )
         self.device = torch.device("cpu")
         self.query_chunk_size, self.db_chunk_size = 1024, 16384
         self.manifest = dict(manifest)
         self._size, self._dim = manifest["num_embedded"], manifest["dim"]
         self._ann, self._faiss = approx, None
-        logger.info("searching %s with FAISS %s (%s)", directory, approx.index_key, approx.params or "default parameters")
+        logger.info(
+            "searching %s with FAISS %s (%s)", directory, approx.index_key, approx.params or "default parameters"
+        )
         return self
 
     def __len__(self) -> int:
@@ -218,8 +222,10 @@ class EmbeddingIndex:
 
     def _check_model(self, model: ChineseCLIP) -> None:
         if model.config.embed_dim != self.dim:
-            raise ValueError(f"the index holds {self.dim}-d embeddings but the model makes "
-                             f"{model.config.embed_dim}-d ones; use the model the index was built with")  # fmt: skip
+            raise ValueError(
+                f"the index holds {self.dim}-d embeddings but the model makes "
+                f"{model.config.embed_dim}-d ones; use the model the index was built with"
+            )
         built_with = (self.manifest or {}).get("model", {})
         if built_with.get("config") not in (None, model.config.to_dict()):
             logger.warning("the index was built with another architecture (%s)", built_with.get("description"))
@@ -231,7 +237,9 @@ class EmbeddingIndex:
         self._check_model(model)
         return self.search_hits(encode_texts(model, [texts] if isinstance(texts, str) else list(texts)), k)
 
-    def search_image(self, model: ChineseCLIP, images: Sequence[ImageSource] | torch.Tensor, k: int = 10) -> list[list[Hit]]:
+    def search_image(
+        self, model: ChineseCLIP, images: Sequence[ImageSource] | torch.Tensor, k: int = 10
+    ) -> list[list[Hit]]:
         """Image queries (paths, PIL images, arrays or a preprocessed batch): image→image on an image index,
         image→text on a text index. One hit list per image."""
         from cnclip_vision.models.encode import encode_images

@@ -205,7 +205,9 @@ class ShardReader:
         else:
             with open(self.path, "rb") as f:
                 self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            self.array = np.frombuffer(self._mmap, dtype=dtype, count=self.shape[0] * self.shape[1], offset=offset + begin)
+            self.array = np.frombuffer(
+                self._mmap, dtype=dtype, count=self.shape[0] * self.shape[1], offset=offset + begin
+            )
             self.array = self.array.reshape(self.shape)
 
     def row_of(self) -> dict[str, int]:
@@ -238,8 +240,10 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
         raise CNClipError(f"no such embeddings directory: {directory}")
     path = directory / MANIFEST
     if not path.is_file():
-        raise CNClipError(f"{directory} has no {MANIFEST}: not an embeddings directory, or an extraction that did "
-                          "not finish (rerun `cnclip embed` with the same arguments to resume it)")  # fmt: skip
+        raise CNClipError(
+            f"{directory} has no {MANIFEST}: not an embeddings directory, or an extraction that did "
+            "not finish (rerun `cnclip embed` with the same arguments to resume it)"
+        )
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -247,8 +251,10 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CNClipError(f"{path} is not a {FORMAT} manifest")
     if manifest.get("version", 0) > FORMAT_VERSION:
-        raise CNClipError(f"{path} has format version {manifest['version']}; this cnclip-vision reads up to "
-                          f"{FORMAT_VERSION} (upgrade cnclip-vision)")  # fmt: skip
+        raise CNClipError(
+            f"{path} has format version {manifest['version']}; this cnclip-vision reads up to "
+            f"{FORMAT_VERSION} (upgrade cnclip-vision)"
+        )
     return manifest
 
 
@@ -272,7 +278,9 @@ def iter_shards(
         seen += n
         yield meta["ids"], emb if dtype is None else emb.astype(dtype, copy=False)
     if seen != manifest["num_embedded"]:
-        raise CNClipError(f"{directory}: the shards hold {seen} embeddings, the manifest says {manifest['num_embedded']}")
+        raise CNClipError(
+            f"{directory}: the shards hold {seen} embeddings, the manifest says {manifest['num_embedded']}"
+        )
 
 
 def load_embeddings(directory: str | os.PathLike[str], *, verify: bool = False) -> tuple[list[str], torch.Tensor]:
@@ -344,16 +352,36 @@ def finalize_directory(
             meta = read_shard_meta(out / name)
             ids_file.write("".join(i + "\n" for i in meta["ids"]))
             total += len(meta["ids"])
-            shards.append({"file": name, "shard": s, "count": len(meta["ids"]), "num_items": meta["num_items"],
-                           "digest": meta["digest"], "checksum": meta["checksum"]})  # fmt: skip
+            shards.append(
+                {
+                    "file": name,
+                    "shard": s,
+                    "count": len(meta["ids"]),
+                    "num_items": meta["num_items"],
+                    "digest": meta["digest"],
+                    "checksum": meta["checksum"],
+                }
+            )
             for item_id, reason in meta["failures"]:
                 where = {"path": paths[item_id]} if paths and item_id in paths else {}
                 failures.append({"id": item_id, **where, "reason": reason})
-    manifest = {"format": FORMAT, "version": FORMAT_VERSION, "modality": key["modality"], **source_info,
-                "dim": key["dim"], "dtype": key["dtype"], "normalized": True, "shard_size": key["shard_size"],
-                "layout": {"scheme": LAYOUT, "num_shards": num_shards},
-                "num_inputs": sum(s["num_items"] for s in shards), "num_embedded": total, "num_failed": len(failures),
-                "ids_file": IDS_FILE, "shards": shards, "failures": failures}  # fmt: skip
+    manifest = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "modality": key["modality"],
+        **source_info,
+        "dim": key["dim"],
+        "dtype": key["dtype"],
+        "normalized": True,
+        "shard_size": key["shard_size"],
+        "layout": {"scheme": LAYOUT, "num_shards": num_shards},
+        "num_inputs": sum(s["num_items"] for s in shards),
+        "num_embedded": total,
+        "num_failed": len(failures),
+        "ids_file": IDS_FILE,
+        "shards": shards,
+        "failures": failures,
+    }
     write_json(out / MANIFEST, manifest)
     keep = {shard_name(s, num_shards) for s in range(num_shards)}
     for path in out.glob("shard-*.safetensors"):
@@ -390,7 +418,9 @@ def save_embeddings(
 
     array = np.asarray(embeddings.detach().cpu().float().numpy() if hasattr(embeddings, "detach") else embeddings)
     if array.ndim != 2 or len(array) != len(ids) or len(ids) == 0:
-        raise ValueError(f"embeddings must be [len(ids), D] with at least one row, got {array.shape} for {len(ids)} ids")
+        raise ValueError(
+            f"embeddings must be [len(ids), D] with at least one row, got {array.shape} for {len(ids)} ids"
+        )
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     ids = [str(i) for i in ids]
@@ -399,8 +429,16 @@ def save_embeddings(
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)
     model = model or {"description": "external", "fingerprint": "external"}
-    key = {"format": FORMAT, "version": FORMAT_VERSION, "modality": modality, "model_fingerprint": model["fingerprint"],
-           "dtype": dtype, "dim": int(array.shape[1]), "normalized": True, "shard_size": shard_size}  # fmt: skip
+    key = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "modality": modality,
+        "model_fingerprint": model["fingerprint"],
+        "dtype": dtype,
+        "dim": int(array.shape[1]),
+        "normalized": True,
+        "shard_size": shard_size,
+    }
     num_shards = num_shards_for(len(ids), shard_size)
     where = shard_of(item_hashes(ids), num_shards)
     order = np.argsort(where, kind="stable")
@@ -410,7 +448,15 @@ def save_embeddings(
         emb = array[rows].astype(np.float64)
         emb = (emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)).astype(DTYPES[dtype])
         shard_ids = [ids[r] for r in rows]
-        meta = {**key, "layout": LAYOUT, "shard": s, "num_shards": num_shards, "digest": ids_digest(shard_ids),
-                "num_items": len(shard_ids), "ids": shard_ids, "failures": []}  # fmt: skip
+        meta = {
+            **key,
+            "layout": LAYOUT,
+            "shard": s,
+            "num_shards": num_shards,
+            "digest": ids_digest(shard_ids),
+            "num_items": len(shard_ids),
+            "ids": shard_ids,
+            "failures": [],
+        }
         write_shard(out / shard_name(s, num_shards), emb, meta)
     return finalize_directory(out, num_shards, source_info={"source": source, "model": model}, key=key)

@@ -34,7 +34,7 @@ def require_serve_extra() -> None:
 
     missing = [m for m in ("fastapi", "uvicorn", "multipart") if importlib.util.find_spec(m) is None]
     if missing:
-        raise ImportError(f"cnclip serve needs {', '.join(missing)}: pip install \"cnclip-vision[serve]\"")
+        raise ImportError(f'cnclip serve needs {", ".join(missing)}: pip install "cnclip-vision[serve]"')
 
 
 def __getattr__(name: str) -> Any:

@@ -54,10 +54,12 @@ _SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),
     (b"x-frame-options", b"DENY"),
-    (b"content-security-policy",
-     b"default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; connect-src 'self'; "
-     b"object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'"),
-]  # fmt: skip
+    (
+        b"content-security-policy",
+        b"default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; connect-src 'self'; "
+        b"object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'",
+    ),
+]
 
 
 _KEY_HEADER = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="needed when the server has a key")
@@ -99,8 +101,9 @@ class ClassifyResponse(BaseModel):
 
 
 class Detection(BaseModel):
-    box: list[float] = Field(..., description="[x1, y1, x2, y2] in pixels of the uploaded image",
-                             min_length=4, max_length=4)
+    box: list[float] = Field(
+        ..., description="[x1, y1, x2, y2] in pixels of the uploaded image", min_length=4, max_length=4
+    )
     label: str
     score: float
 
@@ -130,9 +133,14 @@ class ErrorResponse(BaseModel):
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
-    for code, text in ((401, "missing or wrong API key"), (413, "upload or image too large"),
-                       (415, "not an image"), (422, "invalid request"), (503, "overloaded or no detector"))
-}  # fmt: skip
+    for code, text in (
+        (401, "missing or wrong API key"),
+        (413, "upload or image too large"),
+        (415, "not an image"),
+        (422, "invalid request"),
+        (503, "overloaded or no detector"),
+    )
+}
 
 
 # --------------------------------------------------------------------------------------- middleware
@@ -173,7 +181,9 @@ class BodyLimitMiddleware:
         if length is not None and length > self.limit:
             if length <= self.limit * _DRAIN_FACTOR:
                 await self._drain(receive, 0)
-            await _json(413, f"the request body is {length} bytes, over the limit of {self.limit}")(scope, receive, send)
+            await _json(413, f"the request body is {length} bytes, over the limit of {self.limit}")(
+                scope, receive, send
+            )
             return
         received = 0
         exceeded = False
@@ -281,6 +291,7 @@ def create_app(service: Service, *, manage_service: bool = True) -> FastAPI:
         openapi_url=None,  # served below, behind the API key
     )
     app.state.service = service
+
     async def require_key(key: Annotated[str | None, Depends(_KEY_HEADER)]) -> None:
         if config.api_key is None:
             return
@@ -317,8 +328,9 @@ def create_app(service: Service, *, manage_service: bool = True) -> FastAPI:
     # ---------------------------------------------------------------------------------- the page
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
-        return FileResponse(STATIC_DIR / "index.html", media_type="text/html; charset=utf-8",
-                            headers={"Cache-Control": "no-cache"})  # fmt: skip
+        return FileResponse(
+            STATIC_DIR / "index.html", media_type="text/html; charset=utf-8", headers={"Cache-Control": "no-cache"}
+        )
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
@@ -329,27 +341,50 @@ def create_app(service: Service, *, manage_service: bool = True) -> FastAPI:
     # ----------------------------------------------------------------------------------- the API
     @app.get("/api/health", response_model=Health, tags=["service"], summary="liveness (no API key needed)")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": config.model, "index_size": len(service.index), "detector": config.detector,
-                "uptime_s": round(time.time() - service.started_at, 1), "batching": service.stats()}  # fmt: skip
+        return {
+            "status": "ok",
+            "model": config.model,
+            "index_size": len(service.index),
+            "detector": config.detector,
+            "uptime_s": round(time.time() - service.started_at, 1),
+            "batching": service.stats(),
+        }
 
     @app.get("/openapi.json", include_in_schema=False, dependencies=protected)
     async def openapi() -> JSONResponse:
         return JSONResponse(app.openapi())
 
-    @app.get("/api/info", tags=["service"], dependencies=protected, responses=_ERRORS,
-             summary="model, index, detector and limits")  # fmt: skip
+    @app.get(
+        "/api/info",
+        tags=["service"],
+        dependencies=protected,
+        responses=_ERRORS,
+        summary="model, index, detector and limits",
+    )
     async def info() -> dict[str, Any]:
         return {**service.info(), "auth": config.api_key is not None}
 
-    @app.post("/api/search", response_model=SearchResponse, tags=["search"], dependencies=protected,
-              responses=_ERRORS, summary="text → image search (text → text on a text index)")  # fmt: skip
+    @app.post(
+        "/api/search",
+        response_model=SearchResponse,
+        tags=["search"],
+        dependencies=protected,
+        responses=_ERRORS,
+        summary="text → image search (text → text on a text index)",
+    )
     async def search(body: SearchRequest) -> dict[str, Any]:
         start = time.perf_counter()
         results = await service.search_text(body.text, body.k)
         return {"query": body.text.strip(), "k": body.k, "results": results, "took_ms": _ms(start)}
 
-    @app.post("/api/search/image", response_model=SearchResponse, tags=["search"], dependencies=protected,
-              responses=_ERRORS, summary="image → image search (upload an image)")  # fmt: skip
+    @app.post(
+        "/api/search/image",
+        response_model=SearchResponse,
+        tags=["search"],
+        dependencies=protected,
+        responses=_ERRORS,
+        summary="image → image search (upload an image)",
+    )
     async def search_image(
         image: Annotated[UploadFile, File(description="the query image (PNG, JPEG, WebP, ...)")],
         k: Annotated[int, Form(ge=1, description="how many results")] = 12,
@@ -359,8 +394,14 @@ def create_app(service: Service, *, manage_service: bool = True) -> FastAPI:
         results = await service.search_image(picture, k)
         return {"query": None, "k": k, "results": results, "took_ms": _ms(start)}
 
-    @app.post("/api/classify", response_model=ClassifyResponse, tags=["classify"], dependencies=protected,
-              responses=_ERRORS, summary="zero-shot classification of an image over Chinese labels")  # fmt: skip
+    @app.post(
+        "/api/classify",
+        response_model=ClassifyResponse,
+        tags=["classify"],
+        dependencies=protected,
+        responses=_ERRORS,
+        summary="zero-shot classification of an image over Chinese labels",
+    )
     async def classify(
         image: Annotated[UploadFile, File(description="the image")],
         labels: Annotated[str, Form(description="labels separated by ，or , e.g. 猫，狗，兔子")],
@@ -372,8 +413,14 @@ def create_app(service: Service, *, manage_service: bool = True) -> FastAPI:
         results = await service.classify(picture, names, top_k)
         return {"labels": names, "results": results, "took_ms": _ms(start)}
 
-    @app.post("/api/detect", response_model=DetectResponse, tags=["detect"], dependencies=protected,
-              responses=_ERRORS, summary="open-vocabulary detection with Chinese labels")  # fmt: skip
+    @app.post(
+        "/api/detect",
+        response_model=DetectResponse,
+        tags=["detect"],
+        dependencies=protected,
+        responses=_ERRORS,
+        summary="open-vocabulary detection with Chinese labels",
+    )
     async def detect(
         image: Annotated[UploadFile, File(description="the image")],
         labels: Annotated[str, Form(description="labels separated by ，or , e.g. 红色圆形，蓝色三角形")],
@@ -385,13 +432,28 @@ def create_app(service: Service, *, manage_service: bool = True) -> FastAPI:
         picture = await _decode(service, image)
         detections = await service.detect(picture, names, threshold)
         drawn = await run_in_threadpool(picture_data_url, picture, detections) if draw else None
-        return {"width": picture.width, "height": picture.height, "labels": names, "threshold": threshold,
-                "detections": detections, "picture": drawn, "took_ms": _ms(start)}  # fmt: skip
+        return {
+            "width": picture.width,
+            "height": picture.height,
+            "labels": names,
+            "threshold": threshold,
+            "detections": detections,
+            "picture": drawn,
+            "took_ms": _ms(start),
+        }
 
-    @app.get("/api/thumbnail", tags=["search"], dependencies=protected, response_class=Response,
-             responses={200: {"content": {"image/jpeg": {}}, "description": "JPEG"}, **_ERRORS,
-                        404: {"model": ErrorResponse, "description": "not an image of the index"}},
-             summary="thumbnail of an indexed image")  # fmt: skip
+    @app.get(
+        "/api/thumbnail",
+        tags=["search"],
+        dependencies=protected,
+        response_class=Response,
+        responses={
+            200: {"content": {"image/jpeg": {}}, "description": "JPEG"},
+            **_ERRORS,
+            404: {"model": ErrorResponse, "description": "not an image of the index"},
+        },
+        summary="thumbnail of an indexed image",
+    )
     async def thumbnail(
         request: Request,
         id: Annotated[str, Query(min_length=1, max_length=4096, description="an id from the search results")],

@@ -52,9 +52,15 @@ class BatchStats:
 
     def as_dict(self) -> dict[str, Any]:
         mean = self.requests / self.batches if self.batches else 0.0
-        return {"requests": self.requests, "batches": self.batches, "model_calls": self.calls,
-                "mean_batch": round(mean, 3), "max_batch": self.max_batch_seen, "failures": self.failures,
-                "busy_s": round(self.busy_s, 3)}  # fmt: skip
+        return {
+            "requests": self.requests,
+            "batches": self.batches,
+            "model_calls": self.calls,
+            "mean_batch": round(mean, 3),
+            "max_batch": self.max_batch_seen,
+            "failures": self.failures,
+            "busy_s": round(self.busy_s, 3),
+        }
 
 
 @dataclass

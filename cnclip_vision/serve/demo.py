@@ -45,8 +45,15 @@ def _toy_world() -> Any:
     return world
 
 
-def build_demo(root: str | Path, *, per_class: int = 1, scenes: int = 8, seed: int = 0, model: Any = "toy-tiny",
-               progress: bool = False) -> DemoWorld:  # fmt: skip
+def build_demo(
+    root: str | Path,
+    *,
+    per_class: int = 1,
+    scenes: int = 8,
+    seed: int = 0,
+    model: Any = "toy-tiny",
+    progress: bool = False,
+) -> DemoWorld:
     """Write (or reuse, when ``root/index/manifest.json`` exists) the demo collection described above.
     ``model``: a loaded model or a name (the index must be built with the model that will serve it)."""
     import cnclip_vision
@@ -76,14 +83,20 @@ def build_demo(root: str | Path, *, per_class: int = 1, scenes: int = 8, seed: i
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Write the toy-world demo collection and its toy-tiny index.")
     parser.add_argument("root", help="output folder, e.g. build/serve-demo")
-    parser.add_argument("--per-class", type=int, default=3, help="single-object images per class (default: %(default)s)")
+    parser.add_argument(
+        "--per-class", type=int, default=3, help="single-object images per class (default: %(default)s)"
+    )
     parser.add_argument("--scenes", type=int, default=60, help="detection scenes (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     world = build_demo(args.root, per_class=args.per_class, scenes=args.scenes, seed=args.seed, progress=True)
-    logger.info("index %s, images %s; serve it with: cnclip serve --index %s --model toy-tiny --detector toy-detector",
-                world.index, world.images, world.index)  # fmt: skip
+    logger.info(
+        "index %s, images %s; serve it with: cnclip serve --index %s --model toy-tiny --detector toy-detector",
+        world.index,
+        world.images,
+        world.index,
+    )
     return 0
 
 

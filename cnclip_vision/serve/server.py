@@ -31,17 +31,33 @@ def check_bind(host: str, allow_remote: bool) -> None:
     if not is_loopback(host) and not allow_remote:
         raise cnclip_vision.errors.CNClipError(
             f"--host {host} would accept connections from other machines; pass --allow-remote to do that on purpose "
-            "(and protect the service with an API key: CNCLIP_API_KEY or --api-key-file)")
+            "(and protect the service with an API key: CNCLIP_API_KEY or --api-key-file)"
+        )
 
 
-def run(app: Any, host: str = "127.0.0.1", port: int = 8000, *, allow_remote: bool = False,
-        access_log: bool = True, log_level: str = "info") -> None:  # fmt: skip
+def run(
+    app: Any,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    allow_remote: bool = False,
+    access_log: bool = True,
+    log_level: str = "info",
+) -> None:
     """Serve ``app`` on uvicorn until interrupted (Ctrl+C / SIGTERM). Logs go through :mod:`logging`."""
     import uvicorn
 
     check_bind(host, allow_remote)
-    config = uvicorn.Config(app, host=host, port=port, log_config=None, log_level=log_level, access_log=access_log,
-                            server_header=False, timeout_graceful_shutdown=10)  # fmt: skip
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_config=None,
+        log_level=log_level,
+        access_log=access_log,
+        server_header=False,
+        timeout_graceful_shutdown=10,
+    )
     uvicorn.Server(config).run()
 
 
@@ -53,8 +69,16 @@ class BackgroundServer:
             httpx.get(server.url + "/api/health")
     """
 
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, *, allow_remote: bool = False,
-                 log_level: str = "warning", startup_timeout: float = 120.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        app: Any,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        allow_remote: bool = False,
+        log_level: str = "warning",
+        startup_timeout: float = 120.0,
+    ) -> None:
         check_bind(host, allow_remote)
         self.app, self.host, self.port = app, host, port
         self.log_level, self.startup_timeout = log_level, startup_timeout
@@ -75,8 +99,16 @@ class BackgroundServer:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, self.port))
         self.port = sock.getsockname()[1]
-        config = uvicorn.Config(self.app, host=self.host, port=self.port, log_config=None, log_level=self.log_level,
-                                access_log=False, server_header=False, lifespan="on")  # fmt: skip
+        config = uvicorn.Config(
+            self.app,
+            host=self.host,
+            port=self.port,
+            log_config=None,
+            log_level=self.log_level,
+            access_log=False,
+            server_header=False,
+            lifespan="on",
+        )
         self._server = uvicorn.Server(config)
 
         def target() -> None:

@@ -75,8 +75,19 @@ class ServeConfig:
     classifier_cache: int = 16
 
     def __post_init__(self) -> None:
-        for name in ("max_upload_bytes", "max_image_pixels", "max_labels", "max_label_chars", "max_query_chars", "max_k",
-                     "max_batch", "max_detect_batch", "max_queue", "thumbnail_cache", "classifier_cache"):  # fmt: skip
+        for name in (
+            "max_upload_bytes",
+            "max_image_pixels",
+            "max_labels",
+            "max_label_chars",
+            "max_query_chars",
+            "max_k",
+            "max_batch",
+            "max_detect_batch",
+            "max_queue",
+            "thumbnail_cache",
+            "classifier_cache",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -169,12 +180,14 @@ class Service:
         if model.config.embed_dim != index.dim:
             raise cnclip_vision.errors.CNClipError(
                 f"the index {config.index} holds {index.dim}-d embeddings but the model {config.model} makes "
-                f"{model.config.embed_dim}-d ones: pass the --model the index was built with")
+                f"{model.config.embed_dim}-d ones: pass the --model the index was built with"
+            )
         built_with = (index.manifest or {}).get("model", {})
         if built_with.get("config") not in (None, model.config.to_dict()):
             raise cnclip_vision.errors.CNClipError(
                 f"the index {config.index} was built with another architecture ({built_with.get('description')}) "
-                f"than --model {config.model}: pass the --model the index was built with")
+                f"than --model {config.model}: pass the --model the index was built with"
+            )
         self.modality = (index.manifest or {}).get("modality", "image")
         self.image_root = _image_root(config, index.manifest or {})
         if self.modality == "image" and self.image_root is None:
@@ -198,12 +211,18 @@ class Service:
         if not (index_dir / "manifest.json").is_file():
             raise cnclip_vision.errors.CNClipError(
                 f"{index_dir} is not an embedding directory (no manifest.json): make one with "
-                f"`cnclip embed IMAGES --out {index_dir} --model {config.model}`")
+                f"`cnclip embed IMAGES --out {index_dir} --model {config.model}`"
+            )
         logger.info("loading model %s on %s", config.model, device)
         model = cnclip_vision.load(config.model, device=device)
         index = cnclip_vision.EmbeddingIndex.from_dir(index_dir)
-        logger.info("index %s: %d %s embeddings, %s search", index_dir, len(index), (index.manifest or {}).get("modality"),
-                    index.backend)  # fmt: skip
+        logger.info(
+            "index %s: %d %s embeddings, %s search",
+            index_dir,
+            len(index),
+            (index.manifest or {}).get("modality"),
+            index.backend,
+        )
         detector = None
         if config.detector:
             from cnclip_vision.detection import OpenVocabDetector
@@ -225,9 +244,14 @@ class Service:
             "search_text": MicroBatcher(self._search_text_batch, max_batch=size, name="search_text", **common),
             "search_image": MicroBatcher(self._search_image_batch, max_batch=size, name="search_image", **common),
             "classify": MicroBatcher(self._classify_batch, max_batch=size, name="classify", **common),
-            "detect": MicroBatcher(self._detect_batch, max_batch=self.config.max_detect_batch, key=lambda item: item[1],
-                                   name="detect", **common),
-        }  # fmt: skip
+            "detect": MicroBatcher(
+                self._detect_batch,
+                max_batch=self.config.max_detect_batch,
+                key=lambda item: item[1],
+                name="detect",
+                **common,
+            ),
+        }
         for batcher in self._batchers.values():
             batcher.start()
 
@@ -254,7 +278,9 @@ class Service:
         if not text:
             raise ServeError("the query is empty: type a few words, e.g. 红色的圆形")
         if len(text) > self.config.max_query_chars:
-            raise ServeError(f"the query has {len(text)} characters; at most {self.config.max_query_chars} are accepted")
+            raise ServeError(
+                f"the query has {len(text)} characters; at most {self.config.max_query_chars} are accepted"
+            )
         return text
 
     def check_k(self, k: int) -> int:
@@ -301,8 +327,10 @@ class Service:
         return f"/api/thumbnail?id={quote(id_, safe='')}"
 
     def _hits(self, hits: Sequence[Any], k: int) -> list[dict[str, Any]]:
-        return [{"rank": h.rank + 1, "id": h.id, "score": round(float(h.score), 6), "thumbnail": self.thumbnail_url(h.id)}
-                for h in hits[:k]]  # fmt: skip
+        return [
+            {"rank": h.rank + 1, "id": h.id, "score": round(float(h.score), 6), "thumbnail": self.thumbnail_url(h.id)}
+            for h in hits[:k]
+        ]
 
     def _search_text_batch(self, items: list[tuple[str, int]]) -> list[list[dict[str, Any]]]:
         k = max(k for _, k in items)
@@ -321,7 +349,9 @@ class Service:
             self._classifiers.put(labels, clf)
         return clf
 
-    def _classify_batch(self, items: list[tuple[Image.Image, tuple[str, ...], int | None]]) -> list[list[dict[str, Any]]]:
+    def _classify_batch(
+        self, items: list[tuple[Image.Image, tuple[str, ...], int | None]]
+    ) -> list[list[dict[str, Any]]]:
         first = self._classifier(items[0][1])
         features = first.image_features([image for image, _, _ in items])  # one image-encoder call
         out = []
@@ -330,20 +360,27 @@ class Service:
             cosine = clf.scores_from_features(row[None])
             probs = clf.probabilities(cosine)[0].tolist()
             order = sorted(range(len(labels)), key=lambda j: -probs[j])[: top_k or len(labels)]
-            out.append([{"label": labels[j], "prob": round(probs[j], 6), "score": round(float(cosine[0, j]), 6)}
-                        for j in order])  # fmt: skip
+            out.append(
+                [
+                    {"label": labels[j], "prob": round(probs[j], 6), "score": round(float(cosine[0, j]), 6)}
+                    for j in order
+                ]
+            )
         return out
 
     def _detect_batch(self, items: list[tuple[Image.Image, tuple[str, ...], float]]) -> list[list[dict[str, Any]]]:
         labels = list(items[0][1])  # the batcher groups detections by their labels
         floor = min(t for _, _, t in items)
-        results = self._predictor.predict([image for image, _, _ in items], labels, score_threshold=floor,
-                                          batch_size=len(items))  # fmt: skip
+        results = self._predictor.predict(
+            [image for image, _, _ in items], labels, score_threshold=floor, batch_size=len(items)
+        )
         out = []
         for result, (_, _, threshold) in zip(results, items):
-            dets = [{"box": [round(float(v), 2) for v in box], "label": name, "score": round(float(score), 6)}
-                    for box, name, score in zip(result["boxes"].tolist(), result["label_names"], result["scores"].tolist())
-                    if score >= threshold]  # fmt: skip
+            dets = [
+                {"box": [round(float(v), 2) for v in box], "label": name, "score": round(float(score), 6)}
+                for box, name, score in zip(result["boxes"].tolist(), result["label_names"], result["scores"].tolist())
+                if score >= threshold
+            ]
             out.append(sorted(dets, key=lambda d: -d["score"]))
         return out
 
@@ -364,8 +401,11 @@ class Service:
         except Exception:  # noqa: BLE001 - Pillow raises many types for garbage; the client only needs to know
             raise ServeError(f"{what} is not an image (PNG, JPEG, WebP, GIF, BMP or TIFF expected)", 415) from None
         if width * height > self.config.max_image_pixels:
-            raise ServeError(f"{what} is {width}x{height} = {width * height} pixels, over the limit of "
-                             f"{self.config.max_image_pixels} (a decompression bomb?)", 413)  # fmt: skip
+            raise ServeError(
+                f"{what} is {width}x{height} = {width * height} pixels, over the limit of "
+                f"{self.config.max_image_pixels} (a decompression bomb?)",
+                413,
+            )
         try:
             return cnclip_vision.load_image(data)
         except cnclip_vision.errors.ImageLoadError as e:
@@ -416,13 +456,26 @@ class Service:
         return {
             "model": self.config.model,
             "embed_dim": self.index.dim,
-            "index": {"size": len(self.index), "modality": self.modality, "thumbnails": self.image_root is not None,
-                      "search": self.index.backend},
+            "index": {
+                "size": len(self.index),
+                "modality": self.modality,
+                "thumbnails": self.image_root is not None,
+                "search": self.index.backend,
+            },
             "detector": self.config.detector if det is not None else None,
             "example_labels": seen[:6],
-            "limits": {k: getattr(self.config, k) for k in ("max_upload_bytes", "max_image_pixels", "max_labels",
-                                                           "max_label_chars", "max_query_chars", "max_k")},
-        }  # fmt: skip
+            "limits": {
+                k: getattr(self.config, k)
+                for k in (
+                    "max_upload_bytes",
+                    "max_image_pixels",
+                    "max_labels",
+                    "max_label_chars",
+                    "max_query_chars",
+                    "max_k",
+                )
+            },
+        }
 
     def stats(self) -> dict[str, Any]:
         return {name: b.stats.as_dict() | {"queued": b.pending} for name, b in self._batchers.items()}
@@ -434,11 +487,14 @@ def picture_data_url(image: Image.Image, detections: Sequence[dict[str, Any]]) -
 
     from cnclip_vision.detection import draw_detections
 
-    drawn = draw_detections(image, {
-        "boxes": torch.tensor([d["box"] for d in detections], dtype=torch.float32).reshape(-1, 4),
-        "scores": torch.tensor([d["score"] for d in detections], dtype=torch.float32),
-        "label_names": [d["label"] for d in detections],
-    })  # fmt: skip
+    drawn = draw_detections(
+        image,
+        {
+            "boxes": torch.tensor([d["box"] for d in detections], dtype=torch.float32).reshape(-1, 4),
+            "scores": torch.tensor([d["score"] for d in detections], dtype=torch.float32),
+            "label_names": [d["label"] for d in detections],
+        },
+    )
     buffer = io.BytesIO()
     drawn.save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")

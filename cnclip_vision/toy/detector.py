@@ -22,14 +22,20 @@ from cnclip_vision.models.configs import TOY_DETECTOR_DIR
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TOY_DETECTOR_DIR", "DETECTOR_QUALITY_BARS", "write_toy_detection_data", "evaluate_toy_detector",
-           "export_toy_detector"]  # fmt: skip
+__all__ = [
+    "TOY_DETECTOR_DIR",
+    "DETECTOR_QUALITY_BARS",
+    "write_toy_detection_data",
+    "evaluate_toy_detector",
+    "export_toy_detector",
+]
 
 DETECTOR_QUALITY_BARS = {"AP50_base": 0.7, "AP50_novel": 0.4}
 
 
-def write_toy_detection_data(root: str | os.PathLike[str], *, n_train: int = 4000, n_val: int = 500,
-                             seed: int = 0, val_seed: int = 777) -> dict[str, Path]:  # fmt: skip
+def write_toy_detection_data(
+    root: str | os.PathLike[str], *, n_train: int = 4000, n_val: int = 500, seed: int = 0, val_seed: int = 777
+) -> dict[str, Path]:
     """``root/train`` (base categories annotated) and ``root/val`` (all 64, another seed); COCO files (a
     count of 0 skips that split)."""
     root = Path(root)
@@ -72,8 +78,12 @@ def evaluate_toy_detector(
         logger.info("toy detector, VLM %s: %s", mode, report["modes"][mode])
     if random_novel:
         novel = {c.name for c in toyworld.NOVEL_CATEGORIES}
-        results, dataset = detect_coco(detector, annotation_file, progress=progress,
-                                       vocabulary_transform=lambda v: random_novel_vocabulary(v, novel))  # fmt: skip
+        results, dataset = detect_coco(
+            detector,
+            annotation_file,
+            progress=progress,
+            vocabulary_transform=lambda v: random_novel_vocabulary(v, novel),
+        )
         metrics = evaluate_coco(dataset.coco, results)
         report["random_novel_embeddings"] = {k: metrics[k] for k in keys}
         logger.info("toy detector, random novel text embeddings: %s", report["random_novel_embeddings"])

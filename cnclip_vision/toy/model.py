@@ -18,6 +18,7 @@ __all__ = ["TOY_CONFIG", "TOY_MODEL_DIR", "QUALITY_BARS", "evaluate_toy_model", 
 
 QUALITY_BARS = {"zeroshot_top1": 0.90, "t2i_R@1": 0.50}
 
+
 @torch.inference_mode()
 def evaluate_toy_model(
     model: Any, *, seed: int = 12345, n_per_class: int = 20, n_retrieval: int = 1000, batch_size: int = 256
@@ -39,7 +40,12 @@ def evaluate_toy_model(
     held_out = torch.tensor([name in {c.name for c in toyworld.HELD_OUT_COMBOS} for name in test.labels])
 
     pairs = toyworld.retrieval_set(n_retrieval, seed + 1, image_size=model.image_size)
-    images = torch.cat([model.encode_image(c, normalize=True).float() for c in _to_pixels(pairs.images, model.image_size).split(batch_size)])
+    images = torch.cat(
+        [
+            model.encode_image(c, normalize=True).float()
+            for c in _to_pixels(pairs.images, model.image_size).split(batch_size)
+        ]
+    )
     texts = encode_texts(model, pairs.captions, batch_size=batch_size)
     ranks = (texts @ images.t()).argmax(-1)
     report = {

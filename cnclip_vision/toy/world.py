@@ -314,8 +314,10 @@ def _render_background(bg: Background, size: int) -> np.ndarray:
     elif bg.kind == "blotches":
         bx, by = key % (_BANK - 5), (key // (_BANK - 5)) % (_BANK - 5)
         coarse = np.clip(a + (bank[by : by + 5, bx : bx + 5].astype(np.int32) + 10) * (b - a) // 20, 0, 255)
-        lum = np.asarray(Image.fromarray(coarse.astype(np.uint8), "L").resize((size, size), Image.Resampling.BILINEAR),
-                         dtype=np.int32)  # fmt: skip
+        lum = np.asarray(
+            Image.fromarray(coarse.astype(np.uint8), "L").resize((size, size), Image.Resampling.BILINEAR),
+            dtype=np.int32,
+        )
     else:
         raise ValueError(f"unknown background kind {bg.kind!r}; expected one of {BACKGROUND_KINDS}")
     if bg.noise > 0:
@@ -507,10 +509,26 @@ def render_array(scene: Scene) -> np.ndarray:
 # -------------------------------------------------------------------------------------------- captions
 _OBJECT_STYLES = ("{n}{c}的{s}", "{n}{c}{s}")
 _PLAIN_TEMPLATES = (
-    "图中有{L}。", "画面中有{L}。", "图片里有{L}。", "这张图片中有{L}。", "可以看到{L}。", "{L}。", "{L}",
-    "一张有{L}的图片。", "画面上是{L}。", "背景上画着{L}。", "图中有{N}个图形：{L}。",
-)  # fmt: skip
-_SINGLE_TEMPLATES = ("一张{c}{s}的图片。", "一张{c}{s}的照片。", "{c}{s}", "这是一个{c}的{s}。", "图中是一个{c}{s}。", "一个{c}的{s}。")
+    "图中有{L}。",
+    "画面中有{L}。",
+    "图片里有{L}。",
+    "这张图片中有{L}。",
+    "可以看到{L}。",
+    "{L}。",
+    "{L}",
+    "一张有{L}的图片。",
+    "画面上是{L}。",
+    "背景上画着{L}。",
+    "图中有{N}个图形：{L}。",
+)
+_SINGLE_TEMPLATES = (
+    "一张{c}{s}的图片。",
+    "一张{c}{s}的照片。",
+    "{c}{s}",
+    "这是一个{c}的{s}。",
+    "图中是一个{c}{s}。",
+    "一个{c}的{s}。",
+)
 _POSITION_FIRST = ("{p}有{o}", "{p}是{o}", "{p}画着{o}")
 _OBJECT_FIRST = ("{o}在{p}", "{o}位于{p}")
 _PREFIXES = ("", "图中", "画面", "图片")
@@ -702,8 +720,14 @@ def generate_pairs(
         captions += part.captions
         class_sets += part.class_sets
     elapsed = time.perf_counter() - start
-    logger.info("generated %d toy pairs (%d px) in %.1f s: %.0f img/s with %d worker(s)",
-                n, image_size, elapsed, n / max(elapsed, 1e-9), workers)  # fmt: skip
+    logger.info(
+        "generated %d toy pairs (%d px) in %.1f s: %.0f img/s with %d worker(s)",
+        n,
+        image_size,
+        elapsed,
+        n / max(elapsed, 1e-9),
+        workers,
+    )
     return Pairs(images, captions, class_sets)
 
 
@@ -775,8 +799,9 @@ def classification_set(
     labels, ids = [], []
     for ci, cat in enumerate(cats):
         for j in range(n_per_class):
-            scene = sample_scene(rng, image_size=image_size, categories=_Pool((cat,)), n_objects=1,
-                                 radius_single=radius)  # fmt: skip
+            scene = sample_scene(
+                rng, image_size=image_size, categories=_Pool((cat,)), n_objects=1, radius_single=radius
+            )
             images[ci * n_per_class + j] = render_array(scene)
             labels.append(cat.name)
             ids.append(cat.id)
@@ -799,10 +824,16 @@ def detection_scenes(
         raise ValueError(f"objects must be (min, max) with 1 <= min <= max, got {objects}")
     rng = _rng(seed, _STREAM_DETECTION)
     return [
-        sample_scene(rng, image_size=image_size, categories=pool, n_objects=_uniform_int(rng, lo, hi),
-                     radius_single=radius, radius_multi=radius)
+        sample_scene(
+            rng,
+            image_size=image_size,
+            categories=pool,
+            n_objects=_uniform_int(rng, lo, hi),
+            radius_single=radius,
+            radius_multi=radius,
+        )
         for _ in range(n_images)
-    ]  # fmt: skip
+    ]
 
 
 def coco_from_scenes(
@@ -825,23 +856,40 @@ def coco_from_scenes(
             if obj.category_id not in keep:
                 continue
             x1, y1, x2, y2 = obj.box
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": image_id, "category_id": obj.category_id,
-                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0,
-            })  # fmt: skip
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": obj.category_id,
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": (x2 - x1) * (y2 - y1),
+                    "iscrowd": 0,
+                }
+            )
     return {
-        "info": {"description": "cnclip-vision toy world: coloured shapes (synthetic)", "version": "1.0",
-                 "year": 2025, "contributor": "cnclip_vision.toyworld"},
-        "licenses": [{"id": 1, "name": "CC0 1.0 (synthetic data)",
-                      "url": "https://creativecommons.org/publicdomain/zero/1.0/"}],
+        "info": {
+            "description": "cnclip-vision toy world: coloured shapes (synthetic)",
+            "version": "1.0",
+            "year": 2025,
+            "contributor": "cnclip_vision.toyworld",
+        },
+        "licenses": [
+            {"id": 1, "name": "CC0 1.0 (synthetic data)", "url": "https://creativecommons.org/publicdomain/zero/1.0/"}
+        ],
         "images": images,
         "annotations": annotations,
         "categories": [
-            {"id": c.id, "name": c.name, "supercategory": c.shape, "colour": c.colour, "shape": c.shape,
-             "split": "novel" if c.id in novel else "base"}
+            {
+                "id": c.id,
+                "name": c.name,
+                "supercategory": c.shape,
+                "colour": c.colour,
+                "shape": c.shape,
+                "split": "novel" if c.id in novel else "base",
+            }
             for c in cats
         ],
-    }  # fmt: skip
+    }
 
 
 def detection_set(
@@ -857,8 +905,9 @@ def detection_set(
 ) -> dict[str, Any]:
     """COCO dict of a detection set (file names ``000001.png``, ...); the images are those that
     :func:`write_detection_set` writes with the same arguments."""
-    scenes = detection_scenes(n_images, seed, image_size=image_size, objects=objects, categories=categories,
-                              radius=radius)  # fmt: skip
+    scenes = detection_scenes(
+        n_images, seed, image_size=image_size, objects=objects, categories=categories, radius=radius
+    )
     return coco_from_scenes(scenes, _file_names(n_images, image_format), categories=categories, annotate=annotate)
 
 
@@ -908,8 +957,13 @@ def write_pairs_jsonl(
     the JSONL file). Returns the JSONL path."""
     out, rows = _write_pairs(Path(out_dir), n, seed, image_format, options)
     path = out / file_name
-    _write_text(path, "".join(json.dumps({"image": i, "caption": c, "category_ids": list(s)}, ensure_ascii=False) + "\n"
-                              for i, c, s in rows))  # fmt: skip
+    _write_text(
+        path,
+        "".join(
+            json.dumps({"image": i, "caption": c, "category_ids": list(s)}, ensure_ascii=False) + "\n"
+            for i, c, s in rows
+        ),
+    )
     return path
 
 
@@ -981,8 +1035,9 @@ def write_detection_set(
     """Write ``root/images/000001.png``, ... and ``root/annotations.json`` (COCO; ``file_name`` relative
     to ``root/images``). Returns the annotation path."""
     root = Path(root)
-    scenes = detection_scenes(n_images, seed, image_size=image_size, objects=objects, categories=categories,
-                              radius=radius)  # fmt: skip
+    scenes = detection_scenes(
+        n_images, seed, image_size=image_size, objects=objects, categories=categories, radius=radius
+    )
     names = _file_names(n_images, image_format)
     (root / "images").mkdir(parents=True, exist_ok=True)
     for scene, name in zip(scenes, names):

@@ -132,7 +132,9 @@ class _ArrayPairs(Dataset):
         if x.shape[-1] != self.image_size:
             from torchvision.transforms.v2 import functional as TF
 
-            x = TF.resize(x, [self.image_size, self.image_size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+            x = TF.resize(
+                x, [self.image_size, self.image_size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True
+            )
         return (x - self.mean) / self.std, self.captions[index]
 
 
@@ -296,8 +298,12 @@ class ClipTask(TrainingTask):
         root = Path(self.config.eval_zeroshot)
         self.model.eval()
         labels = read_label_file(root / "label_cn.txt")
-        report = evaluate_folder(ZeroShotClassifier(self.model, labels, templates=self.config.eval_templates), root,
-                                 progress=False, num_workers=0)  # fmt: skip
+        report = evaluate_folder(
+            ZeroShotClassifier(self.model, labels, templates=self.config.eval_templates),
+            root,
+            progress=False,
+            num_workers=0,
+        )
         self.model.train()
         if self.config.lock_image:
             self.model.visual.eval()
@@ -313,8 +319,11 @@ def train(config: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     """Run (or resume) a training run; returns a summary with the final model directory."""
     result = run_training(config, lambda env: ClipTask(config, env), resume=resume)
     out = Path(config.output_dir)
-    summary: dict[str, Any] = {"steps": result.steps, "model_dir": str(out / "model"),
-                               "checkpoint": str(result.checkpoint)}  # fmt: skip
+    summary: dict[str, Any] = {
+        "steps": result.steps,
+        "model_dir": str(out / "model"),
+        "checkpoint": str(result.checkpoint),
+    }
     if result.last_eval is not None:
         summary["zeroshot"] = result.last_eval
     return summary

@@ -103,7 +103,12 @@ class LoopSettings(Protocol):
 
 
 def read_recipe(
-    cls: type, path: str | os.PathLike[str], overrides: dict[str, Any], *, tuples: Sequence[str] = (), kind: str = "training"
+    cls: type,
+    path: str | os.PathLike[str],
+    overrides: dict[str, Any],
+    *,
+    tuples: Sequence[str] = (),
+    kind: str = "training",
 ) -> Any:
     """``cls(**recipe)`` from a JSON file, ``overrides`` (not None) winning; unknown keys name the file.
     ``tuples`` name the options that JSON gives as lists."""
@@ -175,12 +180,16 @@ def init_distributed(device: str | None = None) -> Distributed:
 #: Parameter names (any dotted component) that are positional or class embeddings: no weight decay.
 NO_WEIGHT_DECAY = frozenset(
     {
-        "pos_embed", "cls_token", "reg_token", "dist_token",  # timm ViT (its no_weight_decay())
+        "pos_embed",
+        "cls_token",
+        "reg_token",
+        "dist_token",  # timm ViT (its no_weight_decay())
         "position_embeddings",  # BERT
-        "positional_embedding", "class_embedding",  # OpenAI CLIP / open_clip
+        "positional_embedding",
+        "class_embedding",  # OpenAI CLIP / open_clip
         "logit_scale",
     }
-)  # fmt: skip
+)
 
 
 def no_weight_decay_names(
@@ -406,8 +415,9 @@ def run_training(
         raise TrainingError(f"the training data has {n} samples, fewer than one batch of {settings.batch_size}")
     total = settings.max_steps or settings.epochs * steps_per_epoch
     named = task.trainable_parameters()
-    optimizer = torch.optim.AdamW(param_groups(task.model, settings.weight_decay, named), lr=settings.lr,
-                                  betas=settings.betas, eps=settings.eps)  # fmt: skip
+    optimizer = torch.optim.AdamW(
+        param_groups(task.model, settings.weight_decay, named), lr=settings.lr, betas=settings.betas, eps=settings.eps
+    )
     params = [p for group in optimizer.param_groups for p in group["params"]]
     scheduler = warmup_cosine(optimizer, total, settings.warmup, settings.min_lr_ratio)
     scaler = torch.amp.GradScaler("cuda") if settings.precision == "fp16" else None
@@ -427,16 +437,22 @@ def run_training(
         epoch, start = divmod(step, steps_per_epoch)
         sampler = _StepSampler(n, settings, env, epoch, start)
         data = _SeededItems(task.dataset, settings.seed, epoch) if task.random_items else task.dataset
-        loader = DataLoader(data, batch_sampler=sampler, num_workers=settings.num_workers, collate_fn=task.collate_fn,
-                            pin_memory=env.device.type == "cuda",
-                            generator=torch.Generator().manual_seed(settings.seed + epoch))  # fmt: skip
+        loader = DataLoader(
+            data,
+            batch_sampler=sampler,
+            num_workers=settings.num_workers,
+            collate_fn=task.collate_fn,
+            pin_memory=env.device.type == "cuda",
+            generator=torch.Generator().manual_seed(settings.seed + epoch),
+        )
         batches = iter(loader)  # the generator keeps DataLoader seeding off the global RNG (exact resume)
         for step_in_epoch in range(start, steps_per_epoch):
             if step >= total:
                 break
             micro_batches = [next(batches) for _ in range(settings.accum_steps)]
-            ctx = StepContext(model, env, step + 1, sampler.global_batch(step_in_epoch), settings.accum_steps,
-                              autocast_dtype, scaler)  # fmt: skip
+            ctx = StepContext(
+                model, env, step + 1, sampler.global_batch(step_in_epoch), settings.accum_steps, autocast_dtype, scaler
+            )
             optimizer.zero_grad(set_to_none=True)
             output = task.train_step(micro_batches, ctx)
             if output is None:
@@ -489,8 +505,12 @@ def _check_finite(output: StepOutput, step: int, checkpoint_path: Path, env: Dis
         )
 
 
-def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, params: list[nn.Parameter],
-                    max_grad_norm: float | None) -> None:  # fmt: skip
+def _optimizer_step(
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    params: list[nn.Parameter],
+    max_grad_norm: float | None,
+) -> None:
     if scaler is not None:
         scaler.unscale_(optimizer)
     if max_grad_norm:
@@ -521,9 +541,14 @@ class _Log:
         if not self.main or (step % self.every and step != self.total):
             return
         now = time.perf_counter()
-        record = {"step": step, "epoch": epoch, "loss": round(output.loss, 6),
-                  **{k: round(v, 6) for k, v in output.values.items()}, "lr": lr,
-                  "images_per_s": round(self.samples / max(now - self.since, 1e-9), 2)}  # fmt: skip
+        record = {
+            "step": step,
+            "epoch": epoch,
+            "loss": round(output.loss, 6),
+            **{k: round(v, 6) for k, v in output.values.items()},
+            "lr": lr,
+            "images_per_s": round(self.samples / max(now - self.since, 1e-9), 2),
+        }
         self.since, self.samples = now, 0
         self.bar.set_postfix(loss=f"{output.loss:.4f}", ips=record["images_per_s"])
         self.append(record)
@@ -571,8 +596,17 @@ def _rng_states(env: Distributed) -> tuple[list[torch.Tensor], list[torch.Tensor
     return cpu, cuda
 
 
-def _save(out: Path, task: TrainingTask, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any, step: int,
-          steps_per_epoch: int, settings: LoopSettings, env: Distributed) -> None:  # fmt: skip
+def _save(
+    out: Path,
+    task: TrainingTask,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: Any,
+    step: int,
+    steps_per_epoch: int,
+    settings: LoopSettings,
+    env: Distributed,
+) -> None:
     cpu_rng, cuda_rng = _rng_states(env)  # every rank takes part
     if not env.is_main:
         return
@@ -595,8 +629,15 @@ def _save(out: Path, task: TrainingTask, optimizer: torch.optim.Optimizer, sched
             torch.save(state, tmp)
 
 
-def _restore(path: Path, task: TrainingTask, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
-             env: Distributed, steps_per_epoch: int) -> int:  # fmt: skip
+def _restore(
+    path: Path,
+    task: TrainingTask,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: Any,
+    env: Distributed,
+    steps_per_epoch: int,
+) -> int:
     """Task, optimizer, scheduler, scaler and RNG state from a checkpoint; returns its step."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -621,12 +662,21 @@ def _restore(path: Path, task: TrainingTask, optimizer: torch.optim.Optimizer, s
     if env.device.type == "cuda" and cuda is not None and len(cuda) == env.world_size:
         torch.cuda.set_rng_state(cuda[env.rank], env.device)
     if env.world_size > 1 and not exact:
-        logger.warning("%s holds no RNG state for rank %d of %d: random draws will differ from an uninterrupted run",
-                       path, env.rank, env.world_size)  # fmt: skip
+        logger.warning(
+            "%s holds no RNG state for rank %d of %d: random draws will differ from an uninterrupted run",
+            path,
+            env.rank,
+            env.world_size,
+        )
     saved = state.get("steps_per_epoch", steps_per_epoch)
     if saved != steps_per_epoch:
-        logger.warning("%s was written with %d steps per epoch, this run has %d: the data order after the resume "
-                       "is not the interrupted run's", path, saved, steps_per_epoch)  # fmt: skip
+        logger.warning(
+            "%s was written with %d steps per epoch, this run has %d: the data order after the resume "
+            "is not the interrupted run's",
+            path,
+            saved,
+            steps_per_epoch,
+        )
     step = int(state["step"])
     logger.info("resumed from %s at step %d", path, step)
     return step

@@ -141,8 +141,18 @@ def timm_sdist(timm_version: str, sdist: Path | None = None) -> Path:
     if cached:
         return cached[0]
     target.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-           f"timm=={timm_version}", "-d", str(target)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        f"timm=={timm_version}",
+        "-d",
+        str(target),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     cached = sorted(target.glob(f"timm-{timm_version}.tar.gz"))
     if out.returncode != 0 or not cached:
@@ -200,12 +210,27 @@ def run_suite(models: list[str], pytest_args: list[str], sdist: Path | None = No
     os.close(fd)
     results_file = Path(name)
     selected = ",".join(models + [_tagged(m) for m in models])
-    env = dict(os.environ, CNCLIP_TIMM_SUITE_MODELS=selected, CNCLIP_TIMM_SUITE_RESULTS=str(results_file),
-               CNCLIP_TIMM_SUITE_DESELECT=",".join(NETWORK_TESTS))  # fmt: skip
+    env = dict(
+        os.environ,
+        CNCLIP_TIMM_SUITE_MODELS=selected,
+        CNCLIP_TIMM_SUITE_RESULTS=str(results_file),
+        CNCLIP_TIMM_SUITE_DESELECT=",".join(NETWORK_TESTS),
+    )
     env.pop("GITHUB_ACTIONS", None)  # same filter lists whether run locally or in CI
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    cmd = [sys.executable, "-m", "pytest", "-c", str(work / "pytest.ini"), "--rootdir", str(work), "-q", "-rfEs",
-           "test_models.py", *pytest_args]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-c",
+        str(work / "pytest.ini"),
+        "--rootdir",
+        str(work),
+        "-q",
+        "-rfEs",
+        "test_models.py",
+        *pytest_args,
+    ]
     shown = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items() if k == "PYTHONPATH" or k.startswith("CNCLIP_"))
     sys.stdout.write(f"timm {timm_version}: cd {work} && {shown} {shlex.join(cmd)}\n")
     sys.stdout.flush()
@@ -285,8 +310,12 @@ def main(argv: list[str] | None = None) -> int:
     twin_passes = sum(1 for (_, m), o in table.items() if m not in ours and o == "passed")
     sys.stdout.write(f"\nper model ({time.perf_counter() - start:.0f} s):\n{summary(table, models)}\n")
     if args.json:
-        args.json.write_text(json.dumps(dict(results=results, regressions=regressions,
-                                             table={f"{t}[{m}]": o for (t, m), o in table.items()}), indent=1))  # fmt: skip
+        args.json.write_text(
+            json.dumps(
+                dict(results=results, regressions=regressions, table={f"{t}[{m}]": o for (t, m), o in table.items()}),
+                indent=1,
+            )
+        )
     if regressions:
         sys.stdout.write("regressions (twin passes, ours does not):\n  " + "\n  ".join(regressions) + "\n")
         return 1
