@@ -222,7 +222,7 @@ def make_images(root: Path, count: int) -> None:
 
 def extraction(images: Path, work: Path, procs: int, repeats: int) -> dict[str, Any]:
     best = None
-    for r in range(repeats):
+    for _ in range(repeats):
         out = work / f"extract-{procs}"
         shutil.rmtree(out, ignore_errors=True)
         cmd = [
@@ -357,7 +357,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["extraction"] = ext
 
     lines = [
-        "| search | index | params | bytes/vec | recall@1 | recall@10 | q/s b1 | q/s b64 | x exact b1 | x exact b64 | build s | peak RSS MB (bound) |",
+        "| search | index | params | bytes/vec | recall@1 | recall@10 | q/s b1 | q/s b64 | x exact b1 | x exact b64 "
+        "| build s | peak RSS MB (bound) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():

@@ -4,9 +4,9 @@
 output ``image_embeds``); onnxruntime (CPU provider, as many intra-op threads as torch) runs it at batch
 ``--batch-size`` (32) against ``model.encode_image`` in fp32, warmed up, alternating, median of
 ``--repeats`` (onnxruntime's thread spinning is off: in one process its idle threads would otherwise
-take the cores from torch's next run). The export (both encoders; not timed in the throughput) and its duration are reported with
-the max abs difference and the cosine of the embeddings. Prints "skipped: ..." when the exporter or
-onnxruntime is not installed. Figures, never asserts.
+take the cores from torch's next run). The export (both encoders; not timed in the throughput) and its
+duration are reported with the max abs difference and the cosine of the embeddings. Prints "skipped: ..."
+when the exporter or onnxruntime is not installed. Figures, never asserts.
 """
 
 from __future__ import annotations

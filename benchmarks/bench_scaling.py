@@ -134,9 +134,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # --- detector -----------------------------------------------------------------------------------
     if not args.skip_detector:
-        from cnclip_vision.detection import DetectionPredictor, DetectorConfig, OpenVocabDetector
         from torch.nn.attention import SDPBackend, sdpa_kernel
         from torch.utils.flop_counter import FlopCounterMode
+
+        from cnclip_vision.detection import DetectionPredictor, DetectorConfig, OpenVocabDetector
 
         det_config = DetectorConfig(clip=name if isinstance(config, str) else "ViT-B-16", image_size=det_size, **small)
         detector = OpenVocabDetector(models["fp32"], det_config).eval()

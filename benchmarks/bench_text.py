@@ -204,7 +204,8 @@ def cpu_suite(args, config, directory, roofline: common.Roofline, report: common
             ref_gflop=auto_gflop,
             headline=True,
             mode=best["mode"],
-            notes=f"reference timed once on {len(auto_prompts)} random prompts in one batch ({seconds:.0f} s), per prompt; "
+            notes=f"reference timed once on {len(auto_prompts)} random prompts in one batch ({seconds:.0f} s), "
+            "per prompt; "
             f"its cosine to fp32 {common.cosine_min(out, fp32_dynamic):.5f}",
         )
     )

@@ -52,8 +52,8 @@ def main() -> int:
     torch.manual_seed(0)
     rows = []
     from cnclip_vision import create_model
-    from cnclip_vision.toy import world as toyworld
     from cnclip_vision.detection import DetectorConfig, OpenVocabDetector
+    from cnclip_vision.toy import world as toyworld
 
     modes = args.modes.split(",")
     labels = ["猫", "狗", "电动车"]
@@ -121,7 +121,8 @@ def main() -> int:
             }
         )
 
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    cpu = platform.processor() or platform.machine()
+    machine = f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
     print(f"# detector speed ({machine})")
     print(f"{'model':38} {'input':18} {'vlm':6} {'s/img':>8} {'img/s':>8}")
     for r in rows:

@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     times = ", ".join(f"{res['name']} {res['seconds'] / 60:.1f} min ({res['status']})" for res in results)
     md = "\n".join(
         [
-            f"# cnclip-vision benchmarks ({'quick: tiny models, not figures' if args.quick else 'gpu' if args.gpu else 'full'})",
+            "# cnclip-vision benchmarks "
+            f"({'quick: tiny models, not figures' if args.quick else 'gpu' if args.gpu else 'full'})",
             "",
             f"Run {started}, {total / 60:.1f} min: {times}.",
             "",
@@ -193,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
             "",
             (
                 f"{roofline.line()}. Roofline columns: items/s = GFLOP/s / model GFLOP per item (counted with "
-                "torch.utils.flop_counter, attention included); int8 rows use the int8 rate, bf16 references the bf16 one."
+                "torch.utils.flop_counter, attention included); int8 rows use the int8 rate, bf16 references "
+                "the bf16 one."
             ),
             "",
             (

@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 
-from cnclip_vision.errors import CNClipError
-from cnclip_vision.models.encode import encode_images, encode_texts
-from cnclip_vision.models.clip import ChineseCLIP
 from cnclip_vision.data.tokenizer import DEFAULT_CONTEXT_LENGTH, find_truncated
 from cnclip_vision.data.transforms import ImageSource
+from cnclip_vision.errors import CNClipError
 from cnclip_vision.io import atomic_write
+from cnclip_vision.models.clip import ChineseCLIP
+from cnclip_vision.models.encode import encode_images, encode_texts
 
 logger = logging.getLogger(__name__)
 

@@ -22,11 +22,10 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from cnclip_vision.errors import CNClipError
 from cnclip_vision.data.transforms import load_image
-from cnclip_vision.io import atomic_write
-
 from cnclip_vision.detection.coco_names import OVCOCO_BASE_IDS, OVCOCO_NOVEL_IDS, get_coco_category, read_name_map
+from cnclip_vision.errors import CNClipError
+from cnclip_vision.io import atomic_write
 
 __all__ = [
     "CocoDetection",

@@ -31,8 +31,6 @@ import numpy as np
 import torch
 from torchvision.ops import box_convert
 
-from cnclip_vision.io import atomic_write
-
 from cnclip_vision.detection.coco import (
     CocoFormatError,
     category_lookup,
@@ -40,6 +38,7 @@ from cnclip_vision.detection.coco import (
     read_coco,
     resolve_categories,
 )
+from cnclip_vision.io import atomic_write
 
 __all__ = ["COCOEvaluator", "evaluate_coco", "read_results"]
 

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import torch
 
 from cnclip_vision.backbones.pyramid import dense_image_embeddings
-from cnclip_vision.models.clip import ChineseCLIP
 from cnclip_vision.data.transforms import ImageSource, image_transform
+from cnclip_vision.models.clip import ChineseCLIP
 from cnclip_vision.zeroshot import class_embeddings
 
 __all__ = ["similarity_map"]

@@ -12,8 +12,8 @@ from torch.utils.data import DataLoader
 from torchvision.ops import box_convert
 
 from cnclip_vision.detection.model import OpenVocabDetector
-from cnclip_vision.detection.vocabulary import VLMMode, Vocabulary
 from cnclip_vision.detection.predictor import DetectionPredictor
+from cnclip_vision.detection.vocabulary import VLMMode, Vocabulary
 
 logger = logging.getLogger(__name__)
 

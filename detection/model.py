@@ -43,11 +43,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform, res
 from torchvision.ops import batched_nms, clip_boxes_to_image, remove_small_boxes, roi_align
 
 from cnclip_vision.backbones.pyramid import ViTDetBackbone, detector_kwargs, vit_fpn_backbone
-from cnclip_vision.errors import CheckpointError, CNClipError
-from cnclip_vision.models.clip import ChineseCLIP
-from cnclip_vision.models.configs import TOY_DETECTOR_DIR
 from cnclip_vision.data.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageSource, load_image
-from cnclip_vision.io import atomic_write, write_json
 from cnclip_vision.detection.vocabulary import (
     VLM_MODES,
     ImageQuery,
@@ -58,6 +54,10 @@ from cnclip_vision.detection.vocabulary import (
     check_thresholds,
     check_vlm_mode,
 )
+from cnclip_vision.errors import CheckpointError, CNClipError
+from cnclip_vision.io import atomic_write, write_json
+from cnclip_vision.models.clip import ChineseCLIP
+from cnclip_vision.models.configs import TOY_DETECTOR_DIR
 from cnclip_vision.zeroshot import class_embeddings
 
 logger = logging.getLogger(__name__)
@@ -230,9 +230,10 @@ class OpenVocabDetector(nn.Module):
     # ------------------------------------------------------------------------------------- vocabulary
     @torch.no_grad()
     def encode_vocabulary(self, labels: Sequence[Label], *, seen: Sequence[bool] | None = None) -> Vocabulary:
-        """Class embeddings of ``labels``: Chinese names template-averaged (:func:`cnclip_vision.zeroshot.class_embeddings`
-        with ``config.templates``) and :class:`ImageQuery` crops through the image tower. ``seen`` says which labels
-        count as seen in training (default: the names in ``config.seen_categories``)."""
+        """Class embeddings of ``labels``: Chinese names template-averaged
+        (:func:`cnclip_vision.zeroshot.class_embeddings` with ``config.templates``) and :class:`ImageQuery` crops
+        through the image tower. ``seen`` says which labels count as seen in training (default: the names in
+        ``config.seen_categories``)."""
         names = check_labels(labels)
         out = torch.empty(len(labels), self.embed_dim)
         texts = [(i, x) for i, x in enumerate(labels) if isinstance(x, str)]
@@ -529,7 +530,8 @@ def _query_pixels(query: ImageQuery, size: int) -> torch.Tensor:
         x2, y2 = min(x2, float(image.width)), min(y2, float(image.height))
         if x2 - x1 < 1 or y2 - y1 < 1:
             raise ValueError(
-                f"ImageQuery {query.name!r}: the crop {query.box} has zero size inside the {image.width}x{image.height} image"
+                f"ImageQuery {query.name!r}: the crop {query.box} has zero size inside the "
+                f"{image.width}x{image.height} image"
             )
         image = image.crop((x1, y1, x2, y2))
     return image_transform(size)(image)

@@ -12,11 +12,9 @@ import logging
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-
-from typing import TYPE_CHECKING
 
 from cnclip_vision.data.transforms import ImageSource, load_image
 from cnclip_vision.detection.vocabulary import ImageQuery, Label, VLMMode, Vocabulary, check_thresholds, check_vlm_mode

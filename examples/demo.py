@@ -22,8 +22,8 @@ import torch
 from PIL import Image
 
 import cnclip_vision
-from cnclip_vision.toy import world as toyworld
 from cnclip_vision.models.encode import encode_images, encode_texts
+from cnclip_vision.toy import world as toyworld
 
 
 def main() -> int:
@@ -48,7 +48,7 @@ def main() -> int:
     shown = [toyworld.CATEGORIES[i] for i in (0, 10, 19, 29, 36, 47, 54, 63)] + list(toyworld.HELD_OUT_COMBOS[:2])
     test = toyworld.classification_set(1, args.seed, categories=shown, image_size=size)
     paths = []
-    for i, (array, label) in enumerate(zip(test.images, test.labels)):
+    for i, array in enumerate(test.images):
         paths.append(out / "images" / f"classify_{i:02d}.png")
         Image.fromarray(array).resize((size * 3, size * 3), Image.NEAREST).save(paths[-1])
     classifier = cnclip_vision.ZeroShotClassifier(model, labels, templates=toyworld.ZERO_SHOT_TEMPLATES)

@@ -25,8 +25,8 @@ from torchvision.models.detection import FasterRCNN
 from tqdm import tqdm
 
 from cnclip_vision.backbones.pyramid import detector_kwargs, vit_fpn_backbone
-from cnclip_vision.models.configs import CLIPConfig, TextConfig, VisionConfig
 from cnclip_vision.data.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from cnclip_vision.models.configs import CLIPConfig, TextConfig, VisionConfig
 
 CATEGORIES = [{"id": 1, "name": "rectangle"}, {"id": 2, "name": "ellipse"}]
 # A small ViT-B/16-shaped tower (2 blocks of width 128) for a fast demo; --full-size uses ViT-B-16.

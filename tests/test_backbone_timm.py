@@ -14,8 +14,8 @@ from timm.data import create_transform, resolve_data_config
 
 import cnclip_vision
 from cnclip_vision.backbones import TIMM_NAMES
-from cnclip_vision.models.configs import get_config
 from cnclip_vision.errors import CheckpointError
+from cnclip_vision.models.configs import get_config
 
 from .conftest import reference_clip, small_config
 

@@ -16,7 +16,6 @@ import torch
 from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
 
 import cnclip_vision
-from cnclip_vision.models.configs import get_config
 from cnclip_vision.backbones.pyramid import (
     ViTDetBackbone,
     anchor_generator,
@@ -24,6 +23,7 @@ from cnclip_vision.backbones.pyramid import (
     detector_kwargs,
     vit_fpn_backbone,
 )
+from cnclip_vision.models.configs import get_config
 
 from .conftest import small_config
 

@@ -18,12 +18,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import cnclip_vision
-from cnclip_vision.toy import world as toyworld
 from cnclip_vision.cli import main
 from cnclip_vision.detection import ImageQuery, OpenVocabDetector
 from cnclip_vision.detection.heatmap import similarity_map
-from cnclip_vision.toy.detector import TOY_DETECTOR_DIR
 from cnclip_vision.detection.visualize import draw_detections
+from cnclip_vision.toy import world as toyworld
+from cnclip_vision.toy.detector import TOY_DETECTOR_DIR
 
 DETECTOR = dict(
     image_size=128,

@@ -13,7 +13,6 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
-from cnclip_vision.toy import world as toyworld
 from cnclip_vision.cli import main
 from cnclip_vision.detection import coco_names as cn
 from cnclip_vision.detection.coco import (
@@ -26,6 +25,7 @@ from cnclip_vision.detection.coco import (
     validate_coco,
 )
 from cnclip_vision.errors import CNClipError
+from cnclip_vision.toy import world as toyworld
 
 
 def _coco() -> dict:

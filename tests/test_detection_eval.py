@@ -14,9 +14,9 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from cnclip_vision.toy import world as toyworld
 from cnclip_vision.detection.coco import CocoFormatError
 from cnclip_vision.detection.evaluation import COCOEvaluator, evaluate_coco
+from cnclip_vision.toy import world as toyworld
 
 SUMMARY_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 

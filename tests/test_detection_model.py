@@ -22,12 +22,12 @@ from torchvision.ops import box_iou
 import cnclip_vision
 import cnclip_vision.models.encode
 import cnclip_vision.zeroshot
-from cnclip_vision.toy import world as toyworld
-from cnclip_vision.models.configs import get_config
+from cnclip_vision.data.transforms import image_transform
 from cnclip_vision.detection import DetectionPredictor, DetectorConfig, ImageQuery, OpenVocabDetector, Vocabulary
 from cnclip_vision.errors import CheckpointError, CNClipError
 from cnclip_vision.models.clip import ChineseCLIP
-from cnclip_vision.data.transforms import image_transform
+from cnclip_vision.models.configs import get_config
+from cnclip_vision.toy import world as toyworld
 
 SMALL = dict(
     clip="toy-tiny",

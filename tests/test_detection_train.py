@@ -17,10 +17,10 @@ import torch
 from safetensors.torch import load_file
 
 import cnclip_vision
-from cnclip_vision.toy import world as toyworld
 from cnclip_vision.detection import DetectorConfig, OpenVocabDetector
 from cnclip_vision.detection.train import DetectorTrainConfig, build_dataset, train_detector
 from cnclip_vision.errors import CNClipError
+from cnclip_vision.toy import world as toyworld
 from cnclip_vision.training.clip import TrainingError
 
 DETECTOR = dict(

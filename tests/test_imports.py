@@ -42,8 +42,8 @@ for argv in [["--help"]] + [[c, "--help"] for c in commands]:
         except SystemExit as e:
             assert e.code == 0, (argv, e.code)
     assert "usage:" in out.getvalue(), argv
-print(json.dumps({"commands": commands, "heavy": [m for m in %r if m in sys.modules]}))
-""" % (HEAVY,)
+print(json.dumps({"commands": commands, "heavy": [m for m in __HEAVY__ if m in sys.modules]}))
+""".replace("__HEAVY__", repr(HEAVY))
     result = json.loads(_python(code))
     assert len(result["commands"]) >= 15, result["commands"]
     assert result["heavy"] == [], f"--help imported {result['heavy']}"
@@ -58,7 +58,10 @@ def test_timm_models_registered_in_either_order(order):
 
 def test_library_imports_timm_and_registers():
     """timm imported by the library itself (building a model) registers the models as well."""
-    code = "import json, cnclip_vision; cnclip_vision.create_model('toy-tiny'); import timm; print(json.dumps(timm.list_models('chinese_clip*')))"
+    code = (
+        "import json, cnclip_vision; cnclip_vision.create_model('toy-tiny'); import timm; "
+        "print(json.dumps(timm.list_models('chinese_clip*')))"
+    )
     assert "chinese_clip_vit_large_patch14_336" in json.loads(_python(code))
 
 

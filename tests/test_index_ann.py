@@ -13,13 +13,14 @@ import torch
 from cnclip_vision.errors import CNClipError
 from cnclip_vision.retrieval import (
     EmbeddingIndex,
+    ann,
     build_ann_index,
     choose_index_key,
     exact_topk,
     parse_memory,
     save_embeddings,
+    store,
 )
-from cnclip_vision.retrieval import ann, store
 
 faiss = pytest.importorskip("faiss", reason="FAISS indexes need faiss-cpu (in the dev extra)")
 

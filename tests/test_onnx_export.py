@@ -14,9 +14,9 @@ import torch
 
 import cnclip_vision
 from cnclip_vision.cli import main
-from cnclip_vision.models.configs import CLIPConfig, TextConfig, VisionConfig
 from cnclip_vision.errors import CNClipError
 from cnclip_vision.export.onnx import FP16_MIN_COSINE, FP32_MAX_ABS_DIFF, OnnxDependencyError, _check, export_onnx
+from cnclip_vision.models.configs import CLIPConfig, TextConfig, VisionConfig
 
 SMALL_VIT = CLIPConfig(
     embed_dim=48,

@@ -14,7 +14,7 @@ from PIL import Image
 
 import cnclip_vision
 from cnclip_vision import retrieval
-from cnclip_vision.retrieval import store
+from cnclip_vision.data.jsonl import read_text_jsonl
 from cnclip_vision.errors import CNClipError
 from cnclip_vision.models.encode import encode_images, encode_texts
 from cnclip_vision.retrieval import (
@@ -25,8 +25,8 @@ from cnclip_vision.retrieval import (
     load_embeddings,
     read_manifest,
     recall_at_k,
+    store,
 )
-from cnclip_vision.data.jsonl import read_text_jsonl
 from tests.conftest import small_config
 
 TEXTS = ["一只猫", "两只狗在草地上奔跑", "红色的汽车", "海边的日落", "一碗热腾腾的面条", "雪山", "城市夜景"]
@@ -216,7 +216,8 @@ def test_text_jsonl_errors_name_the_line(tmp_path, content, message):
 def test_text_jsonl_parsing(tmp_path):
     path = tmp_path / "texts.jsonl"
     path.write_bytes(
-        b'\xef\xbb\xbf{"text_id": 7, "text": "\xe7\x8c\xab", "image_ids": [1, "x.jpg"]}\n\n{"text_id": "a", "text": "b"}\n'
+        b'\xef\xbb\xbf{"text_id": 7, "text": "\xe7\x8c\xab", "image_ids": [1, "x.jpg"]}\n\n'
+        b'{"text_id": "a", "text": "b"}\n'
     )
     records = read_text_jsonl(path)
     assert [(r.text_id, r.text, r.image_ids, r.line) for r in records] == [

@@ -20,7 +20,6 @@ from cnclip_vision.retrieval import (
     item_hash,
     load_embeddings,
     num_shards_for,
-    read_manifest,
     save_embeddings,
     shard_of,
     store,

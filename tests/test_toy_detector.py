@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from cnclip_vision.toy import world as toyworld
 from cnclip_vision.detection import OpenVocabDetector, evaluate_detector
+from cnclip_vision.toy import world as toyworld
 from cnclip_vision.toy.detector import DETECTOR_QUALITY_BARS, TOY_DETECTOR_DIR, evaluate_toy_detector
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,11 +16,11 @@ import torch
 from PIL import Image
 
 import cnclip_vision
-from cnclip_vision.models.configs import CLIPConfig, TextConfig, VisionConfig
 from cnclip_vision.data.datasets import CaptionDataset, OriginalLayoutDataset, read_pairs
-from cnclip_vision.errors import CNClipError
-from cnclip_vision.training.clip import TrainConfig, TrainingError, clip_loss, train
 from cnclip_vision.data.transforms import image_transform
+from cnclip_vision.errors import CNClipError
+from cnclip_vision.models.configs import CLIPConfig, TextConfig, VisionConfig
+from cnclip_vision.training.clip import TrainConfig, TrainingError, clip_loss, train
 
 TINY = CLIPConfig(
     32,

@@ -12,7 +12,6 @@ import pytest
 import torch
 from PIL import Image
 
-from cnclip_vision.errors import ImageLoadError
 from cnclip_vision.data.transforms import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
@@ -20,6 +19,7 @@ from cnclip_vision.data.transforms import (
     image_transform,
     load_image,
 )
+from cnclip_vision.errors import ImageLoadError
 
 # The Hub preprocessor_config.json of OFA-Sys/chinese-clip-vit-base-patch16 (L-14-336 has 336).
 HUB_CONFIG = {

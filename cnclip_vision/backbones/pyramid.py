@@ -72,11 +72,11 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 from torchvision.ops.misc import Conv2dNormActivation
 
-from cnclip_vision.models.configs import CLIPConfig, get_config, list_models, match_registered
+from cnclip_vision.backbones.timm_models import TIMM_NAMES
 from cnclip_vision.errors import CheckpointError
 from cnclip_vision.models.clip import ChineseCLIP
+from cnclip_vision.models.configs import CLIPConfig, get_config, list_models, match_registered
 from cnclip_vision.models.towers import vit_kwargs
-from cnclip_vision.backbones.timm_models import TIMM_NAMES
 
 logger = logging.getLogger(__name__)
 

@@ -16,19 +16,18 @@ from __future__ import annotations
 
 import types
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.fx
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models import byobnet, vision_transformer
+from timm.models import build_model_with_cfg, byobnet, generate_default_cfgs, register_model, vision_transformer
 from timm.models.byobnet import ByobNet
 from timm.models.vision_transformer import VisionTransformer
 
-from cnclip_vision.models.configs import get_config
-from cnclip_vision.errors import CheckpointError
-from cnclip_vision.models.towers import check_resnet, vit_kwargs
 from cnclip_vision.data.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from cnclip_vision.errors import CheckpointError
+from cnclip_vision.models.configs import get_config
+from cnclip_vision.models.towers import check_resnet, vit_kwargs
 from cnclip_vision.models.weights import detect_layout, fit_report, looks_like, to_native
 
 __all__ = ["TIMM_NAMES", "ChineseCLIPViT", "ChineseCLIPResNet", "checkpoint_filter_fn"]
@@ -85,7 +84,7 @@ class ChineseCLIPViT(VisionTransformer):
         return _check_input(x, self.patch_embed.proj.in_channels, self.patch_embed.patch_size[0], self.input_check_name)
 
     def forward_features(
-        self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
     ) -> torch.Tensor:
         x = self._check(x)
         return self._timm_forward_features(x, attn_mask=attn_mask, is_causal=is_causal)

@@ -9,8 +9,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from cnclip_vision.errors import CNClipError
 from cnclip_vision.cli import coco, convert, detect, onnx, retrieval, serve, toy, train, zeroshot
+from cnclip_vision.errors import CNClipError
 
 __all__ = ["build_parser", "main"]
 

@@ -36,9 +36,9 @@ def _eval_coco(args: argparse.Namespace) -> int:
     results: object = args.results
     ground_truth: object = args.ground_truth
     if args.detector is not None:
+        from cnclip_vision.cli.common import resolve_device
         from cnclip_vision.detection import OpenVocabDetector
         from cnclip_vision.detection.inference import detect_coco
-        from cnclip_vision.cli.common import resolve_device
 
         detector = OpenVocabDetector.from_pretrained(args.detector, device=resolve_device(args.device))
         results, dataset = detect_coco(

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cnclip_vision.errors import CNClipError
 from cnclip_vision.cli.common import add_output_options, read_labels, resolve_device, write_records
+from cnclip_vision.errors import CNClipError
 
 logger = logging.getLogger("cnclip_vision.cli")
 
@@ -63,10 +63,10 @@ def _save_picture(picture: Any, path: Path) -> None:
 
 
 def _detect(args: argparse.Namespace) -> int:
+    from cnclip_vision.data.transforms import load_image
     from cnclip_vision.detection import DetectionPredictor, OpenVocabDetector
     from cnclip_vision.detection.visualize import draw_detections
     from cnclip_vision.errors import ImageLoadError
-    from cnclip_vision.data.transforms import load_image
 
     labels: list[Any] = read_labels(args.labels, args.labels_file) if (args.labels or args.labels_file) else []
     labels += [_parse_query(q) for q in args.query or []]
@@ -117,10 +117,10 @@ def _detect(args: argparse.Namespace) -> int:
 
 
 def _heatmap(args: argparse.Namespace) -> int:
+    from cnclip_vision.cli.common import load_model
+    from cnclip_vision.data.transforms import load_image
     from cnclip_vision.detection.heatmap import similarity_map
     from cnclip_vision.detection.visualize import heatmap_overlay
-    from cnclip_vision.data.transforms import load_image
-    from cnclip_vision.cli.common import load_model
 
     labels = read_labels(args.labels, args.labels_file)
     model = load_model(args)

@@ -11,8 +11,8 @@ logger = logging.getLogger("cnclip_vision.cli")
 
 
 def _export_onnx(args: argparse.Namespace) -> int:
-    from cnclip_vision.models.factory import load
     from cnclip_vision.export.onnx import export_onnx
+    from cnclip_vision.models.factory import load
 
     logger.info("loading %s on %s", args.model, args.device)
     model = load(args.model, arch=args.arch, device=args.device)

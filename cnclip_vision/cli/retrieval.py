@@ -8,8 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from cnclip_vision.errors import CNClipError
 from cnclip_vision.cli.common import add_model_options, add_output_options, load_model, write_records
+from cnclip_vision.errors import CNClipError
 
 logger = logging.getLogger("cnclip_vision.cli")
 
@@ -103,9 +103,9 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _eval_retrieval(args: argparse.Namespace) -> int:
+    from cnclip_vision.data.jsonl import read_text_jsonl
     from cnclip_vision.models.encode import encode_texts
     from cnclip_vision.retrieval import evaluate_retrieval, extract_image_embeddings, load_embeddings
-    from cnclip_vision.data.jsonl import read_text_jsonl
 
     if (args.images is None) == (args.image_embeddings is None):
         raise ValueError("give either --images DIR_OR_LIST or --image-embeddings DIR (exactly one)")
@@ -259,8 +259,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "search",
         help="top-k search of an embeddings folder with text or image queries",
         description="Cosine top-k search of the embeddings written by `cnclip embed` (through the folder's FAISS "
-        "index when `cnclip index build` made one, memory-mapped where FAISS allows; exact otherwise): query texts against "
-        "image embeddings (text→image), query images against image embeddings (image→image) or against text "
+        "index when `cnclip index build` made one, memory-mapped where FAISS allows; exact otherwise): query texts "
+        "against image embeddings (text→image), query images against image embeddings (image→image) or against text "
         "embeddings (image→text), texts against texts. Use the model the index was built with. Prints, per query, "
         "the k best ids with their cosine scores (JSON), or one row per hit (CSV / JSONL).",
     )

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from cnclip_vision.errors import CNClipError
 from cnclip_vision.cli.common import add_output_options, write_records
+from cnclip_vision.errors import CNClipError
 
 logger = logging.getLogger("cnclip_vision.cli")
 

@@ -6,8 +6,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from cnclip_vision.errors import CNClipError
 from cnclip_vision.cli.common import add_model_options, add_output_options, load_model, read_labels, write_records
+from cnclip_vision.errors import CNClipError
 
 logger = logging.getLogger("cnclip_vision.cli")
 
@@ -42,8 +42,8 @@ def _templates(args: argparse.Namespace) -> tuple[str, ...]:
 
 def _classify(args: argparse.Namespace) -> int:
     from cnclip_vision.data.images import iter_image_batches, list_images
-    from cnclip_vision.models.encode import encode_images
     from cnclip_vision.data.transforms import image_transform
+    from cnclip_vision.models.encode import encode_images
 
     labels = read_labels(args.labels, args.labels_file)
     paths = list_images(args.images)

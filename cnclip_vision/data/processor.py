@@ -21,8 +21,8 @@ from cnclip_vision.data.tokenizer import (
     _check_context_length,
     get_tokenizer,
 )
-from cnclip_vision.io import atomic_write, write_json
 from cnclip_vision.data.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageSource, ImageTransform
+from cnclip_vision.io import atomic_write, write_json
 
 if TYPE_CHECKING:
     from transformers import BatchEncoding

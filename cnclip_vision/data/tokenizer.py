@@ -47,9 +47,10 @@ _QUOTES = str.maketrans({"“": '"', "”": '"', "„": '"', "‟": '"', "‘": 
 _HAS_QUOTE = re.compile("[“”„‟‘’]").search
 
 # Characters on which the Rust tokenizer gives the original's result (checked character by character
-# in tests/test_tokenizer.py, so a newer Unicode in Python or tokenizers shows up there): Latin, Greek except capital sigma (the original lower-cases it
-# to final "ς" by context), Cyrillic, general punctuation and symbols, CJK radicals, symbols, kana,
-# Hangul, ideographs (BMP, Extension A/B, compatibility), full-width forms, emoji, tag characters.
+# in tests/test_tokenizer.py, so a newer Unicode in Python or tokenizers shows up there): Latin, Greek except
+# capital sigma (the original lower-cases it to final "ς" by context), Cyrillic, general punctuation and
+# symbols, CJK radicals, symbols, kana, Hangul, ideographs (BMP, Extension A/B, compatibility), full-width
+# forms, emoji, tag characters.
 _FAST_CHARS = re.compile(
     "[\x00-\u03a2\u03a4-\u052f\u1e00-\u1eff\u2000-\u2bff\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff"
     "\ufe00-\ufe6f\uff00-\uffef\U0001f000-\U0001faff\U00020000-\U0002a6df\U000e0000-\U000e007f]*"

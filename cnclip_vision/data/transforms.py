@@ -15,7 +15,7 @@ import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any, Union
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -45,7 +45,7 @@ def clip_normalize(pixels: torch.Tensor) -> torch.Tensor:
     return F.normalize(pixels, list(OPENAI_CLIP_MEAN), list(OPENAI_CLIP_STD))
 
 
-ImageSource = Union[Image.Image, str, os.PathLike, bytes, bytearray, memoryview, IO[bytes], np.ndarray, torch.Tensor]
+ImageSource = Image.Image | str | os.PathLike | bytes | bytearray | memoryview | IO[bytes] | np.ndarray | torch.Tensor
 
 _ALPHA_MODES = ("LA", "La", "PA", "RGBa", "RGBA")
 

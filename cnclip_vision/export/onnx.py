@@ -280,8 +280,8 @@ def export_onnx(
     The report is written to ``export_report.json`` even when the check fails; then
     :class:`OnnxCheckError` is raised. ``source`` (e.g. the model name) is recorded in the config.
     """
-    from cnclip_vision.models.clip import ChineseCLIP
     from cnclip_vision.data.tokenizer import DEFAULT_CONTEXT_LENGTH, get_tokenizer
+    from cnclip_vision.models.clip import ChineseCLIP
 
     if not isinstance(model, ChineseCLIP):
         raise TypeError(f"export_onnx needs a cnclip_vision ChineseCLIP model, got {type(model).__name__}")

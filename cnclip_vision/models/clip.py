@@ -77,7 +77,8 @@ class ChineseCLIP(nn.Module):
         if self.config.vision.kind == "vit" and tuple(pixel_values.shape[-2:]) != (self.image_size,) * 2:
             raise ValueError(
                 f"this model takes {self.image_size}x{self.image_size} images, got "
-                f"{pixel_values.shape[-2]}x{pixel_values.shape[-1]}; use cnclip_vision.image_transform({self.image_size})"
+                f"{pixel_values.shape[-2]}x{pixel_values.shape[-1]}; "
+                f"use cnclip_vision.image_transform({self.image_size})"
             )
         features = self.visual(pixel_values.to(device=self.device, dtype=self.dtype))
         return F.normalize(features, dim=-1) if normalize else features

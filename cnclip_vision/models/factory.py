@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from cnclip_vision.models.configs import CLIPConfig, get_config, get_model_info, list_models
 from cnclip_vision.errors import CheckpointError, UnknownModelError
 from cnclip_vision.models.clip import ChineseCLIP
+from cnclip_vision.models.configs import CLIPConfig, get_config, get_model_info, list_models
 from cnclip_vision.models.weights import (
     CONFIG_METADATA_KEY,
     CONFIG_NAME,

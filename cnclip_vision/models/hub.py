@@ -9,8 +9,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from cnclip_vision.models.configs import ModelInfo
 from cnclip_vision.errors import WeightsNotFoundError
+from cnclip_vision.models.configs import ModelInfo
 
 logger = logging.getLogger(__name__)
 

@@ -28,7 +28,6 @@ import torch
 
 from cnclip_vision.errors import CheckpointError
 from cnclip_vision.io import atomic_write, write_json
-
 from cnclip_vision.models.configs import CLIPConfig, TextConfig, VisionConfig, match_registered
 
 logger = logging.getLogger(__name__)
@@ -272,8 +271,8 @@ def _resnet_filter(state: StateDict) -> StateDict:
     """timm's own OpenAI-CLIP ModifiedResNet → ``resnet50_clip`` key mapping (on a weightless model)."""
     from timm.models.byobnet import checkpoint_filter_fn
 
-    from cnclip_vision.models.towers import build_image_tower
     from cnclip_vision.models.configs import get_config
+    from cnclip_vision.models.towers import build_image_tower
 
     with torch.device("meta"):
         tower = build_image_tower(get_config("RN50").vision, 1024)

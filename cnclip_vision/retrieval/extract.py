@@ -39,8 +39,6 @@ from cnclip_vision.retrieval import store
 from cnclip_vision.retrieval.dist import DEFAULT_TIMEOUT_S, Group
 
 if TYPE_CHECKING:
-    import torch
-
     from cnclip_vision.models.clip import ChineseCLIP
 
 logger = logging.getLogger("cnclip_vision.retrieval")

@@ -39,7 +39,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import cnclip_vision.errors
-
 from cnclip_vision.serve.service import ServeConfig, ServeError, Service, picture_data_url
 
 logger = logging.getLogger(__name__)

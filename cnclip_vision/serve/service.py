@@ -31,7 +31,6 @@ from PIL import Image, ImageOps
 
 import cnclip_vision
 import cnclip_vision.errors
-
 from cnclip_vision.serve.batching import MicroBatcher, QueueFullError
 
 logger = logging.getLogger(__name__)

@@ -15,10 +15,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from cnclip_vision.toy import world as toyworld
 from cnclip_vision.detection.model import OpenVocabDetector
 from cnclip_vision.detection.vocabulary import VLM_MODES, Vocabulary
 from cnclip_vision.models.configs import TOY_DETECTOR_DIR
+from cnclip_vision.toy import world as toyworld
 
 logger = logging.getLogger(__name__)
 

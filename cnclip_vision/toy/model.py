@@ -26,8 +26,8 @@ def evaluate_toy_model(
     """Quality on freshly generated held-out data: zero-shot top-1 over all 64 colour x shape classes,
     top-1 on the colour x shape combinations never shown in pretraining, and strict text→image R@1 on
     ``n_retrieval`` caption/image pairs whose captions identify their image."""
-    from cnclip_vision.toy import world as toyworld
     from cnclip_vision.models.encode import encode_texts
+    from cnclip_vision.toy import world as toyworld
     from cnclip_vision.zeroshot import ZeroShotClassifier
 
     labels = [c.name for c in toyworld.CATEGORIES]

@@ -486,8 +486,8 @@ def _mask_box(x0: int, y0: int, mask: Image.Image, size: int) -> tuple[int, int,
     bbox = mask.getbbox()
     if bbox is None:
         raise RuntimeError("empty object mask")
-    l, t, r, b = bbox
-    return max(x0 + l, 0), max(y0 + t, 0), min(x0 + r, size), min(y0 + b, size)
+    left, top, right, bottom = bbox
+    return max(x0 + left, 0), max(y0 + top, 0), min(x0 + right, size), min(y0 + bottom, size)
 
 
 def render(scene: Scene) -> Image.Image:

@@ -318,7 +318,7 @@ class TrainingTask(ABC):
         ``ctx.micro_batch(i)``); the loop then clips, steps the optimizer and the schedule. None: nothing could
         be trained on (the step is skipped but counted)."""
 
-    def after_optimizer_step(self, output: StepOutput) -> None:
+    def after_optimizer_step(self, output: StepOutput) -> None:  # noqa: B027 -- an optional hook, not abstract
         """Called after each optimizer step (e.g. to clamp a parameter); may add values to ``output.values``."""
 
     @abstractmethod
