@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo bench toy-model toy-detector clean serve-demo bench-serve
+.PHONY: install check format test test-fast demo bench toy-model toy-detector clean serve-demo bench-serve
 
 install: $(STAMP)
 
@@ -22,7 +22,18 @@ $(STAMP): pyproject.toml Makefile
 		echo "WARNING: could not install chromium chromium-driver fonts-noto-cjk (apt-get, as root): the browser test will fail"
 	touch $(STAMP)
 
-test: $(STAMP)
+# Lint, format and types (pyproject.toml [tool.ruff], [tool.mypy]); `make test` runs it first, so CI does too.
+check: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+# Apply ruff's fixes and formatting in place.
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+test: check
 	$(BIN)/python -m pytest -q -ra
 
 test-fast: $(STAMP)
