@@ -286,7 +286,9 @@ def evaluate_folder(
         raise CNClipError(f"no images found under {split_dir}")
     failures: list[dict[str, str]] = []
     transform = classifier.image_transform or image_transform(classifier.model.image_size)
-    correct1, correct5, seen = Counter(), Counter(), Counter()
+    correct1: Counter[int] = Counter()
+    correct5: Counter[int] = Counter()
+    seen: Counter[int] = Counter()
     confusions: Counter[tuple[int, int]] = Counter()
     k = min(5, len(classifier.labels))
     for batch in iter_image_batches(

@@ -15,7 +15,7 @@ import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 import numpy as np
 import torch
@@ -73,7 +73,7 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: object) -> bool:
+def _is_number(value: object) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -239,7 +239,8 @@ class CocoDetection(torch.utils.data.Dataset):
         names = _map_names([c["name"] for c in records], name_map)
         if categories is not None:
             wanted = _select_categories(categories, records, names, source=str(path))
-            records, names = zip(*[(c, n) for c, n in zip(records, names) if c["id"] in wanted]) if wanted else ((), ())
+            kept = [(c, n) for c, n in zip(records, names) if c["id"] in wanted]
+            records, names = [c for c, _ in kept], [n for _, n in kept]
         self.category_ids: list[int] = [c["id"] for c in records]
         self.category_names: list[str] = list(names)
         label_of = {cid: i for i, cid in enumerate(self.category_ids)}

@@ -98,8 +98,8 @@ class DetectorConfig:
     temperature_init: float = 0.02  # initial region-text temperature (learned)
 
     def __post_init__(self) -> None:
-        self.rpn_pre_nms_top_n = tuple(self.rpn_pre_nms_top_n)  # type: ignore[assignment]
-        self.rpn_post_nms_top_n = tuple(self.rpn_post_nms_top_n)  # type: ignore[assignment]
+        self.rpn_pre_nms_top_n = _train_test(self.rpn_pre_nms_top_n, "rpn_pre_nms_top_n")  # JSON gives lists
+        self.rpn_post_nms_top_n = _train_test(self.rpn_post_nms_top_n, "rpn_post_nms_top_n")
         self.seen_categories = tuple(self.seen_categories)
         if not isinstance(self.templates, str):
             self.templates = tuple(self.templates)
@@ -336,8 +336,8 @@ class OpenVocabDetector(nn.Module):
                 top = scores.max(-1).values.topk(min(self.config.crop_top_k, len(b))).indices
                 scores, b, e = scores[top], b[top], e[top]
                 scores = self._ensemble(scores, self._crop_embeddings(batch.tensors[i], b), vocab)
-            elif mode == "dense":
-                scores = self._ensemble(scores, self._dense_embeddings(dense[i : i + 1], b), vocab)  # type: ignore[index]
+            elif mode == "dense" and dense is not None:  # dense is set exactly in "dense" mode
+                scores = self._ensemble(scores, self._dense_embeddings(dense[i : i + 1], b), vocab)
             results.append(_select(b, e, scores, score_threshold, nms_threshold, max_detections))
         for r, size, original in zip(results, batch.image_sizes, original_sizes):
             r["boxes"] = resize_boxes(r["boxes"], size, original)
@@ -499,6 +499,13 @@ class OpenVocabDetector(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------- helpers
+def _train_test(value: Sequence[int], name: str) -> tuple[int, int]:
+    """A ``(train, test)`` pair of a config field (a list when read from JSON)."""
+    if len(value) != 2:
+        raise ValueError(f"DetectorConfig.{name}={value!r}: expected two values (train, test)")
+    return value[0], value[1]
+
+
 def _is_own(name: str, trained_tower: set[str]) -> bool:
     """Whether a parameter / state key is the detector's own (not the CLIP's, not a frozen tower's)."""
     if name.startswith("clip."):

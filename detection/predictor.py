@@ -12,7 +12,7 @@ import logging
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -107,7 +107,7 @@ class DetectionPredictor:
         was_training = detector.training
         detector.eval()
         try:
-            return detector(images, self._require_vocabulary(), **options)  # type: ignore[return-value]
+            return detector(images, self._require_vocabulary(), **options)
         finally:
             detector.train(was_training)
 
@@ -127,14 +127,16 @@ class DetectionPredictor:
             raise ValueError(f"batch_size={batch_size!r}; expected a positive int")
         self._options(overrides)  # validate before any work
         vocab = self.set_vocabulary(labels) if labels is not None else self._require_vocabulary()
-        if isinstance(images, (str, bytes, os.PathLike)) or not isinstance(images, Sequence):
-            images = [images]  # type: ignore[list-item]
+        if isinstance(images, Sequence) and not isinstance(images, (str, bytes, bytearray, memoryview, os.PathLike)):
+            batch: Sequence[ImageSource] = images
+        else:  # one image
+            batch = [cast("ImageSource", images)]
         out: list[dict[str, Any]] = []
         device = self.detector.device
-        for start in range(0, len(images), batch_size):
-            tensors = [to_tensor(x).to(device) for x in images[start : start + batch_size]]
-            for r in self.detect(tensors, **overrides):
-                r = {k: v.cpu() for k, v in r.items()}
+        for start in range(0, len(batch), batch_size):
+            tensors = [to_tensor(x).to(device) for x in batch[start : start + batch_size]]
+            for detections in self.detect(tensors, **overrides):
+                r: dict[str, Any] = {k: v.cpu() for k, v in detections.items()}
                 r["label_names"] = [vocab.names[j] for j in r["labels"].tolist()]
                 out.append(r)
         return out

@@ -18,7 +18,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -35,6 +35,9 @@ from cnclip_vision.training.loop import (
     read_recipe,
     run_training,
 )
+
+if TYPE_CHECKING:
+    from cnclip_vision.detection.coco import CocoDetection
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +102,7 @@ def _categories(dataset_categories: list[dict[str, Any]], spec: list[str | int] 
     return spec
 
 
-def build_dataset(config: DetectorTrainConfig, image_size: int) -> Any:
+def build_dataset(config: DetectorTrainConfig, image_size: int) -> CocoDetection:
     """The training :class:`~cnclip_vision.detection.coco.CocoDetection` with large-scale jitter."""
     from cnclip_vision.detection.coco import CocoDetection, lsj_transforms
 
@@ -129,6 +132,7 @@ class DetectorTask(TrainingTask):
 
     label = "train-detector"
     random_items = True  # large-scale jitter
+    dataset: CocoDetection
 
     def __init__(self, config: DetectorTrainConfig, env: Distributed) -> None:
         from cnclip_vision.detection.coco import collate_detection
@@ -206,12 +210,15 @@ class DetectorTask(TrainingTask):
 def train_detector(config: DetectorTrainConfig, *, resume: bool = False) -> dict[str, Any]:
     """Run (or resume) a detector training run; returns a summary with the final detector directory."""
     result = run_training(config, lambda env: DetectorTask(config, env), resume=resume)
+    task = result.task
+    if not isinstance(task, DetectorTask):  # run_training returns the task that the factory above built
+        raise TypeError(f"expected a DetectorTask back from the training loop, got {type(task).__name__}")
     out = Path(config.output_dir)
     summary: dict[str, Any] = {
         "steps": result.steps,
         "detector_dir": str(out / "detector"),
         "checkpoint": str(result.checkpoint),
-        "skipped": dict(result.task.dataset.report),
+        "skipped": dict(task.dataset.report),
     }
     if result.last_eval is not None:
         summary["eval"] = result.last_eval

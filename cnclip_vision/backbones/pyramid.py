@@ -146,7 +146,10 @@ def last_tokens(tower: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
     """The patch tokens of a ViT's last block after its final norm, ``[N, width, H/p, W/p]`` (class token dropped;
     the tower's ``dynamic_img_size`` interpolates the position embedding to any grid). The one way this library
     computes dense tokens: the detector's pyramid, its ``dense`` branch and :func:`dense_image_embeddings`."""
-    return tower.forward_intermediates(x, indices=1, norm=True, output_fmt="NCHW", intermediates_only=True)[0]
+    out = tower.forward_intermediates(x, indices=1, norm=True, output_fmt="NCHW", intermediates_only=True)
+    if not isinstance(out, list):  # intermediates_only: timm returns the list of the taken blocks' maps
+        raise TypeError(f"{type(tower).__name__}.forward_intermediates gave a {type(out).__name__}, expected a list")
+    return out[0]
 
 
 def _project(head: nn.Module, tokens: torch.Tensor, normalize: bool) -> torch.Tensor:
@@ -377,16 +380,16 @@ def vit_fpn_backbone(
     if isinstance(weights, ChineseCLIP):
         tower, shared = _model_tower(weights, config, kwargs, trainable_layers, tower_kwargs), not trainable_layers
     elif weights is None or weights is False:
-        tower = timm.create_model(timm_name, pretrained=False, **kwargs)
+        tower = _create_tower(timm_name, pretrained=False, **kwargs)
     elif weights is True:
         if match_registered(config) is None:
             raise ValueError("weights=True needs a registered size for arch; pass a weights file for a custom config")
-        tower = timm.create_model(timm_name, pretrained=True, **kwargs)
+        tower = _create_tower(timm_name, pretrained=True, **kwargs)
     elif isinstance(weights, (str, os.PathLike)):
         file = _weights_file(weights)
         # num_classes in the overlay too: timm drops (leaves random) a head whose size differs from the cfg's
         overlay = dict(file=str(file), num_classes=config.embed_dim)
-        tower = timm.create_model(timm_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+        tower = _create_tower(timm_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     else:
         raise ValueError(
             f"weights={weights!r}; expected None, True, a ChineseCLIP model, or a path to a weights file or directory"
@@ -405,6 +408,14 @@ def vit_fpn_backbone(
         f", input resized by {backbone.patch_size}/16" if backbone.patch_size != _STRIDE else "",
     )
     return backbone
+
+
+def _create_tower(timm_name: str, **kwargs: Any) -> VisionTransformer:
+    """``timm.create_model(timm_name, **kwargs)``, a ViT (the registered Chinese-CLIP ViT towers)."""
+    tower = timm.create_model(timm_name, **kwargs)
+    if not isinstance(tower, VisionTransformer):
+        raise TypeError(f"timm model {timm_name!r} is a {type(tower).__name__}, not a VisionTransformer")
+    return tower
 
 
 def _model_tower(
@@ -451,6 +462,7 @@ def anchor_generator(kind: DetectorKind, strides: tuple[int, ...] = (4, 8, 16, 3
         raise ValueError(f"strides={strides}: expected {len(_OBJECT_SIZES)} levels")
     if kind == "fcos":
         return AnchorGenerator(tuple((s,) for s in strides), ((1.0,),) * len(strides))
+    sizes: tuple[tuple[int, ...], ...]
     if kind == "retinanet":
         sizes = tuple((x, int(x * 2 ** (1 / 3)), int(x * 2 ** (2 / 3))) for x in _OBJECT_SIZES)
     else:

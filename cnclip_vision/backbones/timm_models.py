@@ -89,10 +89,12 @@ class ChineseCLIPViT(VisionTransformer):
         x = self._check(x)
         return self._timm_forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
 
-    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None, **kwargs: Any):
+    def forward_intermediates(  # type: ignore[override]  # timm's other parameters pass through **kwargs
+        self, x: torch.Tensor, indices: int | Sequence[int] | None = None, **kwargs: Any
+    ) -> Any:
         x = self._check(x)
         _check_indices(indices, len(self.blocks), "indices")
-        return super().forward_intermediates(x, indices, **kwargs)
+        return super().forward_intermediates(x, _as_timm_indices(indices), **kwargs)
 
 
 class ChineseCLIPResNet(ByobNet):
@@ -111,10 +113,17 @@ class ChineseCLIPResNet(ByobNet):
         x = self._check(x)
         return self._timm_forward_features(x)
 
-    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None, **kwargs: Any):
+    def forward_intermediates(  # type: ignore[override]  # timm's other parameters pass through **kwargs
+        self, x: torch.Tensor, indices: int | Sequence[int] | None = None, **kwargs: Any
+    ) -> Any:
         x = self._check(x)
         _check_indices(indices, len(self.feature_info), "indices")
-        return super().forward_intermediates(x, indices, **kwargs)
+        return super().forward_intermediates(x, _as_timm_indices(indices), **kwargs)
+
+
+def _as_timm_indices(indices: int | Sequence[int] | None) -> int | list[int] | None:
+    """``indices`` as timm's ``forward_intermediates`` types them (it only iterates over a sequence)."""
+    return indices if indices is None or isinstance(indices, int) else list(indices)
 
 
 def _check_indices(indices: int | Sequence[int] | None, n: int, argument: str) -> None:
@@ -130,7 +139,7 @@ def _check_indices(indices: int | Sequence[int] | None, n: int, argument: str) -
 def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Any Chinese-CLIP checkpoint layout → this timm model's keys (timm's own filter then resamples the
     position embedding for other image sizes)."""
-    state = dict(state_dict.get("state_dict", state_dict))  # type: ignore[arg-type]
+    state = dict(state_dict.get("state_dict", state_dict))
     if any(k.startswith("module.") for k in state):
         state = {k.removeprefix("module."): v for k, v in state.items()}
     try:

@@ -55,7 +55,7 @@ def _eval_coco(args: argparse.Namespace) -> int:
         ground_truth,
         results,
         novel=_split_list(args.novel),
-        base=_split_list(args.base),  # type: ignore[arg-type]
+        base=_split_list(args.base),
         max_dets=args.max_dets,
         output=args.results_output,
     )

@@ -38,7 +38,7 @@ def _parse_query(text: str) -> Any:
         path = head
     if not Path(path).is_file():
         raise FileNotFoundError(f"--query {name}: image {path} does not exist")
-    return ImageQuery(path, name.strip(), box)  # type: ignore[arg-type]
+    return ImageQuery(path, name.strip(), box)
 
 
 def _picture_paths(images: list[str], output: str | None) -> list[Path | None]:

@@ -129,6 +129,8 @@ def _eval_retrieval(args: argparse.Namespace) -> int:
     else:
         text_ids = [r.text_id for r in records]
         texts = [r.text for r in records]
+        if model is None:  # need_model holds whenever the texts are encoded here
+            raise RuntimeError("no model was loaded to encode the texts")
         text_emb = encode_texts(model, texts, batch_size=max(args.batch_size, 64), progress=not args.quiet)
     ground_truth = {r.text_id: r.image_ids for r in records}
     metrics = evaluate_retrieval(text_emb, text_ids, image_emb, image_ids, ground_truth)

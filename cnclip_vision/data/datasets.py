@@ -68,7 +68,7 @@ def read_pairs(path: str | os.PathLike[str]) -> tuple[list[tuple[Path, str]], li
     for number, row in rows:
         where = f"{path}:{number}"
         if path.suffix == ".jsonl":
-            if "image" not in row or not ({"caption", "text"} & set(row)):
+            if not isinstance(row, dict) or "image" not in row or not ({"caption", "text"} & set(row)):
                 raise CNClipError(f"{where}: expected an object with 'image' and 'caption' keys")
             image, caption = row["image"], row.get("caption", row.get("text"))
         else:
@@ -96,7 +96,7 @@ def read_pairs(path: str | os.PathLike[str]) -> tuple[list[tuple[Path, str]], li
 class CaptionDataset(Dataset):
     """Pairs from a JSONL / TSV file, images decoded and transformed on access."""
 
-    def __init__(self, path: str | os.PathLike[str], transform: Callable[[object], torch.Tensor]) -> None:
+    def __init__(self, path: str | os.PathLike[str], transform: Callable[[Path], torch.Tensor]) -> None:
         self.path = Path(path)
         self.pairs, self.skipped = read_pairs(path)
         self.transform = transform
@@ -119,7 +119,7 @@ class OriginalLayoutDataset(Dataset):
     """The Chinese-CLIP ``{split}_imgs.tsv`` + ``{split}_texts.jsonl`` layout; images are read by byte
     offset, so the TSV is never held in memory."""
 
-    def __init__(self, root: str | os.PathLike[str], split: str, transform: Callable[[object], torch.Tensor]) -> None:
+    def __init__(self, root: str | os.PathLike[str], split: str, transform: Callable[[bytes], torch.Tensor]) -> None:
         self.root = Path(root)
         self.images_path = self.root / f"{split}_imgs.tsv"
         texts_path = self.root / f"{split}_texts.jsonl"
@@ -176,8 +176,8 @@ class OriginalLayoutDataset(Dataset):
 
 
 def open_dataset(
-    spec: str | os.PathLike[str], transform: Callable[[object], torch.Tensor], *, split: str = "train"
-) -> Dataset:
+    spec: str | os.PathLike[str], transform: Callable[[Path | bytes], torch.Tensor], *, split: str = "train"
+) -> CaptionDataset | OriginalLayoutDataset:
     """A dataset from a ``.jsonl`` / ``.tsv`` file or a folder in the original layout."""
     path = Path(spec)
     if path.is_dir():

@@ -27,7 +27,9 @@ def list_images(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]
     image file, or a sequence of any of these."""
     if isinstance(source, (list, tuple)):
         return [p for item in source for p in list_images(item)]
-    path = Path(source)  # type: ignore[arg-type]
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"expected a path or a list of paths, got {type(source).__name__}")
+    path = Path(source)
     if path.is_dir():
         found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
         if not found:
@@ -49,7 +51,7 @@ def list_images(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]
 class ImageFileDataset(Dataset):
     """``(index, pixels or None, error or None)`` for each path; decoding errors are returned, not raised."""
 
-    def __init__(self, paths: Sequence[str | os.PathLike[str]], transform: Callable[[object], torch.Tensor]) -> None:
+    def __init__(self, paths: Sequence[str | os.PathLike[str]], transform: Callable[[Path], torch.Tensor]) -> None:
         self.paths = [Path(p) for p in paths]
         self.transform = transform
 
@@ -81,7 +83,7 @@ def _collate(items: list[tuple[int, torch.Tensor | None, str | None]]) -> ImageB
 
 def iter_image_batches(
     paths: Sequence[str | os.PathLike[str]],
-    transform: Callable[[object], torch.Tensor],
+    transform: Callable[[Path], torch.Tensor],
     *,
     batch_size: int = 64,
     num_workers: int | None = None,

@@ -10,7 +10,7 @@ import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 
@@ -121,10 +121,10 @@ class Processor:
         if not isinstance(config, dict):
             raise ValueError(f"{config_path} must hold a JSON object")
         size, mean, std = _image_settings(config, config_path)
-        vocab_path: Path | None = directory / "vocab.txt"
-        if not vocab_path.is_file():
+        vocab_file = directory / "vocab.txt"
+        vocab_path = vocab_file if vocab_file.is_file() else None
+        if vocab_path is None:
             logger.info("%s has no vocab.txt; using the packaged Chinese-CLIP vocabulary", directory)
-            vocab_path = None
         return cls(size, vocab_path, context_length, image_mean=mean, image_std=std)
 
     def save_pretrained(self, directory: str | os.PathLike[str]) -> Path:
@@ -168,9 +168,11 @@ class Processor:
         if text is not None:
             data.update(self.tokenizer(text, context_length=self.context_length, padding=padding))
         if images is not None:
-            if not isinstance(images, (list, tuple)):
-                images = [images]
-            data["pixel_values"] = self.image_transform.batch(images)
+            if isinstance(images, (list, tuple)):
+                batch: Sequence[ImageSource] = images
+            else:  # anything but a list or tuple is one image (a str path is a Sequence too)
+                batch = [cast("ImageSource", images)]
+            data["pixel_values"] = self.image_transform.batch(batch)
         return BatchEncoding(data)
 
     def __repr__(self) -> str:

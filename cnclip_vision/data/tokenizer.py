@@ -158,7 +158,7 @@ class Tokenizer:
     @functools.cached_property
     def hf_tokenizer(self) -> PreTrainedTokenizerBase:
         """The underlying transformers ``BertTokenizerFast`` (built on first use)."""
-        from transformers import BertTokenizerFast
+        from transformers import BertTokenizerFast  # type: ignore[attr-defined]  # transformers 5 exports it lazily, invisible to mypy
 
         # transformers 5: ``vocab_file=`` is silently ignored (tiny default vocab); ``vocab=`` reads the file.
         tok = BertTokenizerFast(vocab=str(self.vocab_path), do_lower_case=True, tokenize_chinese_chars=True)
@@ -284,7 +284,10 @@ class Tokenizer:
         """Ids back to text (word pieces joined; lower-cased, accents stripped)."""
         if hasattr(ids, "tolist"):
             ids = ids.tolist()
-        return self.hf_tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        text = self.hf_tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        if not isinstance(text, str):  # decode gives a list only for a batch of id lists
+            raise TypeError(f"expected a flat sequence of token ids, got {type(text).__name__} from decode")
+        return text
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_path={str(self.vocab_path)!r})"

@@ -38,7 +38,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -145,13 +145,20 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
+@runtime_checkable
+class _DynamicImageSize(Protocol):
+    """A timm ViT built with ``dynamic_img_size`` (interpolates its position embedding to any input size)."""
+
+    dynamic_img_size: bool
+
+
 @contextmanager
 def _native_image_size(visual: nn.Module) -> Iterator[None]:
     """The ViT tower at its fixed native size while it is exported (the graph's H and W are fixed anyway).
     Our towers are built with timm's ``dynamic_img_size``, whose size early-out is skipped while exporting, so
     every exported graph would otherwise carry a position-embedding interpolation and an extra fp32 copy."""
     patch_embed = getattr(visual, "patch_embed", None)
-    if not getattr(visual, "dynamic_img_size", False) or patch_embed is None:
+    if not isinstance(visual, _DynamicImageSize) or not visual.dynamic_img_size or patch_embed is None:
         yield
         return
     from timm.layers import Format
@@ -222,6 +229,8 @@ def _export_one(
         except Exception as e:  # torch.export / onnxscript raise many types; say which encoder failed
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CNClipError(f"ONNX export of {destination.name} failed ({type(e).__name__}): {reason}") from e
+    if program is None:  # only the legacy (dynamo=False) exporter returns None
+        raise CNClipError(f"ONNX export of {destination.name} returned no program")
     export_seconds = time.perf_counter() - start
     external = weight_bytes > _EXTERNAL_DATA_BYTES
     stage = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))

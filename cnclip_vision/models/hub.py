@@ -31,9 +31,10 @@ def download_weights(info: ModelInfo, revision: str | None = None) -> Path:
         return Path(info.local_path)
     if info.hub_id is None:
         raise WeightsNotFoundError(f"model {info.name!r} has no released weights")
+    hub_id: str = info.hub_id
 
     def fetch(filename: str) -> Path:
-        return Path(hf_hub_download(info.hub_id, filename, revision=revision))
+        return Path(hf_hub_download(hub_id, filename, revision=revision))
 
     try:
         if info.name == "RN50":  # transformers has no RN50 class; the repo holds the original checkpoint

@@ -9,11 +9,16 @@ without pooler. timm and transformers are imported inside the builders, so impor
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from cnclip_vision.models.configs import CLIPConfig, VisionConfig
+
+if TYPE_CHECKING:
+    from timm.models.byobnet import ByobNet
+    from timm.models.vision_transformer import VisionTransformer
+    from transformers import BertModel
 
 __all__ = ["build_image_tower", "build_text_tower", "check_resnet", "vit_kwargs"]
 
@@ -40,14 +45,14 @@ def vit_kwargs(vision: VisionConfig) -> dict[str, Any]:
 
 
 def check_resnet(vision: VisionConfig) -> None:
-    if tuple(vision.layers) != (3, 4, 6, 3) or vision.width != 64 or vision.heads != 32:  # type: ignore[arg-type]
+    if vision.layers != (3, 4, 6, 3) or vision.width != 64 or vision.heads != 32:  # layers: an int or a tuple
         raise ValueError(
             f"ResNet image towers exist only in the RN50 layout (layers (3, 4, 6, 3), width 64, 32 heads); "
             f"got layers {vision.layers}, width {vision.width}, heads {vision.heads}"
         )
 
 
-def build_image_tower(vision: VisionConfig, embed_dim: int) -> nn.Module:
+def build_image_tower(vision: VisionConfig, embed_dim: int) -> VisionTransformer | ByobNet:
     """A timm model mapping ``[N, 3, S, S]`` images to ``[N, embed_dim]`` image features."""
     if vision.kind == "vit":
         from timm.models.vision_transformer import VisionTransformer
@@ -63,7 +68,7 @@ def build_image_tower(vision: VisionConfig, embed_dim: int) -> nn.Module:
     return ByobNet(cfg=model_cfgs["resnet50_clip"], num_classes=embed_dim, img_size=vision.image_size)
 
 
-def build_text_tower(config: CLIPConfig) -> nn.Module:
+def build_text_tower(config: CLIPConfig) -> BertModel:
     """``transformers.BertModel`` without pooler, SDPA attention."""
     from transformers import BertConfig, BertModel
 

@@ -22,13 +22,16 @@ import re
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from cnclip_vision.errors import CheckpointError
 from cnclip_vision.io import atomic_write, write_json
 from cnclip_vision.models.configs import CLIPConfig, TextConfig, VisionConfig, match_registered
+
+if TYPE_CHECKING:
+    from cnclip_vision.models.clip import ChineseCLIP
 
 logger = logging.getLogger(__name__)
 
@@ -269,13 +272,15 @@ def original_to_native(state: Mapping[str, torch.Tensor]) -> StateDict:
 
 def _resnet_filter(state: StateDict) -> StateDict:
     """timm's own OpenAI-CLIP ModifiedResNet → ``resnet50_clip`` key mapping (on a weightless model)."""
-    from timm.models.byobnet import checkpoint_filter_fn
+    from timm.models.byobnet import ByobNet, checkpoint_filter_fn
 
     from cnclip_vision.models.configs import get_config
     from cnclip_vision.models.towers import build_image_tower
 
     with torch.device("meta"):
         tower = build_image_tower(get_config("RN50").vision, 1024)
+    if not isinstance(tower, ByobNet):
+        raise TypeError(f"the RN50 image tower should be a timm ByobNet, got {type(tower).__name__}")
     return checkpoint_filter_fn(state, tower)
 
 
@@ -384,12 +389,12 @@ def looks_like(state: Mapping[str, torch.Tensor]) -> str:
 
 
 def load_native_state_dict(
-    model: torch.nn.Module, state: Mapping[str, torch.Tensor], *, source: str, assign: bool = False
+    model: ChineseCLIP, state: Mapping[str, torch.Tensor], *, source: str, assign: bool = False
 ) -> None:
     """Strict load that names missing, unexpected and mis-shaped keys before torch would."""
     problems = fit_report(model.state_dict(), state)
     if problems:
-        header = f"checkpoint {source} does not fit the model ({describe(model.config)})"  # type: ignore[arg-type]
+        header = f"checkpoint {source} does not fit the model ({describe(model.config)})"
         raise CheckpointError("\n".join([header, *problems, looks_like(state)]).rstrip())
     model.load_state_dict(state, strict=True, assign=assign)
 
@@ -405,11 +410,11 @@ def save_state_dict(state: Mapping[str, torch.Tensor], path: str | os.PathLike[s
         save_file(tensors, str(tmp), metadata=metadata)
 
 
-def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike[str]) -> None:
+def save_pretrained(model: ChineseCLIP, directory: str | os.PathLike[str]) -> None:
     """Hugging Face layout for ViT towers (transformers reads it), native layout for ResNet towers."""
     from cnclip_vision.data.processor import Processor
 
-    config: CLIPConfig = model.config  # type: ignore[assignment]
+    config = model.config
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()

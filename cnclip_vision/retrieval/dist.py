@@ -134,14 +134,18 @@ class Group:
         return out
 
     def broadcast(self, obj: T | None) -> T:
-        """Rank 0's ``obj`` on every rank."""
+        """Rank 0's ``obj`` (not None; the other ranks may pass None) on every rank."""
         if self.world_size == 1:
-            return obj  # type: ignore[return-value]
-        import torch.distributed as dist
+            value = obj
+        else:
+            import torch.distributed as dist
 
-        box = [obj]
-        dist.broadcast_object_list(box, src=0, group=self._group)
-        return box[0]  # type: ignore[return-value]
+            box = [obj]
+            dist.broadcast_object_list(box, src=0, group=self._group)
+            value = box[0]
+        if value is None:
+            raise ValueError("broadcast: rank 0 passed None")
+        return value
 
     def run_on_main(self, fn: Callable[[], T]) -> T:
         """``fn()`` on rank 0, its result (or its error, re-raised as CNClipError/ValueError) on every rank."""

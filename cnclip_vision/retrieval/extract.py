@@ -174,11 +174,11 @@ def _scan(
     layout = Layout.of(hashes, num_shards)
     candidates = []
     for s in range(num_shards):
-        meta = metas.get(store.shard_name(s, num_shards))
-        if meta is None or meta.get("shard") != s or meta.get("num_shards") != num_shards:
+        found = metas.get(store.shard_name(s, num_shards))
+        if found is None or found.get("shard") != s or found.get("num_shards") != num_shards:
             continue
         rows = layout.rows[s]
-        if meta.get("num_items") == len(rows) and meta.get("digest") == store.ids_digest([ids[r] for r in rows]):
+        if found.get("num_items") == len(rows) and found.get("digest") == store.ids_digest([ids[r] for r in rows]):
             candidates.append(s)
     return num_shards, candidates, sorted(metas)
 
@@ -272,12 +272,12 @@ class Sources:
         """``{file: (rows of the job, rows of the file)}`` for the job's items found on disk."""
         found: dict[str, tuple[list[int], list[int]]] = {}
         left = list(range(len(job.ids)))
-        hashes = store.item_hashes(job.ids) if self.layouts else None
+        hashes = store.item_hashes(job.ids) if self.layouts else np.empty(0, np.uint64)  # no layouts: unused
         order = sorted(self.layouts, key=lambda c: c != job.num_shards)  # the job's own layout first
         for count in order:
             if not left:
                 break
-            where = store.shard_of(hashes[left], count)  # type: ignore[index]
+            where = store.shard_of(hashes[left], count)
             rest = []
             for row, s in zip(left, where.tolist()):
                 name = store.shard_name(s, count)
@@ -329,7 +329,7 @@ class RunStats:
 
 def write_jobs(
     jobs: Sequence[ShardJob],
-    encode: Encoder,
+    encode: Encoder | None,
     sources: Sources,
     out: Path,
     key: dict[str, Any],
@@ -337,17 +337,23 @@ def write_jobs(
     progress: bool = False,
     desc: str = "embed",
 ) -> RunStats:
-    """Write every job's shard: rows found in ``sources`` are copied, the others encoded."""
+    """Write every job's shard: rows found in ``sources`` are copied, the others encoded (``encode`` may be
+    None only when there is nothing to encode, e.g. no jobs)."""
     from tqdm.auto import tqdm
 
     stats = RunStats()
     copies = [sources.locate(job) for job in jobs]
     todo = []
     for job, found in zip(jobs, copies):
-        have = {r for rows, _ in found.values() for r in rows}
-        todo.append([r for r in range(len(job.ids)) if r not in have])
+        copied = {r for rows, _ in found.values() for r in rows}
+        todo.append([r for r in range(len(job.ids)) if r not in copied])
     dim, dtype = key["dim"], store.DTYPES[key["dtype"]]
-    stream = iter(encode(jobs, todo)) if any(todo) else iter(())
+    if not any(todo):
+        stream: Iterator[tuple[int, Sequence[int], np.ndarray, Sequence[tuple[int, str]]]] = iter(())
+    elif encode is None:
+        raise ValueError("write_jobs: items are left to encode but no encoder was given")
+    else:
+        stream = iter(encode(jobs, todo))
     nxt = next(stream, None)
     with tqdm(total=sum(len(j.ids) for j in jobs), desc=desc, unit="item", disable=not progress, leave=False) as bar:
         for j, job in enumerate(jobs):
@@ -365,17 +371,17 @@ def write_jobs(
             while need:
                 if nxt is None or nxt[0] != j:
                     raise RuntimeError(f"the encoder skipped {len(need)} items of shard {job.name}")
-                _, rows, encoded, failures = nxt
-                if len(rows):
-                    emb[list(rows)] = encoded
-                    have[list(rows)] = True
+                _, encoded_rows, encoded, failures = nxt
+                if len(encoded_rows):
+                    emb[list(encoded_rows)] = encoded
+                    have[list(encoded_rows)] = True
                 for row, reason in failures:
                     reasons[row] = reason
-                need.difference_update(rows)
+                need.difference_update(encoded_rows)
                 need.difference_update(r for r, _ in failures)
-                stats.encoded += len(rows) + len(failures)
+                stats.encoded += len(encoded_rows) + len(failures)
                 stats.failed += len(failures)
-                bar.update(len(rows) + len(failures))
+                bar.update(len(encoded_rows) + len(failures))
                 nxt = next(stream, None)
             keep = np.flatnonzero(have)
             meta = {
@@ -504,7 +510,7 @@ def run_extraction(
         sources,
         out,
         key,
-        progress=progress and group.is_main,  # type: ignore[arg-type]
+        progress=progress and group.is_main,
         desc=f"embed {modality}s",
     )
     if group.world_size > 1:
@@ -585,7 +591,7 @@ def image_ids(images: str | os.PathLike[str] | Sequence[str | os.PathLike[str]])
     from cnclip_vision.data.images import list_images
 
     paths = list_images(images)
-    if isinstance(images, (list, tuple)):
+    if not isinstance(images, (str, os.PathLike)):  # a list or tuple: list_images rejects other values
         return [str(p) for p in paths], [Path(p).as_posix() for p in paths]
     src = Path(images)
     root = src if src.is_dir() else src.parent
@@ -635,7 +641,7 @@ def extract_image_embeddings(
     """
     paths, ids = image_ids(images)
     store.check_ids(ids, "image")
-    source = os.fspath(images) if not isinstance(images, (list, tuple)) else f"{len(images)} paths"
+    source = os.fspath(images) if isinstance(images, (str, os.PathLike)) else f"{len(images)} paths"
     return run_extraction(
         out_dir,
         modality="image",

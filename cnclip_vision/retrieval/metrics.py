@@ -106,9 +106,12 @@ def evaluate_retrieval(
     if unknown:
         raise ValueError(f"{len(unknown)} annotated texts have no embedding, e.g. {unknown[:3]}")
     find_image = _image_lookup([str(i) for i in image_ids])
-    queries, t2i_gt, i2t_gt, missing = [], [], {}, set()
+    queries: list[int] = []
+    t2i_gt: list[set[int]] = []
+    i2t_gt: dict[int, set[int]] = {}
+    missing: set[str] = set()
     for text_id, gt_images in ground_truth.items():
-        rows = set()
+        rows: set[int] = set()
         for image_id in map(str, gt_images):
             row = find_image(image_id)
             if row is None:
@@ -128,11 +131,12 @@ def evaluate_retrieval(
         raise CNClipError("no annotated image is in the image set: check that the image ids match the annotation")
     text_index_ = EmbeddingIndex(torch.as_tensor(text_embeddings), list(map(str, text_ids)), device=device)
     image_index = EmbeddingIndex(torch.as_tensor(image_embeddings), list(map(str, image_ids)), device=device)
-    t2i = _recall_from_ranking(image_index.search(text_index_.embeddings[queries], max(ks))[1], t2i_gt, ks)
+    text_rows, image_rows = text_index_.embeddings, image_index.embeddings
+    if text_rows is None or image_rows is None:  # built from tensors: exact indexes always hold their rows
+        raise RuntimeError("retrieval_metrics needs in-memory embeddings")
+    t2i = _recall_from_ranking(image_index.search(text_rows[queries], max(ks))[1], t2i_gt, ks)
     i2t_rows = list(i2t_gt)
-    i2t = _recall_from_ranking(
-        text_index_.search(image_index.embeddings[i2t_rows], max(ks))[1], [i2t_gt[r] for r in i2t_rows], ks
-    )
+    i2t = _recall_from_ranking(text_index_.search(image_rows[i2t_rows], max(ks))[1], [i2t_gt[r] for r in i2t_rows], ks)
     result: dict[str, Any] = {f"t2i_R@{k}": v for k, v in t2i.items()}
     result.update({f"i2t_R@{k}": v for k, v in i2t.items()})
     result["t2i_mean_recall"] = sum(t2i.values()) / len(ks)

@@ -193,7 +193,7 @@ def extract_image_embeddings_ray(
     summary as the torchrun path, plus ``engine`` and ``ray_actors``."""
     paths, ids = extract.image_ids(images)
     store.check_ids(ids, "image")
-    source = os.fspath(images) if not isinstance(images, (list, tuple)) else f"{len(images)} paths"
+    source = os.fspath(images) if isinstance(images, (str, os.PathLike)) else f"{len(images)} paths"
     return _run(
         model,
         out_dir,

@@ -168,13 +168,19 @@ class EmbeddingIndex:
         """The FAISS index's description (key, parameters, measured recall and speed), None for exact search."""
         return self._ann.info if self._ann is not None else None
 
+    def _rows(self) -> torch.Tensor:
+        """The in-memory embeddings; only an index over a directory's FAISS index has none."""
+        if self.embeddings is None:
+            raise CNClipError("this index searches a FAISS index and holds no embeddings for exact search")
+        return self.embeddings
+
     def _build_faiss(self) -> Any:
         try:
             import faiss
         except ImportError:
             raise CNClipError("use_faiss=True needs FAISS: pip install faiss-cpu (or faiss-gpu)") from None
         index = faiss.IndexFlatIP(self.dim)
-        for chunk in self.embeddings.split(self.db_chunk_size):  # type: ignore[union-attr]
+        for chunk in self._rows().split(self.db_chunk_size):
             index.add(np.ascontiguousarray(chunk.float().cpu().numpy()))
         return index
 
@@ -193,11 +199,12 @@ class EmbeddingIndex:
             qn = torch.nn.functional.normalize(q.detach().float().cpu(), dim=1).numpy()
             if self._ann is not None:
                 scores, indices = self._ann.search(qn, k)
-            else:
+            elif self._faiss is not None:  # always true here: one of the two indexes is set
                 scores, indices = self._faiss.search(np.ascontiguousarray(qn), k)
             scores = np.where(indices < 0, -np.inf, scores).astype(np.float32)
             return torch.from_numpy(scores), torch.from_numpy(indices.astype(np.int64))
-        compute = torch.float64 if torch.float64 in (q.dtype, self.embeddings.dtype) else torch.float32  # type: ignore[union-attr]
+        embeddings = self._rows()
+        compute = torch.float64 if torch.float64 in (q.dtype, embeddings.dtype) else torch.float32
         q = torch.nn.functional.normalize(q.to(compute), dim=1)
         all_scores, all_indices = [], []
         for q_chunk in q.split(self.query_chunk_size):
@@ -205,7 +212,7 @@ class EmbeddingIndex:
             best_s = torch.empty(len(q_chunk), 0, dtype=compute, device=self.device)
             best_i = torch.empty(len(q_chunk), 0, dtype=torch.long, device=self.device)
             for start in range(0, len(self), self.db_chunk_size):
-                block = self.embeddings[start : start + self.db_chunk_size].to(self.device, compute)  # type: ignore[index]
+                block = embeddings[start : start + self.db_chunk_size].to(self.device, compute)
                 s, i = _chunk_topk(q_chunk @ block.T, min(k, len(block)))
                 best_s, best_i = _stable_topk(torch.cat([best_s, s], 1), torch.cat([best_i, i + start], 1), k)
             all_scores.append(best_s.cpu())

@@ -30,7 +30,7 @@ import re
 import struct
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 
@@ -85,6 +85,10 @@ def item_hashes(ids: Sequence[str]) -> np.ndarray:
     return np.fromiter((item_hash(i) for i in ids), dtype=np.uint64, count=len(ids))
 
 
+@overload
+def shard_of(hashes: np.ndarray, num_shards: int) -> np.ndarray: ...
+@overload
+def shard_of(hashes: int, num_shards: int) -> int: ...
 def shard_of(hashes: np.ndarray | int, num_shards: int) -> np.ndarray | int:
     """Shard index of item hash(es) among ``num_shards`` (a power of two): the hash's top bits."""
     bits = num_shards.bit_length() - 1
@@ -312,6 +316,7 @@ class LazyIds(Sequence[str]):
     def __init__(self, path: str | os.PathLike[str], expected: int | None = None) -> None:
         self.path = Path(path)
         size = self.path.stat().st_size
+        self._buf: bytes | mmap.mmap
         if size == 0:
             self._buf, ends = b"", np.empty(0, np.int64)
         else:
@@ -326,9 +331,13 @@ class LazyIds(Sequence[str]):
     def __len__(self) -> int:
         return len(self._ends)
 
-    def __getitem__(self, index: int) -> str:  # type: ignore[override]
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[str]: ...
+    def __getitem__(self, index: int | slice) -> str | list[str]:
         if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]  # type: ignore[return-value]
+            return [self[i] for i in range(*index.indices(len(self)))]
         start, end = self._starts[index], self._ends[index]
         return bytes(self._buf[start:end]).decode("utf-8")
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hmac
 import logging
 import time
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -270,7 +271,7 @@ def create_app(service: Service, *, manage_service: bool = True) -> FastAPI:
     config: ServeConfig = service.config
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if manage_service:
             await service.start()
         try:

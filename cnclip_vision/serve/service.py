@@ -368,6 +368,8 @@ class Service:
         return out
 
     def _detect_batch(self, items: list[tuple[Image.Image, tuple[str, ...], float]]) -> list[list[dict[str, Any]]]:
+        if self._predictor is None:  # detect() already refuses requests when there is no detector
+            raise ServeError("this server runs without a detector: start it with --detector (e.g. toy-detector)", 503)
         labels = list(items[0][1])  # the batcher groups detections by their labels
         floor = min(t for _, _, t in items)
         results = self._predictor.predict(

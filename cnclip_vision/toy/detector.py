@@ -72,7 +72,7 @@ def evaluate_toy_detector(
     report: dict[str, Any] = {"default_mode": detector.config.vlm_mode, "modes": {}}
     keys = ("AP", "AP50", "AP50_base", "AP50_novel", "AP50_all")
     for mode in modes:
-        results, dataset = detect_coco(detector, annotation_file, vlm_mode=mode, progress=progress)  # type: ignore[arg-type]
+        results, dataset = detect_coco(detector, annotation_file, vlm_mode=mode, progress=progress)
         metrics = evaluate_coco(dataset.coco, results)
         report["modes"][mode] = {k: metrics[k] for k in keys}
         logger.info("toy detector, VLM %s: %s", mode, report["modes"][mode])

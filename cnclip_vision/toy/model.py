@@ -48,7 +48,7 @@ def evaluate_toy_model(
     )
     texts = encode_texts(model, pairs.captions, batch_size=batch_size)
     ranks = (texts @ images.t()).argmax(-1)
-    report = {
+    report: dict[str, Any] = {
         "zeroshot_top1": float(correct.float().mean()),
         "zeroshot_top1_held_out_combos": float(correct[held_out].float().mean()),
         "held_out_combos": [c.name for c in toyworld.HELD_OUT_COMBOS],

@@ -170,13 +170,13 @@ def get_category(key: CategoryLike) -> Category:
     raise ValueError(f"unknown toy category {key!r} (expected an id 1..{len(CATEGORIES)} or a name like 红色圆形)")
 
 
-class _Pool(tuple):  # type: ignore[type-arg]
+class _Pool(tuple[Category, ...]):
     """A resolved, non-empty tuple of categories (lets per-scene calls skip resolving)."""
 
 
 def _resolve(categories: Iterable[CategoryLike] | None, exclude: Iterable[CategoryLike] = ()) -> tuple[Category, ...]:
     if type(categories) is _Pool and not exclude:
-        return categories  # type: ignore[return-value]
+        return categories
     chosen = ALL_CATEGORIES if categories is None else tuple(get_category(c) for c in categories)
     dropped = {get_category(c).id for c in exclude}
     result = tuple(dict.fromkeys(c for c in chosen if c.id not in dropped))
@@ -213,7 +213,7 @@ def _unit_shapes() -> tuple[np.ndarray, ...]:
         a = 2 * math.pi * i / 48
         y = 13 * math.cos(a) - 5 * math.cos(2 * a) - 2 * math.cos(3 * a) - math.cos(4 * a)
         heart.append((16 * math.sin(a) ** 3, -y))
-    shapes = {
+    shapes: dict[str, list[tuple[float, float]]] = {
         "圆形": ring(64),
         "正方形": [(-1, -1), (1, -1), (1, 1), (-1, 1)],
         "三角形": ring(3),
@@ -449,10 +449,10 @@ def sample_scene(
     objects, masks = [], []
     for cat, r, (cx, cy) in zip(cats, radii, centres):
         rotation = 0 if cat.shape == "圆形" else _uniform_int(rng, -max_rotation, max_rotation)
-        rgb = tuple(min(max(v + _uniform_int(rng, -colour_jitter, colour_jitter), 0), 255) for v in cat.rgb)
+        red, green, blue = (min(max(v + _uniform_int(rng, -colour_jitter, colour_jitter), 0), 255) for v in cat.rgb)
         x0, y0, mask = _object_mask(cat.shape_index, (cx, cy), r, rotation)
         box = _mask_box(x0, y0, mask, image_size)
-        objects.append(SceneObject(cat.id, box, (cx, cy), r, rotation, rgb))  # type: ignore[arg-type]
+        objects.append(SceneObject(cat.id, box, (cx, cy), r, rotation, (red, green, blue)))
         masks.append((x0, y0, mask))
     scene = Scene(image_size, background, tuple(objects))
     object.__setattr__(scene, "_masks", tuple(masks))
@@ -584,7 +584,7 @@ def caption(scene: Scene, rng: np.random.Generator, *, with_positions: bool | Li
         template = _pick(rng, _PLAIN_TEMPLATES if len(scene.objects) > 1 else _PLAIN_TEMPLATES[:-1])
         return template.format(L=_join(parts, rng), N=COUNT_WORDS[len(scene.objects) - 1][:-1])
     if rng.random() < 0.5:  # reading order instead of random order
-        groups.sort(key=lambda g: g[0][1])
+        groups.sort(key=lambda g: -1 if g[0][1] is None else g[0][1])
     prefix = _pick(rng, _PREFIXES)
     clauses = []
     for i, ((cid, pos), n) in enumerate(groups):
@@ -849,7 +849,8 @@ def coco_from_scenes(
     cats = _resolve(categories)
     keep = {c.id for c in (cats if annotate is None else _resolve(annotate))} & {c.id for c in cats}
     novel = {c.id for c in NOVEL_CATEGORIES}
-    images, annotations = [], []
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
     for image_id, (scene, name) in enumerate(zip(scenes, file_names, strict=True), start=1):
         images.append({"id": image_id, "file_name": name, "width": scene.size, "height": scene.size})
         for obj in scene.objects:

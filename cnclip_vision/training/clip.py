@@ -23,7 +23,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -44,6 +44,9 @@ from cnclip_vision.training.loop import (
     read_recipe,
     run_training,
 )
+
+if TYPE_CHECKING:
+    from cnclip_vision.data.datasets import CaptionDataset, OriginalLayoutDataset
 
 logger = logging.getLogger(__name__)
 
@@ -142,14 +145,14 @@ class _FileImagePairs(Dataset):
     """A file-backed dataset whose unreadable images are replaced by the next readable pair (and logged),
     so every rank sees batches of the same size."""
 
-    def __init__(self, dataset: Dataset) -> None:
+    def __init__(self, dataset: CaptionDataset | OriginalLayoutDataset) -> None:
         self.dataset = dataset
 
     def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
+        return len(self.dataset)
 
     def key(self, index: int) -> int:
-        return _text_key(self.dataset.caption(index))  # type: ignore[attr-defined]
+        return _text_key(self.dataset.caption(index))
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         for step in range(len(self)):
@@ -164,7 +167,7 @@ def _text_key(text: str) -> int:
     return zlib.crc32(text.encode("utf-8"))
 
 
-def _build_dataset(config: TrainConfig, image_size: int) -> Dataset:
+def _build_dataset(config: TrainConfig, image_size: int) -> _ArrayPairs | _FileImagePairs:
     spec = config.train_data
     if isinstance(spec, dict):
         if set(spec) != {"toyworld"}:
@@ -193,6 +196,13 @@ def _gather(x: torch.Tensor, world: int, grad: bool) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ the model
+@runtime_checkable
+class _FusedAttention(Protocol):
+    """A timm attention layer: ``fused_attn`` switches it to ``F.scaled_dot_product_attention``."""
+
+    fused_attn: bool
+
+
 def _build_model(config: TrainConfig, device: torch.device) -> ChineseCLIP:
     from cnclip_vision.models.factory import create_model, load
 
@@ -214,7 +224,7 @@ def _build_model(config: TrainConfig, device: torch.device) -> ChineseCLIP:
     else:
         fused = config.fused_attention
     for module in model.visual.modules():
-        if hasattr(module, "fused_attn"):
+        if isinstance(module, _FusedAttention):  # has a fused_attn attribute
             module.fused_attn = fused
     if config.lock_image:
         model.visual.requires_grad_(False)
@@ -243,8 +253,9 @@ class ClipTask(TrainingTask):
 
         self.config = config
         self.model: ChineseCLIP = _build_model(config, env.device)
-        self.dataset = _build_dataset(config, self.model.image_size)
-        keys = [self.dataset.key(i) for i in range(len(self.dataset))]  # type: ignore[attr-defined,arg-type]
+        dataset = _build_dataset(config, self.model.image_size)
+        self.dataset = dataset
+        keys = [dataset.key(i) for i in range(len(dataset))]
         self.keys = torch.tensor(keys, dtype=torch.int64)
         self.collate_fn = _collate(get_tokenizer())
 

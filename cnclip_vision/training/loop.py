@@ -30,10 +30,10 @@ import math
 import os
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.distributed as dist
@@ -57,6 +57,7 @@ __all__ = [
     "TrainingError",
     "TrainingTask",
     "check_settings",
+    "dataset_length",
     "init_distributed",
     "no_weight_decay_names",
     "param_groups",
@@ -78,6 +79,7 @@ class LoopSettings(Protocol):
     """The options the loop reads; :class:`~cnclip_vision.training.clip.TrainConfig` and
     :class:`~cnclip_vision.detection.train.DetectorTrainConfig` (dataclasses) have them all."""
 
+    __dataclass_fields__: ClassVar[dict[str, Any]]  # a dataclass: the checkpoint stores dataclasses.asdict of it
     output_dir: str
     epochs: int
     max_steps: int | None
@@ -366,6 +368,13 @@ class _StepSampler(torch.utils.data.Sampler[list[int]]):
         return (self.steps - self.start_step) * self.accum_steps
 
 
+def dataset_length(dataset: Dataset) -> int:
+    """``len(dataset)``: torch's Dataset declares no ``__len__``, the loop's map-style datasets must have one."""
+    if not isinstance(dataset, Sized):
+        raise TypeError(f"the training dataset ({type(dataset).__name__}) has no len(): it must be map-style")
+    return len(dataset)
+
+
 class _SeededItems(Dataset):
     """Items whose random draws are a function of (seed, epoch, index) only: the same items whatever the number
     of workers, and again after a resume."""
@@ -374,7 +383,7 @@ class _SeededItems(Dataset):
         self.dataset, self.seed, self.epoch = dataset, seed, epoch
 
     def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
+        return dataset_length(self.dataset)
 
     def __getitem__(self, index: int) -> Any:
         with torch.random.fork_rng(devices=[]):
@@ -409,7 +418,7 @@ def run_training(
         out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(settings.seed)
     task = make_task(env)
-    n = len(task.dataset)  # type: ignore[arg-type]
+    n = dataset_length(task.dataset)
     steps_per_epoch = n // settings.batch_size
     if steps_per_epoch == 0:
         raise TrainingError(f"the training data has {n} samples, fewer than one batch of {settings.batch_size}")
@@ -463,7 +472,7 @@ def run_training(
                 task.after_optimizer_step(output)
             scheduler.step()
             step += 1
-            log.step(step, epoch, output, scheduler.get_last_lr()[0])
+            log.step(step, epoch, output, float(scheduler.get_last_lr()[0]))
             if step % settings.save_every == 0 or step == total:
                 _save(out, task, optimizer, scheduler, scaler, step, steps_per_epoch, settings, env)
             if env.is_main and (step % eval_every == 0 or step == total):
@@ -587,12 +596,17 @@ def _truncate_metrics(path: Path, step: int) -> None:
 def _rng_states(env: Distributed) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
     """The CPU (and CUDA) RNG state of every rank (a collective under torchrun)."""
     mine = (torch.get_rng_state(), torch.cuda.get_rng_state(env.device) if env.device.type == "cuda" else None)
-    states = [mine]
+    states: list[tuple[torch.Tensor, torch.Tensor | None]] = [mine]
     if env.world_size > 1:
-        states = [None] * env.world_size  # type: ignore[list-item]
-        dist.all_gather_object(states, mine)
+        gathered: list[Any] = [None] * env.world_size
+        dist.all_gather_object(gathered, mine)
+        states = gathered
     cpu = [s[0] for s in states]
-    cuda = [s[1] for s in states] if env.device.type == "cuda" else None
+    if env.device.type != "cuda":
+        return cpu, None
+    cuda = [s[1] for s in states if s[1] is not None]
+    if len(cuda) != len(states):
+        raise TrainingError("a rank sent no CUDA RNG state (every rank must train on a GPU)")
     return cpu, cuda
 
 
@@ -621,7 +635,7 @@ def _save(
         "rng": cpu_rng[0],
         "rng_ranks": cpu_rng,
         **({"cuda_rng_ranks": cuda_rng} if cuda_rng is not None else {}),
-        "train_config": json.dumps(dataclasses.asdict(settings), default=list),  # type: ignore[call-overload]
+        "train_config": json.dumps(dataclasses.asdict(settings), default=list),
     }
     paths = [out / CHECKPOINT_NAME] + ([out / f"step_{step}.pt"] if settings.keep_checkpoints else [])
     for path in paths:
