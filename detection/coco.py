@@ -230,6 +230,8 @@ class CocoDetection(torch.utils.data.Dataset):
         path = Path(annotation_file)
         self.annotation_file = path
         self.coco, self.report = validate_coco(read_coco(path), source=str(path))
+        #: images :func:`~cnclip_vision.detection.inference.detect_coco` could not evaluate, by reason
+        self.skipped_images: dict[str, list[int]] = {"missing": [], "unreadable": []}
         if image_root is None:
             image_root = path.parent / "images" if (path.parent / "images").is_dir() else path.parent
         self.image_root = Path(image_root)

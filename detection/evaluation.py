@@ -179,6 +179,7 @@ def evaluate_coco(
                 f"{source}: {n} detections have {what} ids that are not in {gt_source}: "
                 f"{unknown[:10]}{' ...' if len(unknown) > 10 else ''}"
             )
+    _check_box_format(dets, gt, source)
     if image_ids is not None:
         image_ids = sorted(set(image_ids))
         if not image_ids:
@@ -207,6 +208,26 @@ def evaluate_coco(
 
     coco_eval = _run_cocoeval(gt, dets, image_ids, max_dets)
     return _metrics(coco_eval, gt, splits, len(dets), max_dets)
+
+
+def _check_box_format(dets: list[dict[str, Any]], gt: dict[str, Any], source: str) -> None:
+    """Refuse results whose boxes look like ``[x1, y1, x2, y2]``: many of them (over a quarter) run past their
+    image when read as ``[x, y, width, height]``; a correct detector's boxes lie inside it, up to rounding."""
+    sizes = {img["id"]: (img.get("width"), img.get("height")) for img in gt["images"]}
+    checked = past = 0
+    for d in dets:
+        width, height = sizes.get(d["image_id"], (None, None))
+        if not width or not height:
+            continue
+        x, y, w, h = d["bbox"]
+        checked += 1
+        past += x + w > width * 1.02 + 1 or y + h > height * 1.02 + 1
+    if checked >= 4 and past > 0.25 * checked:
+        raise CocoFormatError(
+            f"{source}: {past} of {checked} boxes run past their image when read as [x, y, width, height]: they "
+            "look like [x1, y1, x2, y2]; COCO results are [x, y, width, height] (convert with "
+            "torchvision.ops.box_convert(boxes, 'xyxy', 'xywh'))"
+        )
 
 
 def _run_cocoeval(gt: dict[str, Any], dets: list[dict[str, Any]], image_ids: list[int] | None, max_dets: int) -> Any:

@@ -14,6 +14,7 @@ from torchvision.ops import box_convert
 from cnclip_vision.detection.model import OpenVocabDetector
 from cnclip_vision.detection.predictor import DetectionPredictor
 from cnclip_vision.detection.vocabulary import VLMMode, Vocabulary
+from cnclip_vision.errors import CNClipError
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +40,10 @@ def detect_coco(
 ) -> tuple[list[dict[str, Any]], Any]:
     """Detect every category of ``annotation_file`` (all scored together, the generalized OV protocol) in its
     images. Returns the COCO results list (``image_id``, ``category_id``, ``bbox`` xywh, ``score``) and the
-    dataset. Images that fail to load are reported and skipped. ``vocabulary_transform`` may replace the
-    encoded vocabulary (ablations, e.g. random embeddings for some classes)."""
+    dataset. Images that fail to load are reported and skipped, and listed in the dataset's ``skipped_images``
+    (``{"missing": [ids], "unreadable": [ids]}``; counted in ``dataset.report`` too) so that no AP is computed
+    over them unnoticed (:func:`evaluation_image_ids`). ``vocabulary_transform`` may replace the encoded
+    vocabulary (ablations, e.g. random embeddings for some classes)."""
     from tqdm.auto import tqdm
 
     from cnclip_vision.detection.coco import CocoDetection
@@ -54,10 +57,12 @@ def detect_coco(
         predictor.use_vocabulary(vocabulary_transform(vocabulary))
     loader = DataLoader(_Indexed(dataset), batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
     results: list[dict[str, Any]] = []
+    evaluated: set[int] = set()
     device = detector.device
-    for images, image_ids in tqdm(loader, desc="detect", unit="batch", disable=not progress):
+    for images, image_ids in tqdm(loader, desc="detect", unit="batch", disable=None if progress else True):
         if not images:
             continue
+        evaluated.update(image_ids)
         xs = [im.as_subclass(torch.Tensor).to(device).float().div_(255) for im in images]
         for image_id, r in zip(image_ids, predictor.detect(xs)):
             boxes = box_convert(r["boxes"].cpu(), "xyxy", "xywh")
@@ -70,7 +75,46 @@ def detect_coco(
                         "score": round(score, 5),
                     }
                 )
+    skipped: dict[str, list[int]] = {"missing": [], "unreadable": []}
+    for index, image_id in enumerate(dataset.image_ids):
+        if int(image_id) not in evaluated:
+            skipped["missing" if not dataset.image_path(index).is_file() else "unreadable"].append(int(image_id))
+    dataset.skipped_images = skipped
+    for kind, ids in skipped.items():
+        if ids:
+            dataset.report[f"images_{kind}"] = len(ids)
     return results, dataset
+
+
+def evaluation_image_ids(dataset: Any, *, allow_missing: bool = False) -> tuple[list[int] | None, dict[str, Any]]:
+    """Which images :func:`~cnclip_vision.detection.evaluation.evaluate_coco` may score after
+    :func:`detect_coco`, and the counts to report beside the AP: every ground-truth image (``None``) when all
+    were evaluated; otherwise an error naming what is missing, unless ``allow_missing``, which evaluates on
+    the evaluated images only and says so."""
+    skipped = getattr(dataset, "skipped_images", {"missing": [], "unreadable": []})
+    missing, unreadable = skipped["missing"], skipped["unreadable"]
+    total = len(dataset.image_ids)
+    counts: dict[str, Any] = {
+        "images_evaluated": total - len(missing) - len(unreadable),
+        "images_missing": len(missing),
+        "images_unreadable": len(unreadable),
+    }
+    if not missing and not unreadable:
+        return None, counts
+    first = next(i for i, image_id in enumerate(dataset.image_ids) if int(image_id) in set(missing + unreadable))
+    what = f"{len(missing)} missing, {len(unreadable)} unreadable, e.g. {dataset.image_path(first)}"
+    if counts["images_evaluated"] == 0:
+        raise CNClipError(f"none of the {total} ground-truth images could be read ({what}); check --image-root")
+    if not allow_missing:
+        raise CNClipError(
+            f"{total - counts['images_evaluated']} of {total} ground-truth images were not evaluated ({what}): their "
+            "objects would count as misses and lower AP; fix the images or --image-root, or pass --allow-missing "
+            "to evaluate on the evaluated images only"
+        )
+    evaluated = sorted(set(map(int, dataset.image_ids)) - set(missing) - set(unreadable))
+    counts["evaluated_on"] = f"the {len(evaluated)} evaluated images only (--allow-missing)"
+    logger.warning("AP over %d of %d images: %s were not evaluated", len(evaluated), total, what)
+    return evaluated, counts
 
 
 class _Indexed(torch.utils.data.Dataset):
@@ -96,12 +140,16 @@ def evaluate_detector(
     image_root: str | os.PathLike[str] | None = None,
     *,
     output: str | os.PathLike[str] | None = None,
+    allow_missing: bool = False,
     **kwargs: Any,
 ) -> dict[str, Any]:
     """:func:`detect_coco` then :func:`~cnclip_vision.detection.evaluation.evaluate_coco` on the dataset's
     cleaned ground truth: AP, AP50, AP75, APs/m/l, per-category AP and AP50 on base / novel / all (from the
-    categories' ``split`` field). ``output`` receives the COCO results JSON."""
+    categories' ``split`` field), and how many images were evaluated, missing and unreadable (an error when
+    any was not evaluated, unless ``allow_missing``: see :func:`evaluation_image_ids`). ``output`` receives the
+    COCO results JSON."""
     from cnclip_vision.detection.evaluation import evaluate_coco
 
     results, dataset = detect_coco(detector, annotation_file, image_root, **kwargs)
-    return evaluate_coco(dataset.coco, results, output=output)
+    image_ids, counts = evaluation_image_ids(dataset, allow_missing=allow_missing)
+    return {**evaluate_coco(dataset.coco, results, output=output, image_ids=image_ids), **counts}

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
@@ -23,8 +23,8 @@ __all__ = [
     "check_vlm_mode",
 ]
 
-VLM_MODES = ("crops", "dense", "off")
 VLMMode = Literal["crops", "dense", "off"]
+VLM_MODES: tuple[VLMMode, ...] = get_args(VLMMode)
 
 
 @dataclass(frozen=True)

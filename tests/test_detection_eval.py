@@ -326,3 +326,55 @@ def test_evaluator_bad_input(gt) -> None:
     evaluator.process([1, 2], [empty, empty])  # images without detections still count
     got = evaluator.evaluate()
     assert got["num_images"] == 2 and got["num_detections"] == 0 and got["AP"] == 0.0
+
+
+# ------------------------------------------------------------------ evaluation that cannot mislead
+def test_results_in_xyxy_are_refused_with_the_reason(gt) -> None:
+    xywh = _noisy_results(gt)
+    evaluate_coco(gt, xywh)  # the right format passes the check
+    xyxy = [
+        {**r, "bbox": [r["bbox"][0], r["bbox"][1], r["bbox"][0] + r["bbox"][2], r["bbox"][1] + r["bbox"][3]]}
+        for r in xywh
+    ]
+    with pytest.raises(CocoFormatError, match=r"look like \[x1, y1, x2, y2\]"):
+        evaluate_coco(gt, xyxy)
+
+
+@pytest.fixture(scope="module")
+def toy_scenes(tmp_path_factory):
+    from cnclip_vision.cli import main
+
+    root = tmp_path_factory.mktemp("eval_missing")
+    assert main(["-q", "toy-data", "detection", str(root), "--n", "6", "--seed", "11", "--image-size", "128"]) == 0
+    return root
+
+
+def test_missing_images_refuse_ap_unless_allowed(toy_scenes, tmp_path, capsys) -> None:
+    import shutil
+
+    from cnclip_vision.cli import main
+
+    data = tmp_path / "data"
+    shutil.copytree(toy_scenes, data)
+    annotations = data / "annotations.json"
+    files = [img["file_name"] for img in json.loads(annotations.read_text())["images"]]
+    capsys.readouterr()
+    base = ["eval-coco", "--ground-truth", str(annotations), "--detector", "toy-detector", "--device", "cpu"]
+    assert main(base) == 0
+    complete = json.loads(capsys.readouterr().out)
+    assert (complete["images_evaluated"], complete["images_missing"], complete["images_unreadable"]) == (6, 0, 0)
+
+    assert main([*base, "--image-root", str(tmp_path / "nowhere")]) == 2
+    assert "none of the 6 ground-truth images could be read" in capsys.readouterr().err
+
+    (data / "images" / files[0]).unlink()  # one missing ...
+    (data / "images" / files[1]).write_bytes(b"not a png")  # ... one unreadable
+    assert main(base) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "2 of 6 ground-truth images were not evaluated (1 missing, 1 unreadable" in err and "--allow-missing" in err
+
+    assert main([*base, "--allow-missing"]) == 0
+    partial = json.loads(capsys.readouterr().out)
+    assert (partial["images_evaluated"], partial["images_missing"], partial["images_unreadable"]) == (4, 1, 1)
+    assert "4 evaluated images only" in partial["evaluated_on"]
+    assert partial["num_images"] == 4

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from cnclip_vision.cli.common import add_output_options, write_records
 
@@ -33,12 +34,12 @@ def _eval_coco(args: argparse.Namespace) -> int:
         raise ValueError(
             "give either --results RESULTS.json (evaluate detections) or --detector DIR (detect, then evaluate)"
         )
-    results: object = args.results
-    ground_truth: object = args.ground_truth
+    results: Any = args.results
+    ground_truth: Any = args.ground_truth
     if args.detector is not None:
         from cnclip_vision.cli.common import resolve_device
         from cnclip_vision.detection import OpenVocabDetector
-        from cnclip_vision.detection.inference import detect_coco
+        from cnclip_vision.detection.inference import detect_coco, evaluation_image_ids
 
         detector = OpenVocabDetector.from_pretrained(args.detector, device=resolve_device(args.device))
         results, dataset = detect_coco(
@@ -51,6 +52,11 @@ def _eval_coco(args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )
         ground_truth = dataset.coco
+        image_ids, counts = evaluation_image_ids(dataset, allow_missing=args.allow_missing)
+    elif args.allow_missing:
+        raise ValueError("--allow-missing applies to --detector runs (which know the images they could not read)")
+    else:
+        image_ids, counts = None, {}
     metrics = evaluate_coco(
         ground_truth,
         results,
@@ -58,7 +64,9 @@ def _eval_coco(args: argparse.Namespace) -> int:
         base=_split_list(args.base),
         max_dets=args.max_dets,
         output=args.results_output,
+        image_ids=image_ids,
     )
+    metrics = {**metrics, **counts}
     write_records(args, [metrics], document=metrics)
     return 0
 
@@ -96,6 +104,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vlm-mode", choices=("crops", "dense", "off"), default=None, help="with --detector: VLM branch")
     p.add_argument("--batch-size", type=int, default=4, help="with --detector: images per batch (default: %(default)s)")
     p.add_argument("--device", default=None, help="with --detector: torch device")
+    p.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="with --detector: when ground-truth images cannot be read, evaluate on the readable ones only (and "
+        "say so in the output) instead of refusing to report AP",
+    )
     p.add_argument("--results-output", default=None, help="write the (checked) detections as COCO results JSON here")
     p.add_argument("--novel", default=None, help="novel categories, comma-separated ids or names")
     p.add_argument("--base", default=None, help="base categories, comma-separated ids or names")

@@ -17,21 +17,27 @@ from cnclip_vision.io import atomic_write
 logger = logging.getLogger("cnclip_vision.cli")
 
 
-def add_model_options(parser: argparse.ArgumentParser, *, batch_size: int = 64) -> None:
+def add_model_options(
+    parser: argparse.ArgumentParser, *, batch_size: int = 64, model_default: str | None = "ViT-B-16"
+) -> None:
     """``--model``, ``--device``, ``--batch-size``, ``--precision``, ``--workers``."""
     group = parser.add_argument_group("model")
+    default_help = (
+        f"default: {model_default}, from the Hugging Face cache"
+        if model_default
+        else "default: the model the embeddings were written with, as their manifest records it"
+    )
     group.add_argument(
         "--model",
-        default="ViT-B-16",
-        help="registered name (see `cnclip models`), Hugging Face directory, or clip_cn_*.pt file "
-        "(default: %(default)s, from the Hugging Face cache)",
+        default=model_default,
+        help=f"registered name (see `cnclip models`), Hugging Face directory, or clip_cn_*.pt file ({default_help})",
     )
     group.add_argument("--arch", default=None, help="architecture when it cannot be inferred from the checkpoint")
     group.add_argument(
         "--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)"
     )
     group.add_argument(
-        "--batch-size", type=_positive_int, default=batch_size, help="images or texts per batch (default: %(default)s)"
+        "--batch-size", type=positive_int, default=batch_size, help="images or texts per batch (default: %(default)s)"
     )
     group.add_argument(
         "--precision",
@@ -45,8 +51,11 @@ def add_model_options(parser: argparse.ArgumentParser, *, batch_size: int = 64) 
 
 
 def add_output_options(parser: argparse.ArgumentParser, *, csv_ok: bool = True) -> None:
+    parser.set_defaults(output_is_file=True)  # main() checks -o before the command starts
     group = parser.add_argument_group("output")
-    group.add_argument("-o", "--output", default=None, help="write the result to this file instead of stdout")
+    group.add_argument(
+        "-o", "--output", default=None, help="write the result to this file (written whole, then renamed; - = stdout)"
+    )
     if csv_ok:
         group.add_argument(
             "--format",
@@ -56,17 +65,34 @@ def add_output_options(parser: argparse.ArgumentParser, *, csv_ok: bool = True) 
         )
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
+def check_output_file(path: str | Path, option: str = "--output") -> None:
+    """A result file can be written there: not a folder, its folder exists (checked before the work starts)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{option} {path} is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise ValueError(f"{option} {path}: the folder {path.parent} does not exist")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
 
 def resolve_device(device: str | None) -> str:
-    import torch
+    """``--device`` checked before any model is loaded (None: cuda when a GPU is visible, else cpu)."""
+    from cnclip_vision.device import check_device
 
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return str(check_device(device))
+    except ValueError as e:
+        raise ValueError(f"--{e}") from None
 
 
 def load_model(args: argparse.Namespace) -> Any:
@@ -87,20 +113,19 @@ def write_records(args: argparse.Namespace, records: Sequence[dict[str, Any]], d
     fmt = getattr(args, "format", "json")
     buffer = io.StringIO()
     if fmt == "csv":
-        fields = list(dict.fromkeys(k for r in records for k in r))
+        rows = [flat_record(r) for r in records]
+        fields = list(dict.fromkeys(k for r in rows for k in r))
         writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
         writer.writeheader()
-        for record in records:
-            writer.writerow(
-                {k: json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else v for k, v in record.items()}
-            )
+        writer.writerows(rows)
     elif fmt == "jsonl":
         for record in records:
             buffer.write(json.dumps(record, ensure_ascii=False) + "\n")
     else:
         buffer.write(json.dumps(records if document is None else document, ensure_ascii=False, indent=2) + "\n")
     text = buffer.getvalue()
-    if args.output:
+    if args.output and args.output != "-":
+        check_output_file(args.output)
         with atomic_write(args.output) as tmp:
             Path(tmp).write_text(text, encoding="utf-8")
         logger.info("wrote %s", args.output)
@@ -109,8 +134,27 @@ def write_records(args: argparse.Namespace, records: Sequence[dict[str, Any]], d
         sys.stdout.flush()
 
 
+def flat_record(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """One CSV row: nested dicts become ``key.sub`` columns, lists of scalars one cell joined by ``;``
+    (lists of records stay JSON, the one shape a flat row cannot hold)."""
+    row: dict[str, Any] = {}
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            row.update(flat_record(value, f"{name}."))
+        elif isinstance(value, (list, tuple)) and all(not isinstance(v, (list, tuple, dict)) for v in value):
+            row[name] = ";".join("" if v is None else str(v) for v in value)
+        elif isinstance(value, (list, tuple)):
+            row[name] = json.dumps(value, ensure_ascii=False)
+        else:
+            row[name] = value
+    return row
+
+
 def read_labels(labels: str | None, labels_file: str | None) -> list[str]:
     """``--labels 猫,狗`` (also full-width commas) or ``--labels-file`` (one label per line)."""
+    if labels_file and labels is not None:
+        raise ValueError("give the class names with --labels or with --labels-file, not both")
     if labels_file:
         path = Path(labels_file)
         if not path.is_file():

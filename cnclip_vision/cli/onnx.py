@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from cnclip_vision.cli.common import write_records
+from cnclip_vision.cli.common import resolve_device, write_records
 
 logger = logging.getLogger("cnclip_vision.cli")
 
@@ -14,8 +14,9 @@ def _export_onnx(args: argparse.Namespace) -> int:
     from cnclip_vision.export.onnx import export_onnx
     from cnclip_vision.models.factory import load
 
-    logger.info("loading %s on %s", args.model, args.device)
-    model = load(args.model, arch=args.arch, device=args.device)
+    device = resolve_device(args.device)
+    logger.info("loading %s on %s", args.model, device)
+    model = load(args.model, arch=args.arch, device=device)
     report = export_onnx(
         model, args.output_dir, opset=args.opset, fp16=args.fp16, check=not args.no_check, source=str(args.model)
     )

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from cnclip_vision.cli.common import add_model_options, add_output_options, load_model, write_records
+from cnclip_vision.cli.common import add_model_options, add_output_options, load_model, positive_int, write_records
 from cnclip_vision.errors import CNClipError
 
 logger = logging.getLogger("cnclip_vision.cli")
@@ -67,6 +67,32 @@ def _embed_ray(args: argparse.Namespace, common: dict[str, Any]) -> dict[str, An
     return extract_image_embeddings_ray(args.model, args.images, args.out, num_workers=args.workers or 0, **ray)
 
 
+def _model_of_index(args: argparse.Namespace) -> Any:
+    """The model for searching ``--index``: ``--model``, or the one its manifest records; either way it must be
+    the model (weights and precision) the embeddings were written with."""
+    from cnclip_vision.retrieval import read_manifest
+    from cnclip_vision.retrieval.extract import model_info
+
+    built_with = read_manifest(args.index).get("model", {})
+    if args.model is None:
+        if not built_with.get("source"):
+            raise ValueError(
+                f"--index {args.index} does not record which model wrote it ({built_with.get('description')}); "
+                "give --model"
+            )
+        args.model = built_with["source"]
+        logger.info("--index %s was written with %s: using it", args.index, args.model)
+    model = load_model(args)
+    fingerprint = built_with.get("fingerprint")
+    if fingerprint not in (None, "external") and model_info(model)["fingerprint"] != fingerprint:
+        raise ValueError(
+            f"--model {args.model} ({args.precision}) is not the model --index {args.index} was written with "
+            f"({built_with.get('source') or built_with.get('description')}, {built_with.get('dtype')}): "
+            "its scores would mean nothing; pass that --model and --precision"
+        )
+    return model
+
+
 def _search(args: argparse.Namespace) -> int:
     from cnclip_vision.retrieval import EmbeddingIndex
 
@@ -79,7 +105,7 @@ def _search(args: argparse.Namespace) -> int:
     images = list(args.image or [])
     if not texts and not images:
         raise ValueError("give query texts, --queries-file FILE, or --image QUERY_IMAGE")
-    model = load_model(args)
+    model = _model_of_index(args)
     index = EmbeddingIndex.from_dir(
         args.index,
         ann=False if args.exact else None,
@@ -270,7 +296,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--queries-file", metavar="FILE", help="more query texts, one per line")
     p.add_argument("--image", action="append", metavar="QUERY_IMAGE", help="query image file (repeatable)")
     p.add_argument("--index", required=True, metavar="DIR", help="embeddings folder written by `cnclip embed`")
-    p.add_argument("-k", "--top-k", type=int, default=10, help="results per query (default: %(default)s)")
+    p.add_argument("-k", "--top-k", type=positive_int, default=10, help="results per query (default: %(default)s)")
     p.add_argument(
         "--faiss",
         action="store_true",
@@ -285,7 +311,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         metavar="PARAMS",
         help="override the FAISS index's tuned search parameters, e.g. efSearch=256 or nprobe=64",
     )
-    add_model_options(p)
+    add_model_options(p, model_default=None)
     add_output_options(p)
     p.set_defaults(func=_search)
 
@@ -336,7 +362,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         default=0.95,
         help="target recall@k against exact search to tune for (default: %(default)s)",
     )
-    b.add_argument("-k", type=int, default=10, help="the k of recall@k (default: %(default)s)")
+    b.add_argument("-k", type=positive_int, default=10, help="the k of recall@k (default: %(default)s)")
     b.add_argument(
         "--index-key",
         default=None,

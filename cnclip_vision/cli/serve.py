@@ -7,6 +7,8 @@ import logging
 import os
 from pathlib import Path
 
+from cnclip_vision.cli.common import positive_int, resolve_device
+
 logger = logging.getLogger("cnclip_vision.cli")
 
 API_KEY_ENV = "CNCLIP_API_KEY"
@@ -43,7 +45,7 @@ def _serve(args: argparse.Namespace) -> int:
         model=args.model,
         detector=args.detector,
         images=args.images,
-        device=args.device,
+        device=resolve_device(args.device),
         api_key=api_key,
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
         max_labels=args.max_labels,
@@ -76,13 +78,6 @@ def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
 
@@ -138,11 +133,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         default=20.0,
         help="largest accepted upload in MB (default: %(default)s)",
     )
-    lim.add_argument("--max-labels", type=_positive_int, default=256, help="labels per request (default: %(default)s)")
-    lim.add_argument("--max-k", type=_positive_int, default=100, help="results per search (default: %(default)s)")
+    lim.add_argument("--max-labels", type=positive_int, default=256, help="labels per request (default: %(default)s)")
+    lim.add_argument("--max-k", type=positive_int, default=100, help="results per search (default: %(default)s)")
     lim.add_argument(
         "--max-batch",
-        type=_positive_int,
+        type=positive_int,
         default=32,
         help="queries batched into one encoder call (default: %(default)s)",
     )

@@ -6,7 +6,14 @@ import argparse
 import logging
 from pathlib import Path
 
-from cnclip_vision.cli.common import add_model_options, add_output_options, load_model, read_labels, write_records
+from cnclip_vision.cli.common import (
+    add_model_options,
+    add_output_options,
+    load_model,
+    positive_int,
+    read_labels,
+    write_records,
+)
 from cnclip_vision.errors import CNClipError
 
 logger = logging.getLogger("cnclip_vision.cli")
@@ -148,7 +155,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("images", nargs="+", help="image files, folders or .txt list files")
     _add_label_options(p)
-    p.add_argument("-k", "--top-k", type=int, default=5, help="labels per image (default: %(default)s)")
+    p.add_argument("-k", "--top-k", type=positive_int, default=5, help="labels per image (default: %(default)s)")
     add_model_options(p)
     add_output_options(p)
     p.set_defaults(func=_classify)

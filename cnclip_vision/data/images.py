@@ -114,7 +114,7 @@ def iter_image_batches(
         pin_memory=pin,
         persistent_workers=False,
     )
-    with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False) as bar:
+    with tqdm(total=len(paths), desc=desc, unit="img", disable=None if progress else True, leave=False) as bar:
         for batch in loader:
             for index, reason in batch.failures:
                 logger.warning("skipped %s: %s", paths[index], reason)

@@ -42,6 +42,9 @@ class CLIPOutput:
 class ChineseCLIP(nn.Module):
     """Chinese-CLIP dual encoder. Build with :func:`cnclip_vision.create_model` or :func:`cnclip_vision.load`."""
 
+    #: What :func:`cnclip_vision.load` loaded it from (a name, folder or file), recorded in embedding manifests.
+    source: str | None = None
+
     def __init__(self, config: CLIPConfig) -> None:
         super().__init__()
         self.config = config

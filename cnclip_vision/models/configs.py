@@ -271,7 +271,17 @@ def get_model_info(name: str) -> ModelInfo:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise UnknownModelError(f"unknown model name {name!r}; known models: {', '.join(_REGISTRY)}") from None
+        raise UnknownModelError(f"unknown model name {name!r}; {suggest_model(name)}") from None
+
+
+def suggest_model(name: str) -> str:
+    """``did you mean 'toy-tiny'? known models: ...`` for a name that is not registered."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
+    close += [k for k in _REGISTRY if k.lower() == str(name).lower() and k not in close]
+    hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+    return f"{hint}known models: {', '.join(_REGISTRY)}"
 
 
 def get_config(arch: str | CLIPConfig) -> CLIPConfig:

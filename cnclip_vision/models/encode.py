@@ -41,7 +41,7 @@ def encode_texts(
     pieces = tokenizer.wordpiece_ids(texts)  # validates the texts (type, emptiness)
     order = sorted(range(len(texts)), key=lambda i: len(pieces[i]))
     out = torch.empty(len(texts), model.config.embed_dim)
-    for start in tqdm(range(0, len(order), batch_size), desc="texts", disable=not progress, leave=False):
+    for start in tqdm(range(0, len(order), batch_size), desc="texts", disable=None if progress else True, leave=False):
         idx = order[start : start + batch_size]
         enc = tokenizer([texts[i] for i in idx], context_length=context_length, warn_truncation=False)
         features = model.encode_text(enc["input_ids"], enc["attention_mask"], normalize=normalize)

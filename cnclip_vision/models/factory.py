@@ -9,9 +9,10 @@ from pathlib import Path
 
 import torch
 
+from cnclip_vision.device import check_device
 from cnclip_vision.errors import CheckpointError, UnknownModelError
 from cnclip_vision.models.clip import ChineseCLIP
-from cnclip_vision.models.configs import CLIPConfig, get_config, get_model_info, list_models
+from cnclip_vision.models.configs import CLIPConfig, get_config, get_model_info, list_models, suggest_model
 from cnclip_vision.models.weights import (
     CONFIG_METADATA_KEY,
     CONFIG_NAME,
@@ -145,7 +146,7 @@ def _resolve(name_or_path: str | os.PathLike[str]) -> tuple[Path, CLIPConfig | N
             raise CheckpointError(f"no such file or directory: {path}")
         else:
             raise UnknownModelError(
-                f"{name!r} is neither a known model name nor an existing path; known models: {', '.join(list_models())}"
+                f"{name!r} is neither a known model name nor an existing path; {suggest_model(name)}"
             )
     if path.is_dir():
         config = config_from_json(path / CONFIG_NAME) if (path / CONFIG_NAME).is_file() else None
@@ -176,6 +177,8 @@ def load(
     applies ``torch.compile`` to both towers (the first call of each new shape is slow). The measured
     accuracy cost of each is in the README's "Performance" section.
     """
+    if device is not None:
+        device = check_device(device)  # before reading gigabytes of weights
     weights, config = _resolve(name_or_path)
     state, metadata = read_state_dict(weights)
     state = to_native(state)
@@ -192,7 +195,9 @@ def load(
         model = ChineseCLIP(config)
     load_native_state_dict(model, state, source=str(weights), assign=True)
     _materialize_buffers(model)
-    return _finish(model, device, target, precision, compile)
+    model = _finish(model, device, target, precision, compile)
+    model.source = str(name_or_path)
+    return model
 
 
 def _materialize_buffers(model: torch.nn.Module) -> None:

@@ -552,7 +552,7 @@ def build_ann_index(
     if not index.is_trained:
         trained = _train(index, directory, n, rng, train_size, use_gpu)
     logger.info("adding %d vectors shard by shard", n - len(held))
-    with tqdm(total=n, desc=f"index {key}", unit="vec", disable=not progress, leave=False) as bar:
+    with tqdm(total=n, desc=f"index {key}", unit="vec", disable=None if progress else True, leave=False) as bar:
         offset = 0
         for _, emb in store.iter_shards(directory, dtype=np.float32):
             lo, hi = np.searchsorted(held, [offset, offset + len(emb)])

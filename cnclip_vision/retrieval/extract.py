@@ -64,6 +64,7 @@ def model_info(model: ChineseCLIP) -> dict[str, Any]:
         "config": model.config.to_dict(),
         "dtype": str(model.dtype).removeprefix("torch."),
         "fingerprint": h.hexdigest()[:16],
+        "source": model.source,  # for readers (`cnclip search` loads it when no --model is given)
     }
 
 
@@ -355,7 +356,9 @@ def write_jobs(
     else:
         stream = iter(encode(jobs, todo))
     nxt = next(stream, None)
-    with tqdm(total=sum(len(j.ids) for j in jobs), desc=desc, unit="item", disable=not progress, leave=False) as bar:
+    with tqdm(
+        total=sum(len(j.ids) for j in jobs), desc=desc, unit="item", disable=None if progress else True, leave=False
+    ) as bar:
         for j, job in enumerate(jobs):
             emb = np.zeros((len(job.ids), dim), dtype=dtype)
             have = np.zeros(len(job.ids), dtype=bool)

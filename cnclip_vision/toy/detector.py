@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from cnclip_vision.detection.model import OpenVocabDetector
-from cnclip_vision.detection.vocabulary import VLM_MODES, Vocabulary
+from cnclip_vision.detection.vocabulary import VLM_MODES, VLMMode, Vocabulary
 from cnclip_vision.models.configs import TOY_DETECTOR_DIR
 from cnclip_vision.toy import world as toyworld
 
@@ -60,7 +60,7 @@ def evaluate_toy_detector(
     detector: OpenVocabDetector,
     annotation_file: str | os.PathLike[str],
     *,
-    modes: tuple[str, ...] = VLM_MODES,
+    modes: tuple[VLMMode, ...] = VLM_MODES,
     random_novel: bool = True,
     progress: bool = False,
 ) -> dict[str, Any]:

@@ -40,6 +40,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from cnclip_vision.device import check_device
 from cnclip_vision.errors import CNClipError
 from cnclip_vision.io import atomic_write
 
@@ -164,7 +165,7 @@ def init_distributed(device: str | None = None) -> Distributed:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if device:
-        chosen = torch.device(device)
+        chosen = check_device(device)
     elif torch.cuda.is_available():
         chosen = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     else:
@@ -538,7 +539,7 @@ class _Log:
         from tqdm.auto import tqdm
 
         self.path, self.main, self.every, self.total = path, env.is_main, settings.log_every, total
-        disable = not settings.progress or not env.is_main
+        disable = True if not settings.progress or not env.is_main else None  # None: a bar on terminals only
         self.bar = tqdm(total=total, initial=step, desc=label, unit="step", disable=disable)
         self.since, self.samples = time.perf_counter(), 0
 
