@@ -174,9 +174,9 @@ def test_detect_picture_and_json(capsys, trained, api_detector, tmp_path):
         trained["dir"],
         "--labels",
         ",".join(LABELS),
-        "-o",
+        "--draw",
         picture,
-        "--json",
+        "-o",
         out,
         "--score-threshold",
         THRESHOLD,
@@ -240,9 +240,9 @@ def test_detect_several_images_into_a_folder(capsys, trained, tmp_path):
         trained["dir"],
         "--labels",
         "，".join(LABELS),  # full-width comma
-        "-o",
+        "--draw",
         folder,
-        "--json",
+        "-o",
         out,
         "--score-threshold",
         THRESHOLD,
@@ -266,7 +266,7 @@ def test_detect_one_picture_for_several_images(capsys, trained, tmp_path):
         trained["dir"],
         "--labels",
         LABELS[0],
-        "-o",
+        "--draw",
         tmp_path / "one.png",
     )
     assert code == 2
@@ -290,7 +290,7 @@ def test_detect_query(capsys, trained, api_detector, tmp_path):
         LABELS[0],
         "--query",
         query,
-        "--json",
+        "-o",
         out,
         "--score-threshold",
         THRESHOLD,
@@ -362,9 +362,7 @@ def test_detect_skips_unreadable_images(capsys, caplog, trained, tmp_path):
     good = trained["images"][0]
     out = tmp_path / "det.json"
     with caplog.at_level(logging.WARNING):
-        code, _, _ = run(
-            capsys, "detect", bad, good, "--detector", trained["dir"], "--labels", LABELS[0], "--json", out
-        )
+        code, _, _ = run(capsys, "detect", bad, good, "--detector", trained["dir"], "--labels", LABELS[0], "-o", out)
     assert code == 0
     assert [r["image"] for r in json.loads(out.read_text(encoding="utf-8"))] == [str(good)]
     assert any("bad.png" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
@@ -383,7 +381,7 @@ def test_detect_all_images_unreadable(capsys, trained, tmp_path):
         trained["dir"],
         "--labels",
         LABELS[0],
-        "--json",
+        "-o",
         out,
     )
     assert code == 2
@@ -421,7 +419,7 @@ def test_heatmap(capsys, clip, trained, tmp_path):
     image = trained["images"][0]
     picture, out = tmp_path / "heat.png", tmp_path / "heat.json"
     code, _, _ = run(
-        capsys, "heatmap", image, "--model", "toy-tiny", "--labels", LABELS[0], "-o", picture, "--json", out
+        capsys, "heatmap", image, "--model", "toy-tiny", "--labels", LABELS[0], "--draw", picture, "-o", out
     )
     assert code == 0
     grid = clip.image_size // clip.config.vision.patch_size
@@ -448,7 +446,7 @@ def test_heatmap_several_labels_and_size(capsys, clip, trained, tmp_path):
         "toy-tiny",
         "--labels",
         ",".join(LABELS),
-        "-o",
+        "--draw",
         picture,
         "--size",
         "96",
@@ -466,9 +464,69 @@ def test_heatmap_several_labels_and_size(capsys, clip, trained, tmp_path):
     "argv, match", [(["--labels", ","], "empty"), (["--labels", "猫", "--size", "50"], "multiple")]
 )
 def test_heatmap_errors(capsys, trained, tmp_path, argv, match):
-    code, _, err = run(capsys, "heatmap", trained["images"][0], "--model", "toy-tiny", "-o", tmp_path / "h.png", *argv)
+    code, _, err = run(
+        capsys, "heatmap", trained["images"][0], "--model", "toy-tiny", "--draw", tmp_path / "h.png", *argv
+    )
     assert code == 2
     assert match in error_line(err, "heatmap")
+
+
+def test_heatmap_picture_option_errors_before_loading(capsys, trained, tmp_path):
+    """--draw must be a picture file in an existing folder: a .txt, a folder or a missing folder is one line,
+    before any model loads (the old KeyError 'TXT' and the leaked '.tmp' suffix)."""
+    (tmp_path / "somedir").mkdir()
+    cases = [
+        (tmp_path / "out.txt", "expected a picture file name"),
+        (f"{tmp_path / 'somedir'}/", "is a folder"),
+        (tmp_path / "nowhere" / "h.png", "does not exist"),
+    ]
+    for draw, match in cases:
+        code, _, err = run(
+            capsys, "heatmap", trained["images"][0], "--model", "NOT_LOADED", "--labels", "猫", "--draw", draw
+        )
+        assert code == 2
+        line = error_line(err, "heatmap")
+        assert match in line and ".tmp" not in line, line
+    code, _, err = run(
+        capsys,
+        "heatmap",
+        trained["images"][0],
+        "--labels",
+        "猫",
+        "--draw",
+        tmp_path / "h.png",
+        "-o",
+        tmp_path / "h.png",
+    )
+    assert code == 2 and "--draw" in error_line(err, "heatmap")
+
+
+def test_detect_folder_input_and_csv_rows(capsys, trained, tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for p in trained["images"][:2]:
+        (folder / Path(p).name).write_bytes(Path(p).read_bytes())
+    argv = [
+        "detect",
+        folder,
+        "--detector",
+        trained["dir"],
+        "--labels",
+        ",".join(LABELS),
+        "--score-threshold",
+        THRESHOLD,
+    ]
+    code, stdout, _ = run(capsys, *argv)
+    assert code == 0
+    records = json.loads(stdout)
+    assert [Path(r["image"]).name for r in records] == sorted(Path(p).name for p in trained["images"][:2])
+    code, stdout, _ = run(capsys, *argv, "--format", "csv")
+    assert code == 0
+    lines = stdout.strip().splitlines()
+    assert lines[0] == "image,width,height,label,score,x1,y1,x2,y2"
+    assert len(lines) - 1 == sum(len(r["detections"]) for r in records) > 0
+    code, _, err = run(capsys, *argv, "-o", tmp_path / "boxes.png")  # the old meaning of -o
+    assert code == 2 and "draw pictures with --draw" in error_line(err, "detect")
 
 
 # ------------------------------------------------------------------------------------ toy detector

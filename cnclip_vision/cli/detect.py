@@ -11,7 +11,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cnclip_vision.cli.common import add_output_options, read_labels, resolve_device, write_records
+from cnclip_vision.cli.common import (
+    add_model_options,
+    add_output_options,
+    read_labels,
+    resolve_device,
+    write_records,
+)
 from cnclip_vision.errors import CNClipError
 
 logger = logging.getLogger("cnclip_vision.cli")
@@ -41,14 +47,43 @@ def _parse_query(text: str) -> Any:
     return ImageQuery(path, name.strip(), box)
 
 
+def _check_not_a_picture(args: argparse.Namespace) -> None:
+    """``-o`` is the results file; a picture name there is the old meaning of ``-o``: say where pictures go."""
+    if args.output and Path(args.output).suffix.lower() in _PICTURE_SUFFIXES:
+        raise ValueError(
+            f"--output {args.output} is the results file (json, jsonl or csv); draw pictures with --draw {args.output}"
+        )
+
+
+def _picture_file(draw: str) -> Path:
+    """``--draw`` of a command that makes one picture: a picture file name in an existing folder."""
+    out = Path(draw)
+    if out.is_dir() or draw.endswith(("/", os.sep)):
+        raise ValueError(f"--draw {draw} is a folder; give a picture file name ({', '.join(_PICTURE_SUFFIXES)})")
+    if out.suffix.lower() not in _PICTURE_SUFFIXES:
+        raise ValueError(f"--draw {draw}: expected a picture file name ending in {', '.join(_PICTURE_SUFFIXES)}")
+    if not out.parent.is_dir():
+        raise ValueError(f"--draw {draw}: the folder {out.parent} does not exist")
+    return out
+
+
+def _input_images(images: list[str]) -> list[str]:
+    """Image files as given, folders expanded (recursively, sorted), as `classify` and `embed` do."""
+    from cnclip_vision.data.images import list_images
+
+    return [str(p) for item in images for p in (list_images(item) if Path(item).is_dir() else [item])]
+
+
 def _picture_paths(images: list[str], output: str | None) -> list[Path | None]:
     if output is None:
         return [None] * len(images)
     out = Path(output)
     if len(images) == 1 and out.suffix.lower() in _PICTURE_SUFFIXES:
-        return [out]
+        return [_picture_file(output)]
     if out.suffix.lower() in _PICTURE_SUFFIXES:
-        raise ValueError(f"--output {out} is a picture file but {len(images)} images were given; pass a folder")
+        raise ValueError(f"--draw {out} is a picture file but {len(images)} images were given; pass a folder")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--draw {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     stems = [Path(p).stem for p in images]
     unique = len(set(stems)) == len(stems)  # else number them: a/img.png and b/img.png must not collide
@@ -68,6 +103,8 @@ def _detect(args: argparse.Namespace) -> int:
     from cnclip_vision.detection.visualize import draw_detections
     from cnclip_vision.errors import ImageLoadError
 
+    _check_not_a_picture(args)
+    images = _input_images(args.images)
     labels: list[Any] = read_labels(args.labels, args.labels_file) if (args.labels or args.labels_file) else []
     labels += [_parse_query(q) for q in args.query or []]
     if not labels:
@@ -81,9 +118,9 @@ def _detect(args: argparse.Namespace) -> int:
         max_detections=args.max_detections,
     )
     predictor.set_vocabulary(labels)
-    pictures = _picture_paths(args.images, args.picture)
+    pictures = _picture_paths(images, args.draw)
     records, failed = [], 0
-    for path, picture_path in zip(args.images, pictures):
+    for path, picture_path in zip(images, pictures):
         try:
             image = load_image(path)
         except (ImageLoadError, FileNotFoundError) as e:
@@ -110,9 +147,17 @@ def _detect(args: argparse.Namespace) -> int:
         if picture_path is not None:
             _save_picture(draw_detections(image, result), picture_path)
             logger.info("%s: %d detections, picture %s", path, len(result["scores"]), picture_path)
-    if failed == len(args.images):
+    if failed == len(images):
         raise CNClipError(f"none of the {failed} images could be read")
-    write_records(args, records)
+    if failed:
+        logger.warning("%d of %d images could not be read and were skipped", failed, len(images))
+    rows = [  # csv / jsonl: one row per detection
+        {"image": r["image"], "width": r["width"], "height": r["height"], "label": d["label"], "score": d["score"],
+         "x1": d["box"][0], "y1": d["box"][1], "x2": d["box"][2], "y2": d["box"][3]}
+        for r in records
+        for d in r["detections"]
+    ]  # fmt: skip
+    write_records(args, rows, document=records)
     return 0
 
 
@@ -122,11 +167,12 @@ def _heatmap(args: argparse.Namespace) -> int:
     from cnclip_vision.detection.heatmap import similarity_map
     from cnclip_vision.detection.visualize import heatmap_overlay
 
+    _check_not_a_picture(args)
+    out = _picture_file(args.draw)
     labels = read_labels(args.labels, args.labels_file)
     model = load_model(args)
     image = load_image(args.image)
     maps = similarity_map(model, image, labels, size=args.size, templates=args.templates)
-    out = Path(args.picture)
     paths = (
         [out]
         if len(labels) == 1
@@ -223,9 +269,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "detect",
         help="open-vocabulary detection with Chinese labels; pictures with boxes",
         description="Detect the given labels (also categories never seen in training) in images. Detections "
-        "are printed as JSON on stdout (or --output); --picture draws boxes with Chinese labels.",
+        "are printed on stdout (JSON: one record per image; --format csv/jsonl: one row per detection) or written "
+        "to -o FILE; --draw draws boxes with Chinese labels. Unreadable images are reported, skipped and counted.",
     )
-    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
     p.add_argument(
         "--detector", default="toy-detector", help="detector directory (default: %(default)s, the toy world's)"
     )
@@ -238,13 +285,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="an image-conditioned query: the (cropped) image's embedding is the class (repeatable)",
     )
     p.add_argument(
-        "-o",
-        "--output",
-        dest="picture",
+        "--draw",
         default=None,
-        help="picture with the boxes and labels: a .png/.jpg file for one image, else a folder",
+        metavar="PICTURE_OR_FOLDER",
+        help="draw the boxes and labels: a .png/.jpg file for one image, else a folder (one picture per image)",
     )
-    p.add_argument("--json", dest="output", default=None, help="write the detections JSON here instead of stdout")
     p.add_argument("--score-threshold", type=float, default=0.3, help="minimum score (default: %(default)s)")
     p.add_argument("--nms-threshold", type=float, default=0.5, help="IoU of class-aware NMS (default: %(default)s)")
     p.add_argument("--max-detections", type=int, default=100, help="per image (default: %(default)s)")
@@ -252,26 +297,25 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--vlm-mode", choices=("crops", "dense", "off"), default=None, help="override the detector's VLM branch"
     )
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
-    p.set_defaults(func=_detect, format="json")
+    add_output_options(p)
+    p.set_defaults(func=_detect)
 
     p = sub.add_parser(
         "heatmap",
         help="similarity heat map of labels over an image (dense CLIP features)",
         description="Cosine similarity of each patch's dense embedding to each label, drawn over "
-        "the image. With several labels, PICTURE gets a _0, _1, ... suffix per label.",
+        "the image (--draw PICTURE; with several labels, PICTURE gets a _0, _1, ... suffix per label). A JSON "
+        "summary (peak cell and cosine per label) goes to stdout or -o.",
     )
     p.add_argument("image", help="image file")
     p.add_argument("--labels", help="comma-separated labels")
     p.add_argument("--labels-file", help="a file with one label per line")
-    p.add_argument("-o", "--output", dest="picture", required=True, help="output picture (.png)")
-    p.add_argument("--json", dest="output", default=None, help="write the JSON summary here instead of stdout")
+    p.add_argument("--draw", required=True, metavar="PICTURE", help="the heat map picture (.png, .jpg, .webp)")
     p.add_argument("--size", type=int, default=None, help="input side in pixels (default: the model's)")
     p.add_argument("--templates", default="default", help="prompt templates: default, single or none")
-    p.add_argument("--model", default="ViT-B-16", help="CLIP model name or path (default: %(default)s)")
-    p.add_argument("--arch", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--device", default=None, help="torch device")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="weights dtype")
-    p.set_defaults(func=_heatmap, format="json")
+    add_model_options(p)
+    add_output_options(p)
+    p.set_defaults(func=_heatmap)
 
     p = sub.add_parser(
         "train-detector",
