@@ -44,6 +44,7 @@ class DetectionPredictor:
         nms_threshold: float = 0.5,
         max_detections: int = 100,
         vlm_mode: VLMMode | None = None,
+        agnostic_nms: float | None = None,
         batch_size: int = 4,
         cache_size: int = 16,
     ) -> None:
@@ -52,6 +53,7 @@ class DetectionPredictor:
         check_thresholds(score_threshold, nms_threshold, max_detections)
         if vlm_mode is not None:
             check_vlm_mode(vlm_mode)
+        _check_agnostic_nms(agnostic_nms)
         for name, value in (("batch_size", batch_size), ("cache_size", cache_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r}; expected a positive int")
@@ -60,6 +62,7 @@ class DetectionPredictor:
         self.nms_threshold = nms_threshold
         self.max_detections = max_detections
         self.vlm_mode = vlm_mode
+        self.agnostic_nms = agnostic_nms
         self.batch_size = batch_size
         self.cache_size = cache_size
         self._vocabulary: Vocabulary | None = None
@@ -101,15 +104,23 @@ class DetectionPredictor:
     def detect(self, images: list[torch.Tensor], **overrides: Any) -> list[dict[str, torch.Tensor]]:
         """Detections of float ``[3, H, W]`` images in 0..1 (on the detector's device) with the current
         vocabulary: per image ``boxes`` (xyxy pixels), ``scores``, ``labels``, ``embeddings``. ``overrides``:
-        ``score_threshold``, ``nms_threshold``, ``max_detections``, ``vlm_mode`` for this call."""
+        ``score_threshold``, ``nms_threshold``, ``max_detections``, ``vlm_mode``, ``agnostic_nms`` (an IoU: a
+        class-agnostic NMS after the per-class one, for vocabularies whose labels overlap) for this call."""
         options = self._options(overrides)
+        agnostic = options.pop("agnostic_nms")
         detector = self.detector
         was_training = detector.training
         detector.eval()
         try:
-            return detector(images, self._require_vocabulary(), **options)
+            out = detector(images, self._require_vocabulary(), **options)
         finally:
             detector.train(was_training)
+        if agnostic is None:
+            return out
+        from torchvision.ops import nms
+
+        # after the class-aware NMS: one box per place whatever its label (labels that overlap, e.g. 猫 / 小猫)
+        return [{k: v[nms(r["boxes"], r["scores"], agnostic)] for k, v in r.items()} for r in out]
 
     def predict(
         self,
@@ -142,7 +153,7 @@ class DetectionPredictor:
         return out
 
     def _options(self, overrides: dict[str, Any]) -> dict[str, Any]:
-        known = {"score_threshold", "nms_threshold", "max_detections", "vlm_mode"}
+        known = {"score_threshold", "nms_threshold", "max_detections", "vlm_mode", "agnostic_nms"}
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise TypeError(f"unknown detection options {unknown}; known: {sorted(known | {'batch_size'})}")
@@ -151,12 +162,19 @@ class DetectionPredictor:
             "nms_threshold": self.nms_threshold,
             "max_detections": self.max_detections,
             "vlm_mode": self.vlm_mode,
+            "agnostic_nms": self.agnostic_nms,
             **overrides,
         }
+        _check_agnostic_nms(options["agnostic_nms"])
         check_thresholds(options["score_threshold"], options["nms_threshold"], options["max_detections"])
         if options["vlm_mode"] is not None:
             check_vlm_mode(options["vlm_mode"])
         return options
+
+
+def _check_agnostic_nms(value: float | None) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1):
+        raise ValueError(f"agnostic_nms={value!r}; expected None or an IoU in (0, 1]")
 
 
 def to_tensor(image: ImageSource) -> torch.Tensor:

@@ -359,10 +359,11 @@ def draw_detections(
     ``image``: anything :func:`cnclip_vision.data.transforms.load_image` takes (PIL image, path, HxWxC array,
     CxHxW tensor). ``detections``: one detector output: ``boxes`` [N, 4] (x1, y1, x2, y2) in pixels of
     ``image``, ``scores`` [N] (optional) and ``label_names`` (N str; integer ``labels`` are shown when it
-    is absent). The tag sits above its box, or inside at the top when there is no room; higher scores are
-    drawn last (on top). ``colors`` maps label names to PIL colours ("red", "#ff0000", (255, 0, 0)); other
-    labels get :func:`label_color`. ``font_size`` / ``line_width`` default to sizes that scale with the
-    picture. Images with a short side under ``min_side`` are enlarged first (boxes scaled along); pass
+    is absent). Tags never cover each other: the highest score gets the spot above its box, the others the
+    first free spot above, inside or below their box (stacked when needed); higher scores are drawn last.
+    ``colors`` maps label names to PIL colours ("red", "#ff0000", (255, 0, 0)); other labels get
+    :func:`label_color`. ``font_size`` / ``line_width`` default to sizes that scale with the picture.
+    Images with a short side under ``min_side`` are enlarged first (boxes scaled along); pass
     ``min_side=0`` to keep the size. Returns a new RGB image; with no detections, the (possibly enlarged)
     image with nothing drawn. Raises ``ValueError`` naming the bad field of ``detections``.
     """
@@ -391,14 +392,40 @@ def draw_detections(
     for i in order:
         x1, y1, x2, y2 = scaled[i].tolist()
         draw.rectangle((x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)), outline=palette[names[i]], width=width)
+    texts = [names[i] if scores is None else f"{names[i]} {scores[i]:.2f}" for i in range(len(boxes))]
+    places = _place_tags(scaled, [_tag_size(font, t)[:2] for t in texts], order[::-1].tolist(), picture.size)
     for i in order:
-        x1, y1, _, _ = scaled[i].tolist()
-        text = names[i] if scores is None else f"{names[i]} {scores[i]:.2f}"
-        tag_w, tag_h, _ = _tag_size(font, text)
-        x = min(max(x1, 0), max(0, picture.width - tag_w))
-        y = y1 - tag_h if y1 - tag_h >= 0 else max(y1, 0)  # above the box, else inside its top edge
-        _draw_tag(draw, (x, min(y, max(0, picture.height - tag_h))), text, font, palette[names[i]])
+        _draw_tag(draw, places[i], texts[i], font, palette[names[i]])
     return picture
+
+
+def _place_tags(
+    boxes: np.ndarray, sizes: list[tuple[int, int]], priority: Sequence[int], canvas: tuple[int, int]
+) -> dict[int, tuple[int, int]]:
+    """Top-left corners for the tags, so that no tag covers another: taken in ``priority`` order (highest score
+    first), each goes to the first free spot of: above its box, inside its top edge, below it, inside its
+    bottom edge, then further above / below in steps of its own height. Only when a picture is too crowded
+    for any free spot does a tag fall back to above its box (drawn under the higher-scored ones)."""
+    width, height = canvas
+    placed: list[tuple[int, int, int, int]] = []
+    places: dict[int, tuple[int, int]] = {}
+
+    def free(x: int, y: int, w: int, h: int) -> bool:
+        return all(x + w <= a or a2 <= x or y + h <= b or b2 <= y for a, b, a2, b2 in placed)
+
+    for i in priority:
+        x1, y1, _, y2 = (int(v) for v in boxes[i])
+        w, h = sizes[i]
+        x = min(max(x1, 0), max(0, width - w))
+        candidates = [y1 - h, y1, y2, y2 - h]
+        candidates += [y for k in range(2, 2 + height // max(h, 1)) for y in (y1 - k * h, y2 + (k - 1) * h)]
+        inside = [y for y in candidates if 0 <= y <= height - h]
+        spot = next((y for y in inside if free(x, y, w, h)), None)
+        if spot is None:
+            spot = min(max(y1 - h, 0), max(0, height - h))
+        places[int(i)] = (x, spot)
+        placed.append((x, spot, x + w, spot + h))
+    return places
 
 
 # ------------------------------------------------------------------------------------------ heat maps
@@ -435,6 +462,7 @@ def heatmap_overlay(
     caption: str | None = None,
     font_size: int | None = None,
     min_side: int = 512,
+    colorbar: bool = False,
 ) -> Image.Image:
     """Blend a colour-mapped heat map (e.g. patch-text similarities) over ``image``.
 
@@ -443,7 +471,8 @@ def heatmap_overlay(
     (a constant map is all 0), and coloured with ``colormap`` ("jet": blue low, red high; "hot"; "gray";
     any matplotlib name if matplotlib is installed). ``alpha`` is the heat map's weight. ``caption`` (e.g.
     the query text, Chinese allowed) is drawn in a tag at the top left. Small images are enlarged to
-    ``min_side`` as in :func:`draw_detections`. Returns a new RGB image.
+    ``min_side`` as in :func:`draw_detections`. ``colorbar`` adds a colour scale on the right, labelled with
+    the values of its ends (the picture gets wider by the bar). Returns a new RGB image.
     """
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
@@ -465,7 +494,30 @@ def heatmap_overlay(
     colored = lut[np.round(scaled * 255).astype(np.intp)]
     blended = (1.0 - alpha) * np.asarray(picture, dtype=np.float64) + alpha * colored
     picture = Image.fromarray(np.round(blended).astype(np.uint8))
+    font = find_cjk_font(font_size if font_size is not None else max(14, round(min(picture.size) * 0.035)))
     if caption:
-        font = find_cjk_font(font_size if font_size is not None else max(14, round(min(picture.size) * 0.035)))
         _draw_tag(ImageDraw.Draw(picture), (0, 0), caption, font, (0, 0, 0))
+    if colorbar:
+        picture = _with_colorbar(picture, lut, low, high, font)
     return picture
+
+
+def _with_colorbar(
+    picture: Image.Image, lut: np.ndarray, low: float, high: float, font: ImageFont.FreeTypeFont
+) -> Image.Image:
+    """``picture`` with a vertical colour scale on its right: high at the top, low at the bottom."""
+    labels = [f"{high:.3f}", f"{(low + high) / 2:.3f}", f"{low:.3f}"]
+    bar = max(12, picture.height // 24)
+    margin = max(4, bar // 3)
+    text_w = max(round(font.getlength(t)) for t in labels)
+    out = Image.new("RGB", (picture.width + 3 * margin + bar + text_w, picture.height), (255, 255, 255))
+    out.paste(picture, (0, 0))
+    top, bottom = margin + int(font.size) // 2, picture.height - margin - int(font.size) // 2
+    ramp = lut[np.linspace(255, 0, max(1, bottom - top)).round().astype(np.intp)]  # [rows, 3], high first
+    x0 = picture.width + margin
+    out.paste(Image.fromarray(np.repeat(ramp[:, None, :], bar, axis=1)), (x0, top))
+    draw = ImageDraw.Draw(out)
+    draw.rectangle((x0, top, x0 + bar - 1, bottom - 1), outline=(0, 0, 0))
+    for text, y in zip(labels, (top, (top + bottom) // 2, bottom)):
+        draw.text((x0 + bar + margin, y), text, font=font, fill=(0, 0, 0), anchor="lm")
+    return out

@@ -174,6 +174,32 @@ def test_tag_goes_inside_when_no_room_above():
     assert close_to(out[300:, 300:], GRAY).all()
 
 
+def test_tags_of_overlapping_boxes_never_cover_each_other():
+    """The issue's picture: two boxes of nearly the same top left corner ("黄色五角星 0.47" was half hidden
+    under "黄色十字形 0.92"); and a pile of six boxes at one place: every tag gets its own free spot."""
+    from cnclip_vision.detection.visualize import _place_tags, _tag_size, find_cjk_font
+
+    font = find_cjk_font(18)
+    for boxes, names, scores in [
+        ([[40, 80, 240, 400], [44, 84, 230, 380]], ["黄色五角星", "黄色十字形"], [0.47, 0.92]),
+        ([[100, 100, 200, 200]] * 6, [f"类别{i}" for i in range(6)], [0.9, 0.8, 0.7, 0.6, 0.5, 0.4]),
+    ]:
+        texts = [f"{n} {s:.2f}" for n, s in zip(names, scores)]
+        sizes = [_tag_size(font, t)[:2] for t in texts]
+        order = np.argsort(scores)[::-1]
+        places = _place_tags(np.array(boxes), sizes, order, (512, 512))
+        rects = [(x, y, x + sizes[i][0], y + sizes[i][1]) for i, (x, y) in places.items()]
+        for a in range(len(rects)):
+            for b in range(a + 1, len(rects)):
+                ra, rb = rects[a], rects[b]
+                assert ra[2] <= rb[0] or rb[2] <= ra[0] or ra[3] <= rb[1] or rb[3] <= ra[1], (texts, rects)
+        assert all(0 <= r[0] and r[2] <= 512 and 0 <= r[1] and r[3] <= 512 for r in rects)
+        best = int(order[0])  # the highest score keeps the spot right above its box
+        assert places[best][1] == boxes[best][1] - sizes[best][1]
+    out = draw_detections(toy_image(), detections([[10, 20, 60, 100], [11, 21, 58, 95]], [0.47, 0.92], ["甲", "乙"]))
+    assert out.size == (512, 512)
+
+
 def test_draw_options_and_input_kinds():
     image = torch.full((3, 600, 800), 0.5)  # large enough: not enlarged
     det = {"boxes": np.array([[100, 100, 300, 400]]), "labels": torch.tensor([3])}  # no names: ids, no scores
@@ -253,6 +279,19 @@ def test_heatmap_sizes_options_and_caption():
     captioned = np.asarray(heatmap_overlay(toy_image(), heat, caption="一只猫"))
     assert not np.array_equal(captioned[:30, :80], np.asarray(out)[:30, :80])
     assert np.array_equal(captioned[100:], np.asarray(out)[100:])
+
+
+def test_heatmap_colorbar_shows_the_scale():
+    heat = np.linspace(0.1, 0.3, 49).reshape(7, 7)
+    plain = heatmap_overlay(toy_image(), heat)
+    barred = heatmap_overlay(toy_image(), heat, colorbar=True)
+    assert barred.height == plain.height and barred.width > plain.width
+    assert np.array_equal(np.asarray(barred)[:, : plain.width], np.asarray(plain))  # the picture itself unchanged
+    strip = np.asarray(barred)[:, plain.width :].astype(int)
+    column = strip[:, strip.shape[1] // 8 + 6]  # inside the bar
+    rows = np.flatnonzero(np.abs(column - 255).sum(axis=1) > 30)
+    top, bottom = column[rows[2]], column[rows[-3]]
+    assert top[0] > top[2] and bottom[2] > bottom[0]  # jet: red (high) at the top, blue (low) at the bottom
 
 
 def test_heatmap_bad_input():

@@ -74,6 +74,17 @@ def check_output_file(path: str | Path, option: str = "--output") -> None:
         raise ValueError(f"{option} {path}: the folder {path.parent} does not exist")
 
 
+def unit_interval(text: str) -> float:
+    """argparse type: a number in [0, 1] (scores, IoU thresholds)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     try:

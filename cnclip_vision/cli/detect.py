@@ -16,6 +16,7 @@ from cnclip_vision.cli.common import (
     add_output_options,
     read_labels,
     resolve_device,
+    unit_interval,
     write_records,
 )
 from cnclip_vision.errors import CNClipError
@@ -116,10 +117,12 @@ def _detect(args: argparse.Namespace) -> int:
         score_threshold=args.score_threshold,
         nms_threshold=args.nms_threshold,
         max_detections=args.max_detections,
+        agnostic_nms=args.agnostic_nms,
     )
     predictor.set_vocabulary(labels)
     pictures = _picture_paths(images, args.draw)
-    records, failed = [], 0
+    records: list[dict[str, Any]] = []
+    failed = 0
     for path, picture_path in zip(images, pictures):
         try:
             image = load_image(path)
@@ -180,7 +183,7 @@ def _heatmap(args: argparse.Namespace) -> int:
     )
     records = []
     for label, heat, path in zip(labels, maps, paths):
-        _save_picture(heatmap_overlay(image, heat, caption=label), path)
+        _save_picture(heatmap_overlay(image, heat, caption=label, colorbar=True), path)
         peak = int(heat.flatten().argmax())
         records.append(
             {
@@ -290,9 +293,19 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         metavar="PICTURE_OR_FOLDER",
         help="draw the boxes and labels: a .png/.jpg file for one image, else a folder (one picture per image)",
     )
-    p.add_argument("--score-threshold", type=float, default=0.3, help="minimum score (default: %(default)s)")
-    p.add_argument("--nms-threshold", type=float, default=0.5, help="IoU of class-aware NMS (default: %(default)s)")
+    p.add_argument("--score-threshold", type=unit_interval, default=0.3, help="minimum score (default: %(default)s)")
+    p.add_argument(
+        "--nms-threshold", type=unit_interval, default=0.5, help="IoU of class-aware NMS (default: %(default)s)"
+    )
     p.add_argument("--max-detections", type=int, default=100, help="per image (default: %(default)s)")
+    p.add_argument(
+        "--agnostic-nms",
+        type=unit_interval,
+        default=None,
+        metavar="IOU",
+        help="also suppress overlapping boxes of different labels (one box per place; for labels that overlap, "
+        "e.g. 猫,小猫): class-agnostic NMS at this IoU after the per-label one",
+    )
     p.add_argument(
         "--vlm-mode", choices=("crops", "dense", "off"), default=None, help="override the detector's VLM branch"
     )
