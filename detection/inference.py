@@ -101,7 +101,8 @@ def evaluation_image_ids(dataset: Any, *, allow_missing: bool = False) -> tuple[
     }
     if not missing and not unreadable:
         return None, counts
-    first = next(i for i, image_id in enumerate(dataset.image_ids) if int(image_id) in set(missing + unreadable))
+    skipped_ids = set(missing) | set(unreadable)
+    first = next(i for i, image_id in enumerate(dataset.image_ids) if int(image_id) in skipped_ids)
     what = f"{len(missing)} missing, {len(unreadable)} unreadable, e.g. {dataset.image_path(first)}"
     if counts["images_evaluated"] == 0:
         raise CNClipError(f"none of the {total} ground-truth images could be read ({what}); check --image-root")
@@ -111,7 +112,7 @@ def evaluation_image_ids(dataset: Any, *, allow_missing: bool = False) -> tuple[
             "objects would count as misses and lower AP; fix the images or --image-root, or pass --allow-missing "
             "to evaluate on the evaluated images only"
         )
-    evaluated = sorted(set(map(int, dataset.image_ids)) - set(missing) - set(unreadable))
+    evaluated = sorted(set(map(int, dataset.image_ids)) - skipped_ids)
     counts["evaluated_on"] = f"the {len(evaluated)} evaluated images only (--allow-missing)"
     logger.warning("AP over %d of %d images: %s were not evaluated", len(evaluated), total, what)
     return evaluated, counts
