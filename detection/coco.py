@@ -238,7 +238,7 @@ class CocoDetection(torch.utils.data.Dataset):
         self.transforms = transforms
 
         records = sorted(self.coco["categories"], key=lambda c: c["id"])
-        names = _map_names([c["name"] for c in records], name_map)
+        names = map_names([c["name"] for c in records], name_map)
         if categories is not None:
             wanted = _select_categories(categories, records, names, source=str(path))
             kept = [(c, n) for c, n in zip(records, names) if c["id"] in wanted]
@@ -314,7 +314,8 @@ class CocoDetection(torch.utils.data.Dataset):
         return image, target
 
 
-def _map_names(names: list[str], name_map: Mapping[str, str] | PathLike | None) -> list[str]:
+def map_names(names: list[str], name_map: Mapping[str, str] | PathLike | None) -> list[str]:
+    """Category names through an English -> Chinese ``name_map`` (a mapping or a file; unmapped names kept)."""
     if name_map is None:
         return names
     mapping = read_name_map(name_map) if isinstance(name_map, (str, os.PathLike)) else dict(name_map)

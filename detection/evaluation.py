@@ -70,6 +70,11 @@ def read_results(results: Sequence[Mapping[str, Any]] | PathLike) -> tuple[list[
     for i, r in enumerate(data):
         if not isinstance(r, Mapping):
             raise CocoFormatError(f"{source}: results[{i}] must be an object, got {type(r).__name__}")
+        if "detections" in r and "image" in r:
+            raise CocoFormatError(
+                f"{source} holds `cnclip detect` records (one per image), not COCO results; write COCO results "
+                "with `cnclip detect IMAGES --format coco --annotations GROUND_TRUTH.json -o RESULTS.json`"
+            )
         for key in ("image_id", "category_id", "bbox", "score"):
             if key not in r:
                 raise CocoFormatError(f"{source}: results[{i}] has no {key!r}")
@@ -191,6 +196,16 @@ def evaluate_coco(
         outside = sum(d["image_id"] not in selected for d in dets)
         if outside:
             logger.warning("%d detections are on images outside image_ids and are not evaluated", outside)
+    scored = set(image_ids) if image_ids is not None else gt_images
+    bare = len(scored - {d["image_id"] for d in dets})
+    if bare and dets:
+        logger.warning(
+            "%d of %d evaluated images have no detection in %s: their objects count as misses (if those images "
+            "were not run, evaluate only the ones that were)",
+            bare,
+            len(scored),
+            source,
+        )
     if output is not None:
         with atomic_write(output) as tmp:
             tmp.write_text(json.dumps(dets, ensure_ascii=False), encoding="utf-8")

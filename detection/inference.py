@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,7 +20,7 @@ from cnclip_vision.errors import CNClipError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["detect_coco", "evaluate_detector"]
+__all__ = ["CocoTargets", "coco_results", "detect_coco", "evaluate_detector"]
 
 EVAL_SCORE_THRESHOLD = 0.001  # COCO evaluation keeps the 100 best detections per image above this
 
@@ -65,16 +67,7 @@ def detect_coco(
         evaluated.update(image_ids)
         xs = [im.as_subclass(torch.Tensor).to(device).float().div_(255) for im in images]
         for image_id, r in zip(image_ids, predictor.detect(xs)):
-            boxes = box_convert(r["boxes"].cpu(), "xyxy", "xywh")
-            for box, score, label in zip(boxes.tolist(), r["scores"].tolist(), r["labels"].tolist()):
-                results.append(
-                    {
-                        "image_id": image_id,
-                        "category_id": dataset.category_ids[label],
-                        "bbox": [round(v, 3) for v in box],
-                        "score": round(score, 5),
-                    }
-                )
+            results += coco_results(r, image_id, dataset.category_ids)
     skipped: dict[str, list[int]] = {"missing": [], "unreadable": []}
     for index, image_id in enumerate(dataset.image_ids):
         if int(image_id) not in evaluated:
@@ -84,6 +77,74 @@ def detect_coco(
         if ids:
             dataset.report[f"images_{kind}"] = len(ids)
     return results, dataset
+
+
+def coco_results(detections: dict[str, Any], image_id: int, category_ids: Sequence[int]) -> list[dict[str, Any]]:
+    """One image's detections (``boxes`` xyxy, ``scores``, ``labels`` as label indices) as COCO results
+    (``bbox`` ``[x, y, width, height]``, ``category_id = category_ids[label]``)."""
+    boxes = box_convert(detections["boxes"].cpu(), "xyxy", "xywh")
+    return [
+        {"image_id": int(image_id), "category_id": int(category_ids[label]), "bbox": [round(v, 3) for v in box],
+         "score": round(score, 5)}
+        for box, score, label in zip(boxes.tolist(), detections["scores"].tolist(), detections["labels"].tolist())
+    ]  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class CocoTargets:
+    """The ids COCO results for ``images`` need, taken from a ground-truth file: ``image_ids[i]`` of
+    ``images[i]`` and ``category_ids[j]`` of ``labels[j]`` (the file's categories, Chinese names after
+    ``name_map``, when no labels are given)."""
+
+    image_ids: list[int]
+    labels: list[str]
+    category_ids: list[int]
+
+    @classmethod
+    def from_file(
+        cls,
+        annotation_file: str | os.PathLike[str],
+        images: Sequence[str | os.PathLike[str]],
+        labels: Sequence[str] | None = None,
+        *,
+        name_map: Any = None,
+    ) -> CocoTargets:
+        """Match each image to the ``images`` record whose ``file_name`` is the longest tail of its path
+        (``val2017/1.jpg`` matches ``/data/coco/val2017/1.jpg``) and each label to a category by name,
+        English name, synonym or id. Errors name the file and the image or label that has no match."""
+        from cnclip_vision.detection.coco import (
+            CocoFormatError,
+            map_names,
+            category_lookup,
+            read_coco,
+            resolve_categories,
+            validate_coco,
+        )
+
+        source = str(annotation_file)
+        coco, _ = validate_coco(read_coco(annotation_file), source=source)
+        by_tail: dict[tuple[str, ...], int] = {}
+        for record in coco["images"]:
+            by_tail.setdefault(Path(record["file_name"]).parts, int(record["id"]))
+        image_ids, unmatched = [], []
+        for image in images:
+            parts = Path(image).parts
+            hit = next((by_tail[parts[k:]] for k in range(len(parts)) if parts[k:] in by_tail), None)
+            (unmatched.append(str(image)) if hit is None else image_ids.append(hit))
+        if unmatched:
+            raise CocoFormatError(
+                f"{source}: no image record has the file name of {len(unmatched)} of the {len(images)} images, "
+                f"e.g. {unmatched[0]} (its file_name must be the end of the image's path)"
+            )
+        records = sorted(coco["categories"], key=lambda c: c["id"])
+        names = map_names([c["name"] for c in records], name_map)
+        if labels is None:
+            return cls(image_ids, names, [int(c["id"]) for c in records])
+        found, unknown = resolve_categories(list(labels), category_lookup(records, names), "labels")
+        if unknown:
+            known = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+            raise CocoFormatError(f"{source}: labels {unknown} are not categories of the file (it has: {known})")
+        return cls(image_ids, list(labels), found)
 
 
 def evaluation_image_ids(dataset: Any, *, allow_missing: bool = False) -> tuple[list[int] | None, dict[str, Any]]:

@@ -96,6 +96,7 @@ def trained(tmp_path_factory) -> dict:
         "summary": json.loads(stdout.getvalue()),
         "images": sorted((root / "train" / "images").glob("*.png")),
         "coco": json.loads(annotations.read_text(encoding="utf-8")),
+        "annotations": annotations,
     }
 
 
@@ -551,6 +552,75 @@ def test_detect_folder_input_and_csv_rows(capsys, trained, tmp_path):
     assert len(lines) - 1 == sum(len(r["detections"]) for r in records) > 0
     code, _, err = run(capsys, *argv, "-o", tmp_path / "boxes.png")  # the old meaning of -o
     assert code == 2 and "draw pictures with --draw" in error_line(err, "detect")
+
+
+def test_detect_writes_coco_results(capsys, trained, api_detector, tmp_path):
+    """``detect --format coco`` = the COCO results ``eval-coco --detector`` scores: same AP on the same images."""
+    from cnclip_vision.detection.inference import detect_coco
+
+    annotations = trained["annotations"]
+    out = tmp_path / "results.json"
+    argv = ["detect", annotations.parent / "images", "--model", trained["dir"], "--batch-size", "3"]
+    code, _, _ = run(capsys, *argv, "--format", "coco", "--annotations", annotations, "-o", out)
+    assert code == 0
+    ours = json.loads(out.read_text(encoding="utf-8"))
+    reference, _ = detect_coco(api_detector, annotations, progress=False)
+    ours_sorted, ref_sorted = (
+        sorted(r, key=lambda d: (d["image_id"], d["category_id"], d["score"])) for r in (ours, reference)
+    )
+    assert [(d["image_id"], d["category_id"]) for d in ours_sorted] == [
+        (d["image_id"], d["category_id"]) for d in ref_sorted
+    ]
+    assert [d["score"] for d in ours_sorted] == pytest.approx([d["score"] for d in ref_sorted], abs=1e-4)
+    file_of = {img["id"]: img["file_name"] for img in trained["coco"]["images"]}
+    assert {file_of[r["image_id"]] for r in ours} <= {p.name for p in trained["images"]}
+    metrics = []
+    for results in (out, tmp_path / "reference.json"):
+        results.write_text(json.dumps(reference), encoding="utf-8") if results != out else None
+        code, stdout, _ = run(capsys, "eval-coco", "--ground-truth", annotations, "--results", results)
+        assert code == 0
+        metrics.append(json.loads(stdout))
+    assert metrics[0]["AP50"] == pytest.approx(metrics[1]["AP50"], abs=1e-3)
+    # labels given: a subset of the file's categories, ids from the file
+    code, stdout, _ = run(capsys, *argv[:2], "--detector", trained["dir"], "--format", "coco",
+                          "--annotations", annotations, "--labels", LABELS[0])  # fmt: skip
+    assert code == 0
+    wanted = next(c["id"] for c in trained["coco"]["categories"] if c["name"] == LABELS[0])
+    assert {r["category_id"] for r in json.loads(stdout)} <= {wanted}
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--format", "coco"], "--annotations"),
+        (["--format", "coco", "--annotations", "ANN", "--labels", "猫"], "not categories of the file"),
+        (["--format", "coco", "--annotations", "ANN", "--query", "q=IMG"], "no category id"),
+        (["--annotations", "ANN"], "--format coco only"),
+        (["--format", "coco", "--annotations", "OTHER"], "no image record has the file name"),
+        (["--batch-size", "0"], "--batch-size"),
+    ],
+)
+def test_detect_coco_errors(capsys, trained, tmp_path, extra, match):
+    other = tmp_path / "other.json"
+    other.write_text(
+        json.dumps({**trained["coco"], "images": [{**trained["coco"]["images"][0], "file_name": "x.png"}]})
+    )
+    swap = {"ANN": trained["annotations"], "OTHER": other, "q=IMG": f"q={trained['images'][0]}"}
+    argv = ["detect", trained["images"][0], "--model", trained["dir"], *[swap.get(a, a) for a in extra]]
+    with pytest.raises(SystemExit) if match == "--batch-size" else contextlib.nullcontext():
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and match in error_line(err, "detect")
+    if match == "--batch-size":
+        assert "--batch-size" in capsys.readouterr().err
+
+
+def test_eval_coco_names_the_option_for_detect_output(capsys, trained, tmp_path):
+    records = tmp_path / "detect.json"
+    code, _, _ = run(capsys, "detect", trained["images"][0], "--model", trained["dir"], "--labels", LABELS[0],
+                     "-o", records)  # fmt: skip
+    assert code == 0
+    code, _, err = run(capsys, "eval-coco", "--ground-truth", trained["annotations"], "--results", records)
+    assert code == 2 and "--format coco --annotations" in error_line(err, "eval-coco")
 
 
 # ------------------------------------------------------------------------------------ toy detector

@@ -133,6 +133,23 @@ return arguments[0].map(ch => {
 """
 
 
+def _assert_tags_apart(d) -> None:
+    """The tags of the visible boxes: inside the picture and none covering another (as the browser lays them out)."""
+    stage, rects = d.execute_script(
+        "const r = (e) => { const b = e.getBoundingClientRect(); return [b.left, b.top, b.right, b.bottom]; };"
+        "return [r(document.querySelector('#detect-boxes')),"
+        " [...document.querySelectorAll('#detect-boxes .box:not(.hidden) .tag')].map(r)];"
+    )
+    assert len(rects) >= 2, f"too few tags to check placement: {rects}"
+    eps = 0.5
+    for x1, y1, x2, y2 in rects:
+        assert stage[0] - eps <= x1 and x2 <= stage[2] + eps and stage[1] - eps <= y1 and y2 <= stage[3] + eps
+    for i, a in enumerate(rects):
+        for b in rects[i + 1 :]:
+            apart = a[2] <= b[0] + eps or b[2] <= a[0] + eps or a[3] <= b[1] + eps or b[3] <= a[1] + eps
+            assert apart, f"tags overlap: {a} and {b}"
+
+
 def test_page_in_a_real_browser(browser, server, world, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -206,6 +223,7 @@ def test_page_in_a_real_browser(browser, server, world, tmp_path):
     slider = d.find_element(By.ID, "threshold")
     assert visible() == sum(s >= float(slider.get_attribute("value")) for s in scores) > 0
     assert d.find_element(By.CSS_SELECTOR, "#detect-table tbody tr").is_displayed()
+    _assert_tags_apart(d)
     shot = tmp_path / "detect.png"
     d.save_screenshot(str(shot))
     assert_not_blank(shot)
@@ -218,6 +236,7 @@ def test_page_in_a_real_browser(browser, server, world, tmp_path):
     assert d.find_element(By.ID, "threshold-value").text == "0.05"
     assert visible() == len(boxes)
     assert f"显示 {len(boxes)} / {len(boxes)} 个目标" == d.find_element(By.ID, "detect-count").text
+    _assert_tags_apart(d)
 
     # --- an upload that is not an image: a Chinese error message, and the page keeps working
     bad = tmp_path / "not-an-image.png"

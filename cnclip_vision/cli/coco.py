@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from cnclip_vision.cli.common import add_output_options, write_records
+from cnclip_vision.cli.common import add_output_options, positive_int, write_records
 
 
 def _split_list(text: str | None) -> list[int | str] | None:
@@ -97,12 +97,18 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ground-truth", required=True, help="COCO annotation file")
     p.add_argument("--results", default=None, help="detections JSON (COCO results format) to evaluate")
     p.add_argument(
-        "--detector", default=None, help="or: a detector directory (or toy-detector) run on the ground truth's images"
+        "--detector",
+        "--model",
+        dest="detector",
+        default=None,
+        help="or: a detector directory (or toy-detector) run on the ground truth's images",
     )
     p.add_argument("--image-root", default=None, help="with --detector: the image folder (default: beside the file)")
     p.add_argument("--name-map", default=None, help="with --detector: English -> Chinese category names (JSON or TSV)")
     p.add_argument("--vlm-mode", choices=("crops", "dense", "off"), default=None, help="with --detector: VLM branch")
-    p.add_argument("--batch-size", type=int, default=4, help="with --detector: images per batch (default: %(default)s)")
+    p.add_argument(
+        "--batch-size", type=positive_int, default=4, help="with --detector: images per batch (default: %(default)s)"
+    )
     p.add_argument("--device", default=None, help="with --detector: torch device")
     p.add_argument(
         "--allow-missing",

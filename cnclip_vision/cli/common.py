@@ -50,7 +50,18 @@ def add_model_options(
     group.add_argument("--workers", type=int, default=None, help="DataLoader worker processes for decoding images")
 
 
-def add_output_options(parser: argparse.ArgumentParser, *, csv_ok: bool = True) -> None:
+_FORMAT_HELP = {
+    "json": "json (one document)",
+    "jsonl": "jsonl (one record per line)",
+    "csv": "csv (flat columns)",
+    "coco": "coco (COCO results: image_id, category_id, bbox [x, y, w, h], score)",
+}
+
+
+def add_output_options(
+    parser: argparse.ArgumentParser, *, csv_ok: bool = True, formats: Sequence[str] = ("json", "jsonl", "csv")
+) -> None:
+    """``-o/--output`` (the main result; ``-`` = stdout) and, for tabular results, ``--format``."""
     parser.set_defaults(output_is_file=True)  # main() checks -o before the command starts
     group = parser.add_argument_group("output")
     group.add_argument(
@@ -59,9 +70,9 @@ def add_output_options(parser: argparse.ArgumentParser, *, csv_ok: bool = True) 
     if csv_ok:
         group.add_argument(
             "--format",
-            choices=("json", "jsonl", "csv"),
+            choices=tuple(formats),
             default="json",
-            help="json (one document), jsonl (one record per line) or csv (default: %(default)s)",
+            help=", ".join(_FORMAT_HELP[f] for f in formats) + " (default: %(default)s)",
         )
 
 

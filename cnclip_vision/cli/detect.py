@@ -14,6 +14,7 @@ from typing import Any
 from cnclip_vision.cli.common import (
     add_model_options,
     add_output_options,
+    positive_int,
     read_labels,
     resolve_device,
     unit_interval,
@@ -101,59 +102,74 @@ def _save_picture(picture: Any, path: Path) -> None:
 def _detect(args: argparse.Namespace) -> int:
     from cnclip_vision.data.transforms import load_image
     from cnclip_vision.detection import DetectionPredictor, OpenVocabDetector
+    from cnclip_vision.detection.inference import EVAL_SCORE_THRESHOLD, CocoTargets, coco_results
     from cnclip_vision.detection.visualize import draw_detections
     from cnclip_vision.errors import ImageLoadError
 
     _check_not_a_picture(args)
     images = _input_images(args.images)
-    labels: list[Any] = read_labels(args.labels, args.labels_file) if (args.labels or args.labels_file) else []
-    labels += [_parse_query(q) for q in args.query or []]
+    given = read_labels(args.labels, args.labels_file) if (args.labels or args.labels_file) else None
+    labels: list[Any] = list(given or [])
+    queries = [_parse_query(q) for q in args.query or []]
+    targets = None
+    if args.format == "coco":
+        if args.annotations is None:
+            raise ValueError(
+                "--format coco needs --annotations GROUND_TRUTH.json: COCO results carry that file's image and "
+                "category ids"
+            )
+        if queries:
+            raise ValueError("--format coco cannot hold --query classes: they have no category id")
+        targets = CocoTargets.from_file(args.annotations, images, given, name_map=args.name_map)
+        labels = list(targets.labels)
+    elif args.annotations is not None or args.name_map is not None:
+        raise ValueError("--annotations / --name-map apply to --format coco only")
+    labels += queries
     if not labels:
         raise ValueError("give the class names with --labels 猫,狗 (or --labels-file, or --query NAME=IMAGE)")
+    score_threshold = args.score_threshold
+    if score_threshold is None:  # COCO AP wants the long tail of low scores; pictures and lists do not
+        score_threshold = EVAL_SCORE_THRESHOLD if targets is not None else 0.3
+    pictures = _picture_paths(images, args.draw)
     overrides = {"vlm_mode": args.vlm_mode} if args.vlm_mode else {}
     detector = OpenVocabDetector.from_pretrained(args.detector, device=resolve_device(args.device), **overrides)
     predictor = DetectionPredictor(
         detector,
-        score_threshold=args.score_threshold,
+        score_threshold=score_threshold,
         nms_threshold=args.nms_threshold,
         max_detections=args.max_detections,
         agnostic_nms=args.agnostic_nms,
     )
     predictor.set_vocabulary(labels)
-    pictures = _picture_paths(images, args.draw)
     records: list[dict[str, Any]] = []
+    coco: list[dict[str, Any]] = []
     failed = 0
-    for path, picture_path in zip(images, pictures):
-        try:
-            image = load_image(path)
-        except (ImageLoadError, FileNotFoundError) as e:
-            logger.warning("skipped %s: %s", path, e)
-            failed += 1
+    for start in range(0, len(images), args.batch_size):
+        chunk = []
+        for index in range(start, min(start + args.batch_size, len(images))):
+            try:
+                chunk.append((index, load_image(images[index])))
+            except (ImageLoadError, OSError) as e:
+                logger.warning("skipped %s: %s", images[index], e)
+                failed += 1
+        if not chunk:
             continue
-        result = predictor.predict([image])[0]
-        records.append(
-            {
-                "image": path,
-                "width": image.width,
-                "height": image.height,
-                "detections": [
-                    {
-                        "label": n,
-                        "label_index": int(i),
-                        "score": round(float(s), 4),
-                        "box": [round(float(v), 2) for v in b],
-                    }
-                    for n, i, s, b in zip(result["label_names"], result["labels"], result["scores"], result["boxes"])
-                ],
-            }
-        )
-        if picture_path is not None:
-            _save_picture(draw_detections(image, result), picture_path)
-            logger.info("%s: %d detections, picture %s", path, len(result["scores"]), picture_path)
+        for (index, image), result in zip(chunk, predictor.predict([im for _, im in chunk])):
+            path, picture_path = images[index], pictures[index]
+            if targets is not None:
+                coco += coco_results(result, targets.image_ids[index], targets.category_ids)
+            records.append({"image": path, "width": image.width, "height": image.height,
+                            "detections": _detection_records(result)})  # fmt: skip
+            if picture_path is not None:
+                _save_picture(draw_detections(image, result), picture_path)
+                logger.info("%s: %d detections, picture %s", path, len(result["scores"]), picture_path)
     if failed == len(images):
         raise CNClipError(f"none of the {failed} images could be read")
     if failed:
         logger.warning("%d of %d images could not be read and were skipped", failed, len(images))
+    if targets is not None:
+        write_records(argparse.Namespace(output=args.output, format="json"), coco)
+        return 0
     rows = [  # csv / jsonl: one row per detection
         {"image": r["image"], "width": r["width"], "height": r["height"], "label": d["label"], "score": d["score"],
          "x1": d["box"][0], "y1": d["box"][1], "x2": d["box"][2], "y2": d["box"][3]}
@@ -162,6 +178,13 @@ def _detect(args: argparse.Namespace) -> int:
     ]  # fmt: skip
     write_records(args, rows, document=records)
     return 0
+
+
+def _detection_records(result: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        {"label": n, "label_index": int(i), "score": round(float(s), 4), "box": [round(float(v), 2) for v in b]}
+        for n, i, s, b in zip(result["label_names"], result["labels"], result["scores"], result["boxes"])
+    ]
 
 
 def _heatmap(args: argparse.Namespace) -> int:
@@ -267,6 +290,23 @@ def _toy_detector_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_detector_options(parser: argparse.ArgumentParser, *, batch_size: bool = True) -> None:
+    """The model options of the detector commands: ``--model`` is the detector (its CLIP comes with it)."""
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--model",
+        "--detector",
+        dest="detector",
+        default="toy-detector",
+        help="detector directory; it names the CLIP it sits on (default: %(default)s, the toy world's)",
+    )
+    group.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda (default: cuda if available)")
+    if batch_size:
+        group.add_argument(
+            "--batch-size", type=positive_int, default=4, help="images per forward pass (default: %(default)s)"
+        )
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "detect",
@@ -276,9 +316,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "to -o FILE; --draw draws boxes with Chinese labels. Unreadable images are reported, skipped and counted.",
     )
     p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
-    p.add_argument(
-        "--detector", default="toy-detector", help="detector directory (default: %(default)s, the toy world's)"
-    )
+    _add_detector_options(p)
     p.add_argument("--labels", help="comma-separated labels, e.g. 猫,狗,电动车")
     p.add_argument("--labels-file", help="a file with one label per line")
     p.add_argument(
@@ -293,7 +331,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         metavar="PICTURE_OR_FOLDER",
         help="draw the boxes and labels: a .png/.jpg file for one image, else a folder (one picture per image)",
     )
-    p.add_argument("--score-threshold", type=unit_interval, default=0.3, help="minimum score (default: %(default)s)")
+    p.add_argument(
+        "--score-threshold",
+        type=unit_interval,
+        default=None,
+        help="minimum score (default: 0.3; 0.001 with --format coco, as COCO AP needs)",
+    )
     p.add_argument(
         "--nms-threshold", type=unit_interval, default=0.5, help="IoU of class-aware NMS (default: %(default)s)"
     )
@@ -309,8 +352,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--vlm-mode", choices=("crops", "dense", "off"), default=None, help="override the detector's VLM branch"
     )
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
-    add_output_options(p)
+    p.add_argument(
+        "--annotations",
+        default=None,
+        metavar="GROUND_TRUTH.json",
+        help="with --format coco: the COCO file whose image ids (matched by file_name) and category ids the results "
+        "carry; its categories are the labels unless --labels is given",
+    )
+    p.add_argument("--name-map", default=None, help="with --format coco: English -> Chinese category names")
+    add_output_options(p, formats=("json", "jsonl", "csv", "coco"))
     p.set_defaults(func=_detect)
 
     p = sub.add_parser(
@@ -352,13 +402,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "scored together: AP50 base / novel / all for each VLM mode and with random text "
         "embeddings for the novel categories.",
     )
-    p.add_argument("--detector", default="toy-detector", help="detector directory (default: %(default)s)")
+    _add_detector_options(p, batch_size=False)
     p.add_argument("--annotations", default=None, help="an existing toy COCO file (default: generate one)")
     p.add_argument("--data-dir", default="build/toy-detector-eval", help="where generated scenes go")
     p.add_argument("--n", type=int, default=500, help="generated scenes (default: %(default)s)")
     p.add_argument("--seed", type=int, default=777, help="seed of the generated scenes (default: %(default)s)")
     p.add_argument("--check", action="store_true", help="exit with status 2 when a quality bar is missed")
-    p.add_argument("--device", default=None, help="torch device")
     add_output_options(p, csv_ok=False)
     p.set_defaults(func=_toy_detector_eval, format="json")
 

@@ -188,7 +188,6 @@ function renderDetections() {
     box.style.top = `${(100 * y1) / H}%`;
     box.style.width = `${(100 * (x2 - x1)) / W}%`;
     box.style.height = `${(100 * (y2 - y1)) / H}%`;
-    if (y1 / H < 0.08) box.classList.add("inside");
     const tag = document.createElement("span");
     tag.className = "tag";
     tag.textContent = `${det.label} ${det.score.toFixed(2)}`;
@@ -226,6 +225,38 @@ function applyThreshold() {
   const total = state.detections.length;
   $("#detect-count").textContent = total || state.detectDone ? `显示 ${shown} / ${total} 个目标` : "";
   $("#detect-table").hidden = !state.detectDone;
+  placeTags();
+}
+
+// Tags placed so that none covers another (the rule of the Python pictures, detection/visualize.py): the
+// best-scored first, each at the first free spot above its box, inside its top edge, below it, inside its
+// bottom edge, then further above / below; only a picture too crowded for any free spot stacks a tag above
+// its box. Re-run when the threshold shows other boxes and when the picture changes size.
+function placeTags() {
+  const layer = $("#detect-boxes");
+  const W = layer.clientWidth;
+  const H = layer.clientHeight;
+  if (!W || !H) return;
+  const placed = [];
+  const free = (x, y, w, h) => placed.every(([a, b, a2, b2]) => x + w <= a || a2 <= x || y + h <= b || b2 <= y);
+  const boxes = [...layer.querySelectorAll(".box:not(.hidden)")];
+  boxes.sort((a, b) => Number(b.dataset.score) - Number(a.dataset.score));
+  for (const box of boxes) {
+    const tag = box.querySelector(".tag");
+    const w = tag.offsetWidth;
+    const h = tag.offsetHeight;
+    const x1 = box.offsetLeft;
+    const y1 = box.offsetTop;
+    const y2 = y1 + box.offsetHeight;
+    const x = Math.min(Math.max(x1, 0), Math.max(0, W - w));
+    const spots = [y1 - h, y1, y2, y2 - h];
+    for (let k = 2; k < 2 + H / Math.max(h, 1); k += 1) spots.push(y1 - k * h, y2 + (k - 1) * h);
+    let y = spots.find((c) => c >= 0 && c <= H - h && free(x, c, w, h));
+    if (y === undefined) y = Math.min(Math.max(y1 - h, 0), Math.max(0, H - h));
+    tag.style.left = `${x - x1 - box.clientLeft}px`;  // relative to the box's padding edge
+    tag.style.top = `${y - y1 - box.clientTop}px`;
+    placed.push([x, y, x + w, y + h]);
+  }
 }
 
 async function detect(event) {
@@ -400,6 +431,8 @@ document.addEventListener("DOMContentLoaded", () => {
   $("#detect-form").addEventListener("submit", detect);
   $("#classify-form").addEventListener("submit", classify);
   $("#threshold").addEventListener("input", applyThreshold);
+  $("#detect-image").addEventListener("load", placeTags);
+  window.addEventListener("resize", placeTags);
   setupFileInput($("#detect-file"), $("#detect-file-name"));
   setupFileInput($("#classify-file"), $("#classify-file-name"), (file) => {
     const img = $("#classify-preview");
