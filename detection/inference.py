@@ -114,8 +114,8 @@ class CocoTargets:
         English name, synonym or id. Errors name the file and the image or label that has no match."""
         from cnclip_vision.detection.coco import (
             CocoFormatError,
-            map_names,
             category_lookup,
+            map_names,
             read_coco,
             resolve_categories,
             validate_coco,
