@@ -196,26 +196,44 @@ class ZeroShotClassifier:
         """Write the class embeddings with their labels and templates (safetensors, atomically)."""
         from safetensors.torch import save_file
 
+        from cnclip_vision.models.identity import model_info
+
+        info = model_info(self.model)
         metadata = {
             "labels": json.dumps(self.labels, ensure_ascii=False),
             "templates": json.dumps(list(self.templates), ensure_ascii=False),
             "embed_dim": str(self.model.config.embed_dim),
+            "model": json.dumps({k: info[k] for k in ("description", "precision", "fingerprint", "source")}),
         }
         with atomic_write(path) as tmp:
             save_file({"class_embeddings": self.class_embeddings.contiguous()}, str(tmp), metadata=metadata)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], model: ChineseCLIP, *, processor: Any = None) -> ZeroShotClassifier:
-        """A classifier from :meth:`save` output, without re-encoding any text."""
+        """A classifier from :meth:`save` output, without re-encoding any text. The file must have been written
+        with ``model`` (same weights and precision, by fingerprint), else :class:`CNClipError`."""
         from safetensors import safe_open
+
+        from cnclip_vision.models.identity import model_info
 
         try:
             with safe_open(str(path), framework="pt") as f:
                 metadata = f.metadata() or {}
                 embeddings = f.get_tensor("class_embeddings")
             labels, templates = json.loads(metadata["labels"]), json.loads(metadata["templates"])
+            written_with = json.loads(metadata["model"]) if "model" in metadata else None
         except Exception as e:  # safetensors raises its own error type for corrupt files
             raise CNClipError(f"{path} is not a saved ZeroShotClassifier: {e}") from e
+        if written_with is None:
+            logger.warning("%s does not record the model that wrote it (an older file): not checked", path)
+        else:
+            info = model_info(model)
+            if written_with.get("fingerprint") != info["fingerprint"]:
+                raise CNClipError(
+                    f"{path} holds class embeddings of another model or precision ({written_with.get('source')}, "
+                    f"{written_with.get('precision')}) than {info['source']} ({info['precision']}); their scores "
+                    "would mean nothing: delete it or load that model"
+                )
         return cls(model, labels, templates=templates, processor=processor, class_embeddings=embeddings)
 
     # ----------------------------------------------------------------------------------- evaluation

@@ -141,11 +141,15 @@ def test_dash_output_is_stdout_and_csv_cells_are_flat(images, tmp_path, capsys, 
         assert len(row["labels"].split(";")) == len(row["probs"].split(";")) == 3, row
 
 
-def test_search_uses_the_model_the_index_records_and_refuses_another(images, tmp_path, capsys):
+def test_search_uses_the_model_the_index_records_and_refuses_another(images, tmp_path, capsys, monkeypatch):
     index = tmp_path / "emb"
-    assert main(["-q", "embed", str(images), "--out", str(index), "--model", "toy-tiny", "--device", "cpu"]) == 0
+    embed = ["-q", "embed", str(images), "--out", str(index), "--model", "toy-tiny", "--device", "cpu"]
+    assert main([*embed, "--precision", "fp32"]) == 0
     capsys.readouterr()
-    assert json.loads((index / "manifest.json").read_text())["model"]["source"] == "toy-tiny"
+    recorded = json.loads((index / "manifest.json").read_text())["model"]
+    assert (recorded["source"], recorded["precision"]) == ("toy-tiny", "fp32")
+    # precision auto would pick bf16 here, but an index is searched in the precision it was written in
+    monkeypatch.setattr("cnclip_vision.device.auto_precision", lambda device=None: "bf16")
     assert main(["search", "红色圆形", "--index", str(index), "-k", "2", "--device", "cpu"]) == 0  # no --model
     hits = json.loads(capsys.readouterr().out)[0]["results"]
     assert [h["rank"] for h in hits] == [1, 2]

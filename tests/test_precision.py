@@ -39,15 +39,60 @@ def test_precision_keeps_the_embeddings(saved, precision, min_cosine):
     assert F.cosine_similarity(text, ref_text).min() >= min_cosine
     assert not torch.equal(image, ref_image)  # the lever really changed the computation
     if precision == "int8":
-        linears = [m for m in model.modules() if type(m).__name__ == "Linear" and m.__module__.startswith("torch.ao")]
-        assert linears, "no dynamically quantised Linear layer"
+        assert model.int8_backend == "torchao"  # installed by make install (the int8 extra)
+        assert _int8_linears(model.visual) and _int8_linears(model.text)
     else:
         assert model.dtype == torch.bfloat16
 
 
+def _int8_linears(module: torch.nn.Module) -> list[str]:
+    """The Linear layers of ``module`` whose weights are int8 (torchao's tensor subclass, or torch.ao's
+    dynamically quantised module)."""
+    found = []
+    for name, m in module.named_modules():
+        if (
+            type(m).__name__ == "DynamicQuantizedLinear"
+            or type(m).__name__ == "Linear"
+            and type(m).__module__.startswith("torch.ao.nn.quantized")
+        ):
+            found.append(name)
+        elif isinstance(m, torch.nn.Linear) and type(m.weight.data) is not torch.Tensor:
+            found.append(name)
+    return found
+
+
+def test_int8_uses_torchao_with_per_channel_scales_and_is_closer_than_the_fallback(saved, monkeypatch):
+    """torchao's int8 (per-token activations, per-channel weights) against the quantize_dynamic fallback taken
+    when torchao is missing: both quantise every Linear of both towers; torchao is the closer to fp32."""
+    import builtins
+
+    config = small_config("ViT-B-16")
+    ref_image, ref_text = _features(cnclip_vision.load(saved), config)
+    ao = cnclip_vision.load(saved, precision="int8")
+    real_import = builtins.__import__
+
+    def no_torchao(name, *args, **kwargs):
+        if name.startswith("torchao"):
+            raise ImportError("No module named 'torchao' (test)")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_torchao)
+    fallback = cnclip_vision.load(saved, precision="int8")
+    monkeypatch.undo()
+    assert (ao.int8_backend, fallback.int8_backend) == ("torchao", "torch.ao quantize_dynamic")
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in cnclip_vision.load(saved).visual.modules())
+    assert len(_int8_linears(ao.visual)) == len(_int8_linears(fallback.visual)) == n_linear
+    cosines = {}
+    for name, model in (("torchao", ao), ("fallback", fallback)):
+        image, text = _features(model, config)
+        cosines[name] = min(F.cosine_similarity(image, ref_image).min(), F.cosine_similarity(text, ref_text).min())
+    assert cosines["torchao"] >= 0.999
+    assert cosines["torchao"] > cosines["fallback"], cosines
+
+
 def test_create_model_takes_precision_too():
     model = cnclip_vision.create_model(small_config("ViT-B-16"), precision="int8")
-    assert any("quantized" in type(m).__module__ for m in model.visual.modules())
+    assert _int8_linears(model.visual) and model.precision == "int8"
 
 
 @pytest.mark.parametrize(
@@ -85,3 +130,70 @@ def test_compile_gives_the_same_embeddings(saved):
     image, text = _features(cnclip_vision.load(saved, compile=True), config)
     torch.testing.assert_close(image, ref_image, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(text, ref_text, atol=1e-4, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------- precision="auto"
+@pytest.mark.parametrize(
+    "amx, avx512_bf16, expected",
+    [(True, True, ("bf16", "AMX")), (False, True, ("bf16", "AVX512-BF16")), (False, False, ("fp32", "without"))],
+)
+def test_auto_precision_follows_the_cpu(monkeypatch, amx, avx512_bf16, expected):
+    from cnclip_vision import device
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    fast, why = device.bf16_is_fast("cpu")
+    assert fast == (expected[0] == "bf16") and expected[1] in why
+    assert device.auto_precision("cpu") == expected[0]
+
+
+@pytest.mark.parametrize("bf16, expected", [(True, "bf16"), (False, "fp16")])
+def test_auto_precision_on_cuda(monkeypatch, bf16, expected):
+    from cnclip_vision import device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    assert device.auto_precision("cuda") == expected
+
+
+def test_load_auto_resolves_and_records_the_precision(saved, monkeypatch):
+    from cnclip_vision.models.identity import model_info
+
+    for chosen, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        monkeypatch.setattr("cnclip_vision.device.auto_precision", lambda device=None, c=chosen: c)
+        model = cnclip_vision.load(saved, precision="auto")
+        assert (model.precision, model.dtype) == (chosen, dtype)
+        assert model_info(model)["precision"] == chosen
+    assert cnclip_vision.load(saved).precision == "fp32"  # the Python API's default stays fp32
+    int8, fp32 = cnclip_vision.load(saved, precision="int8"), cnclip_vision.load(saved)
+    assert model_info(int8)["precision"] == "int8"
+    assert model_info(int8)["fingerprint"] != model_info(fp32)["fingerprint"]  # same dtype, other numbers
+
+
+def test_cli_default_is_auto_and_logged(saved, capsys, tmp_path, monkeypatch, caplog):
+    import logging
+
+    from PIL import Image
+
+    from cnclip_vision import device
+
+    image = tmp_path / "a.png"
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(image)
+    device._LOGGED.clear()
+    with caplog.at_level(logging.INFO, logger="cnclip_vision"):
+        assert main(["classify", str(image), "--labels", "红色,蓝色", "--model", str(saved)]) == 0
+    chosen = device.auto_precision("cpu")
+    assert any(f"precision auto on cpu: {chosen}" in r.getMessage() for r in caplog.records)
+
+
+def test_classifier_cache_records_and_checks_the_model(saved, tmp_path):
+    from cnclip_vision.errors import CNClipError
+    from cnclip_vision.zeroshot import ZeroShotClassifier
+
+    cache = tmp_path / "classes.safetensors"
+    fp32 = cnclip_vision.load(saved)
+    ZeroShotClassifier(fp32, ["红色", "蓝色"], templates="none").save(cache)
+    assert ZeroShotClassifier.load(cache, cnclip_vision.load(saved)).labels == ["红色", "蓝色"]
+    for other in ("bf16", "int8"):
+        with pytest.raises(CNClipError, match="another model or precision"):
+            ZeroShotClassifier.load(cache, cnclip_vision.load(saved, precision=other))

@@ -74,6 +74,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in _THIRD_PARTY_LOGGERS:  # -v is about this library; their debug chatter stays out
         logging.getLogger(noisy).setLevel(max(level, logging.INFO))
+    # torchao (imported by transformers when installed) registers enums that torch >= 2.12 handles natively,
+    # and torch warns about each on every start: harmless, and not the user's business
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     try:
         if getattr(args, "output_is_file", False) and args.output not in (None, "-"):
             check_output_file(args.output)

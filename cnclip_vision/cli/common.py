@@ -41,10 +41,10 @@ def add_model_options(
     )
     group.add_argument(
         "--precision",
-        choices=("fp32", "bf16", "fp16", "int8"),
-        default="fp32",
-        help="fp32, bf16 (fast only with bf16 matrix units), fp16 (GPU only) or int8 (dynamic "
-        "quantisation of the Linear layers, CPU) (default: %(default)s)",
+        choices=("auto", "fp32", "bf16", "fp16", "int8"),
+        default="auto",
+        help="auto (bf16 on GPUs and on CPUs with bf16 units — AMX or AVX512-BF16 —, else fp32; logged), fp32, "
+        "bf16, fp16 (GPU only) or int8 (dynamic quantisation of the Linear layers, CPU) (default: %(default)s)",
     )
     group.add_argument("--compile", action="store_true", help="torch.compile both towers (slow first batch)")
     group.add_argument("--workers", type=int, default=None, help="DataLoader worker processes for decoding images")
@@ -119,11 +119,14 @@ def resolve_device(device: str | None) -> str:
 
 def load_model(args: argparse.Namespace) -> Any:
     """The model named by ``--model`` with ``--device`` / ``--precision``."""
+    from cnclip_vision.device import auto_precision
     from cnclip_vision.models.factory import load
 
     device = resolve_device(args.device)
     if args.precision == "fp16" and not device.startswith("cuda"):
         raise ValueError("--precision fp16 needs a GPU (--device cuda); use fp32 or int8 on the CPU")
+    if args.precision == "auto":
+        args.precision = auto_precision(device)
     logger.info("loading %s on %s (%s)", args.model, device, args.precision)
     return load(
         args.model, arch=args.arch, device=device, precision=args.precision, compile=getattr(args, "compile", False)

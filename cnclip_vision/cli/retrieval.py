@@ -52,7 +52,13 @@ def _embed(args: argparse.Namespace) -> int:
 def _embed_ray(args: argparse.Namespace, common: dict[str, Any]) -> dict[str, Any]:
     from cnclip_vision.retrieval import extract_image_embeddings_ray, extract_text_embeddings_ray
 
-    options = {"arch": args.arch, "precision": args.precision}
+    precision = args.precision
+    if precision == "auto":  # one concrete precision for every actor, so that their fingerprints agree
+        from cnclip_vision.device import auto_precision
+
+        gpu = bool(args.ray_gpus_per_actor) or str(args.device or "").startswith("cuda")
+        precision = auto_precision("cuda") if gpu and _cuda_here() else "bf16" if gpu else auto_precision("cpu")
+    options = {"arch": args.arch, "precision": precision}
     if args.device:
         options["device"] = args.device
     ray = dict(
@@ -65,6 +71,15 @@ def _embed_ray(args: argparse.Namespace, common: dict[str, Any]) -> dict[str, An
     if args.texts is not None:
         return extract_text_embeddings_ray(args.model, args.texts, args.out, **ray)
     return extract_image_embeddings_ray(args.model, args.images, args.out, num_workers=args.workers or 0, **ray)
+
+
+_PRECISION_OF_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def _cuda_here() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _model_of_index(args: argparse.Namespace) -> Any:
@@ -82,6 +97,10 @@ def _model_of_index(args: argparse.Namespace) -> Any:
             )
         args.model = built_with["source"]
         logger.info("--index %s was written with %s: using it", args.index, args.model)
+    recorded = built_with.get("precision") or _PRECISION_OF_DTYPE.get(built_with.get("dtype", ""))
+    if args.precision == "auto" and recorded:  # the index's precision, not this machine's choice
+        args.precision = recorded
+        logger.info("--index %s was written in %s: searching in it", args.index, recorded)
     model = load_model(args)
     fingerprint = built_with.get("fingerprint")
     if fingerprint not in (None, "external") and model_info(model)["fingerprint"] != fingerprint:

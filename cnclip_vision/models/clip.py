@@ -44,6 +44,10 @@ class ChineseCLIP(nn.Module):
 
     #: What :func:`cnclip_vision.load` loaded it from (a name, folder or file), recorded in embedding manifests.
     source: str | None = None
+    #: The precision it was built for (fp32, bf16, fp16 or int8; ``"auto"`` resolved), recorded with its fingerprint.
+    precision: str = "fp32"
+    #: With precision int8: "torchao" or "torch.ao quantize_dynamic" (the fallback without torchao).
+    int8_backend: str | None = None
 
     def __init__(self, config: CLIPConfig) -> None:
         super().__init__()
@@ -68,7 +72,8 @@ class ChineseCLIP(nn.Module):
         return self.config.vision.image_size
 
     def encode_image(self, pixel_values: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """Projected image features ``[N, embed_dim]`` of preprocessed images ``[N, 3, S, S]``."""
+        """Projected image features ``[N, embed_dim]`` of preprocessed images ``[N, 3, S, S]`` (in the model's
+        dtype; ``normalize=True``: unit length in float32, so that a cosine never exceeds 1 by rounding)."""
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
             shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
             raise ValueError(
@@ -84,7 +89,7 @@ class ChineseCLIP(nn.Module):
                 f"use cnclip_vision.image_transform({self.image_size})"
             )
         features = self.visual(pixel_values.to(device=self.device, dtype=self.dtype))
-        return F.normalize(features, dim=-1) if normalize else features
+        return _unit(features) if normalize else features
 
     def encode_text(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, normalize: bool = False
@@ -109,7 +114,7 @@ class ChineseCLIP(nn.Module):
             attention_mask = input_ids != 0
         hidden = self.text(input_ids=input_ids, attention_mask=attention_mask.to(self.device)).last_hidden_state
         features = self.text_projection(hidden[:, 0])
-        return F.normalize(features, dim=-1) if normalize else features
+        return _unit(features) if normalize else features
 
     def forward(
         self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
@@ -144,3 +149,8 @@ class ChineseCLIP(nn.Module):
         from cnclip_vision.models.weights import save_pretrained
 
         save_pretrained(self, directory)
+
+
+def _unit(features: torch.Tensor) -> torch.Tensor:
+    """L2-normalised in float32 (a bf16 unit vector is up to ~0.4% off unit length)."""
+    return F.normalize(features.float(), dim=-1)

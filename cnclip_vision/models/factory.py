@@ -28,7 +28,7 @@ from cnclip_vision.models.weights import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PRECISIONS", "create_model", "load", "resolve_dtype"]
+__all__ = ["PRECISIONS", "create_model", "load", "resolve_dtype", "resolve_precision"]
 
 _DTYPES = {
     "fp32": torch.float32,
@@ -52,17 +52,26 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}") from None
 
 
-PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 
 
-def _dtype_of(dtype: torch.dtype | str | None, precision: str | None) -> torch.dtype:
+def resolve_precision(
+    dtype: torch.dtype | str | None, precision: str | None, device: torch.device | str | None
+) -> tuple[str, torch.dtype]:
+    """``(precision, parameter dtype)``: ``precision`` (``"auto"`` resolved for ``device`` by
+    :func:`~cnclip_vision.device.auto_precision`), or the precision ``dtype`` names (default fp32)."""
     if precision is None:
-        return resolve_dtype(dtype)
+        target = resolve_dtype(dtype)
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(target, "fp32"), target
     if dtype is not None:
         raise ValueError("give either dtype= or precision=, not both")
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}; allowed values: {', '.join(PRECISIONS)}")
-    return torch.float32 if precision == "int8" else resolve_dtype(precision)
+    if precision == "auto":
+        from cnclip_vision.device import auto_precision
+
+        precision = auto_precision(device)
+    return precision, torch.float32 if precision == "int8" else resolve_dtype(precision)
 
 
 def _finish(
@@ -79,24 +88,44 @@ def _finish(
     both towers (weights int8, activations quantised per batch, fp32 elsewhere) — CPU only.
     """
     device = torch.device(device or "cpu")
+    precision = precision or {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
     if precision == "fp16" and device.type == "cpu":
         raise ValueError("precision='fp16' needs a GPU (device='cuda'); on the CPU use fp32, int8 or bf16")
     model = model.to(device=device, dtype=dtype).eval()
     if precision == "int8":
         if device.type != "cpu":
             raise ValueError("precision='int8' (dynamic quantisation) runs on the CPU only")
-        import warnings
+        _quantize_int8(model)
+    if compile:
+        model.visual.compile(dynamic=True)
+        model.text.compile(dynamic=True)
+    model.precision = precision
+    return model
 
+
+def _quantize_int8(model: ChineseCLIP) -> None:
+    """Every ``nn.Linear`` of both towers to int8 weights with int8 activations quantised per token at run
+    time: torchao's ``quantize_(Int8DynamicActivationInt8WeightConfig())`` when torchao is installed (the
+    ``[int8]`` extra; per-channel weight scales, cosine >= 0.999 to fp32, fastest under ``compile=True``), else
+    ``torch.ao.quantization.quantize_dynamic`` (per-tensor activation scales, less exact). The backend used is
+    ``model.int8_backend``."""
+    import warnings
+
+    try:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+    except ImportError:
         from torch.ao.quantization import quantize_dynamic
 
         with warnings.catch_warnings():  # torch >= 2.10 announces a move of these functions to torchao
             warnings.simplefilter("ignore", (UserWarning, DeprecationWarning, FutureWarning))
             model.visual = quantize_dynamic(model.visual, {torch.nn.Linear}, dtype=torch.qint8)
             model.text = quantize_dynamic(model.text, {torch.nn.Linear}, dtype=torch.qint8)
-    if compile:
-        model.visual.compile(dynamic=True)
-        model.text.compile(dynamic=True)
-    return model
+        model.int8_backend = "torch.ao quantize_dynamic"
+        logger.info("int8: torchao is not installed; torch.ao.quantization.quantize_dynamic (less exact)")
+        return
+    for tower in (model.visual, model.text):
+        quantize_(tower, Int8DynamicActivationInt8WeightConfig())
+    model.int8_backend = "torchao"
 
 
 def create_model(
@@ -115,7 +144,7 @@ def create_model(
         if isinstance(arch, CLIPConfig):
             raise ValueError("pretrained=True needs a registered model name, not a CLIPConfig")
         return load(arch, device=device, dtype=dtype, precision=precision, compile=compile)
-    target = _dtype_of(dtype, precision)
+    precision, target = resolve_precision(dtype, precision, device)
     return _finish(ChineseCLIP(get_config(arch)), device, target, precision, compile)
 
 
@@ -172,16 +201,21 @@ def load(
     from the config or inferred from tensor shapes. Loading is strict and never unpickles code.
 
     Speed: ``precision`` is ``"fp32"`` (default), ``"bf16"`` (weights and compute in bf16; fast only on
-    CPUs/GPUs with bf16 matrix units), ``"fp16"`` (GPU only) or ``"int8"`` (dynamic int8 quantisation of
-    every Linear layer, CPU serving); ``dtype`` is the older spelling of the first three. ``compile=True``
-    applies ``torch.compile`` to both towers (the first call of each new shape is slow). The measured
-    accuracy cost of each is in the README's "Performance" section.
+    CPUs/GPUs with bf16 units), ``"fp16"`` (GPU only), ``"int8"`` (int8 weights and dynamically quantised
+    activations in every Linear of both towers, CPU; torchao when installed, fastest with ``compile=True``) or
+    ``"auto"`` (bf16 where the device has bf16 units, else fp32; fp16 on GPUs without bf16; see
+    :func:`~cnclip_vision.device.auto_precision`). ``"auto"`` is the CLI's default but not this function's:
+    bf16 does not meet the fp32 parity bars against the reference implementations. ``dtype`` is the older
+    spelling of the first three. The weights are cast tensor by tensor as they are read (no full copy in
+    the file's precision). ``compile=True`` applies ``torch.compile`` to both towers (the first call of
+    each new shape is slow). The measured accuracy cost of each is in the README's "Performance" section.
     """
     if device is not None:
         device = check_device(device)  # before reading gigabytes of weights
     weights, config = _resolve(name_or_path)
-    state, metadata = read_state_dict(weights)
-    state = to_native(state)
+    precision, target = resolve_precision(dtype, precision, device)
+    state, metadata = read_state_dict(weights, dtype=target)  # cast tensor by tensor as it is read
+    state = to_native(state, consume=True)
     if arch is not None:
         config = get_config(arch)
     elif config is None and CONFIG_METADATA_KEY in metadata:
@@ -189,8 +223,8 @@ def load(
     elif config is None:
         config = infer_config(state)
         logger.info("architecture inferred from %s: %s", weights, describe(config))
-    target = _dtype_of(dtype, precision)
-    state = {k: (v.to(target) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+    for key in state:
+        state[key] = state[key].contiguous()
     with torch.device("meta"):
         model = ChineseCLIP(config)
     load_native_state_dict(model, state, source=str(weights), assign=True)

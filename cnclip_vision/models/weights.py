@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import pickle
 import re
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -58,12 +59,15 @@ CONFIG_METADATA_KEY = "cnclip_vision_config"  # our config inside safetensors me
 
 
 # ---------------------------------------------------------------------------------------------- reading
-def read_state_dict(path: str | os.PathLike[str]) -> tuple[StateDict, dict[str, str]]:
+def read_state_dict(path: str | os.PathLike[str], dtype: torch.dtype | None = None) -> tuple[StateDict, dict[str, str]]:
     """Tensors of a checkpoint file and its metadata, loaded safely.
 
     Safetensors files are read with ``safetensors``; anything else with ``torch.load(weights_only=True)``,
     which refuses pickles that would run code. The original ``{"state_dict": ...}`` wrapper and the
-    ``module.`` prefix of data-parallel training are removed.
+    ``module.`` prefix of data-parallel training are removed. ``dtype``: floating tensors are cast to it one
+    by one as they are read, so that a checkpoint never sits in memory in its file's precision next to the
+    cast copy (safetensors: peak = the cast state + one tensor; ``.pt`` files are memory-mapped, and the
+    pages read stay counted in the RSS until loading ends).
     """
     path = Path(path)
     if not path.is_file():
@@ -79,7 +83,10 @@ def read_state_dict(path: str | os.PathLike[str]) -> tuple[StateDict, dict[str, 
         try:
             with safe_open(str(path), framework="pt") as f:
                 metadata = dict(f.metadata() or {})
-                state = {k: f.get_tensor(k) for k in f.keys()}
+                keys = list(f.keys())
+            state = {}
+            for group in _read_groups(path, keys):
+                state.update(_read_cast(path, group, dtype))
         except Exception as e:  # safetensors raises its own SafetensorError for corrupt headers/data
             raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
     else:
@@ -99,9 +106,51 @@ def read_state_dict(path: str | os.PathLike[str]) -> tuple[StateDict, dict[str, 
                 f"{path} could not be read as a PyTorch checkpoint (truncated or corrupt?): {str(e).splitlines()[0]}"
             ) from e
         state = _unwrap(obj, path)
+        for key in state:
+            state[key] = _cast(state[key], dtype)
     if not state:
         raise CheckpointError(f"checkpoint {path} holds no tensors")
     return _strip_prefix(state, "module."), metadata
+
+
+_GROUP_BYTES = 256 * 1024**2  # at most; and at most 1/32 of the file, so a group's pages add <= ~6% to the peak
+
+
+def _read_groups(path: Path, keys: list[str]) -> list[list[str]]:
+    """``keys`` in file order, cut into groups of at most 1/32 of the file (at most 256 MB; a tensor larger
+    than that is a group of its own)."""
+    from safetensors import safe_open
+
+    limit = min(_GROUP_BYTES, max(1, path.stat().st_size // 32))
+    groups: list[list[str]] = [[]]
+    size = 0
+    with safe_open(str(path), framework="pt") as f:
+        for key in keys:
+            part = f.get_slice(key)
+            nbytes = math.prod(part.get_shape()) * _DTYPE_BYTES.get(part.get_dtype(), 4)
+            if groups[-1] and size + nbytes > limit:
+                groups.append([])
+                size = 0
+            groups[-1].append(key)
+            size += nbytes
+    return groups
+
+
+def _read_cast(path: Path, keys: list[str], dtype: torch.dtype | None) -> StateDict:
+    """Tensors ``keys`` of a safetensors file, cast to ``dtype``. safetensors maps the file: the pages read stay
+    resident (counted in the RSS) while the handle is open, so each group has its own short-lived handle and a
+    cast group leaves only its cast copy behind (an uncast tensor keeps its pages, as it is the data)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: _cast(f.get_tensor(k), dtype) for k in keys}
+
+
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1}
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
 
 def _looks_like_safetensors(head: bytes) -> bool:
@@ -196,27 +245,42 @@ _from_hf, _to_hf = _renamer(_HF_NAMES), _renamer(_HF_NAMES, reverse=True)
 _from_original = _renamer(_ORIGINAL_NAMES)
 
 
-def hf_to_native(state: Mapping[str, torch.Tensor]) -> StateDict:
-    """transformers ``ChineseCLIPModel`` keys → native keys (q/k/v fused, class/position embeddings reshaped)."""
+def hf_to_native(state: Mapping[str, torch.Tensor], *, consume: bool = False) -> StateDict:
+    """transformers ``ChineseCLIPModel`` keys → native keys (q/k/v fused, class/position embeddings reshaped).
+    ``consume``: empty ``state`` (a dict) on the way, so that each fused q/k/v triple is freed as soon as it is
+    fused instead of living on next to the fused copy until the end."""
     out: StateDict = {}
     qkv: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in state.items():
+    items = _drain(state) if consume else iter(list(state.items()))
+    for key, value in items:
         if _DROP.search(key):
             continue
         m = re.match(r"^vision_model\.encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$", key)
         if m:
-            qkv.setdefault(f"visual.blocks.{m[1]}.attn.qkv.{m[3]}", {})[m[2]] = value
+            name = f"visual.blocks.{m[1]}.attn.qkv.{m[3]}"
+            parts = qkv.setdefault(name, {})
+            parts[m[2]] = value
+            if len(parts) == 3:
+                out[name] = torch.cat([parts.pop("q"), parts.pop("k"), parts.pop("v")], dim=0)
+                del qkv[name]
         elif key == "vision_model.embeddings.class_embedding":
             out["visual.cls_token"] = value.reshape(1, 1, -1)
         elif key == "vision_model.embeddings.position_embedding.weight":
             out["visual.pos_embed"] = value.unsqueeze(0)
         else:
             out[_require(_from_hf(key), key, "Hugging Face")] = value
+        del value
     for key, parts in qkv.items():
-        if set(parts) != {"q", "k", "v"}:
-            raise CheckpointError(f"incomplete attention weights for {key}: found only {sorted(parts)} of q, k, v")
-        out[key] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+        raise CheckpointError(f"incomplete attention weights for {key}: found only {sorted(parts)} of q, k, v")
     return out
+
+
+def _drain(state: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The items of a dict, each removed from it as it is handed out (the caller then holds the only reference)."""
+    if not isinstance(state, dict):
+        raise TypeError("consume=True needs a dict")
+    for key in list(state):
+        yield key, state.pop(key)
 
 
 def native_to_hf(state: Mapping[str, torch.Tensor]) -> StateDict:
@@ -290,11 +354,11 @@ def _require(new_key: str | None, key: str, layout: str) -> str:
     return new_key
 
 
-def to_native(state: Mapping[str, torch.Tensor]) -> StateDict:
-    """Any of the three layouts → native keys."""
+def to_native(state: Mapping[str, torch.Tensor], *, consume: bool = False) -> StateDict:
+    """Any of the three layouts → native keys (``consume``: see :func:`hf_to_native`)."""
     layout = detect_layout(state)
     if layout == "hf":
-        return hf_to_native(state)
+        return hf_to_native(state, consume=consume)
     if layout == "original":
         return original_to_native(state)
     return dict(state)

@@ -22,7 +22,6 @@ keeps them and does the rest.
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import logging
 import os
@@ -35,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cnclip_vision.errors import CNClipError
+from cnclip_vision.models.identity import model_info
 from cnclip_vision.retrieval import store
 from cnclip_vision.retrieval.dist import DEFAULT_TIMEOUT_S, Group
 
@@ -49,25 +49,6 @@ _KEY_FIELDS = ("format", "modality", "model_fingerprint", "dtype", "dim", "norma
 
 
 # ------------------------------------------------------------------------------------------ model key
-def model_info(model: ChineseCLIP) -> dict[str, Any]:
-    """Config, dtype and a fingerprint of the weights (projections and logit scale, cheap to hash) so a
-    resumed extraction never mixes the embeddings of two models or precisions."""
-    from cnclip_vision.models.weights import describe
-
-    h = hashlib.sha1(json.dumps(model.config.to_dict(), sort_keys=True).encode())
-    h.update(str(model.dtype).encode())
-    last_visual = list(model.visual.parameters())[-1]
-    for tensor in (model.text_projection.weight, last_visual, model.logit_scale):
-        h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return {
-        "description": describe(model.config),
-        "config": model.config.to_dict(),
-        "dtype": str(model.dtype).removeprefix("torch."),
-        "fingerprint": h.hexdigest()[:16],
-        "source": model.source,  # for readers (`cnclip search` loads it when no --model is given)
-    }
-
-
 def make_key(modality: str, info: dict[str, Any], dim: int, dtype: str, shard_size: int) -> dict[str, Any]:
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
