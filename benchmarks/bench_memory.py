@@ -4,9 +4,10 @@
 temporary folder, removed at the end); then each load runs in a fresh subprocess that imports
 ``torch, transformers, cnclip_vision`` (and the modules of the model classes), reads its RSS, loads, and reports
 ``VmHWM`` (the process's peak RSS, after every weight has been read once: memory-mapped weights count only
-once paged in) minus that RSS. Not ``ru_maxrss``: Linux keeps it across ``fork`` + ``exec``,
-so a child of this script (which has just built the model) would report the parent's peak. Target: ours <= 1.2x the bytes of the loaded parameters and buffers. transformers'
-``ChineseCLIPModel.from_pretrained`` on the same directory is measured the same way, for reference.
+once paged in) minus that RSS. Not ``ru_maxrss``: Linux keeps it across ``fork`` + ``exec``, so a child of
+this script (which has just built the model) would report the parent's peak. Target: ours <= 1.2x the bytes
+of the loaded parameters and buffers. transformers' ``ChineseCLIPModel.from_pretrained`` on the same
+directory is measured the same way, for reference.
 Figures, never asserts.
 """
 
