@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--modes",
         default=None,
-        help="CPU suite: our modes, from fp32,int8,compile,bf16 (default fp32,int8,compile; quick: fp32,int8)",
+        help="CPU suite: our modes, PRECISION[+compile] from fp32, bf16, int8 (compile = fp32+compile) (default: "
+        "every precision this machine runs fast, each also compiled; quick: fp32,int8)",
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
@@ -57,16 +58,13 @@ def cpu_suite(args, config, directory, roofline: common.Roofline, report: common
 
     batch = args.batch_size or (4 if args.quick else 32)
     repeats = args.repeats or (2 if args.quick else 3)
-    modes = [m for m in (args.modes or ("fp32,int8" if args.quick else "fp32,int8,compile")).split(",") if m]
+    modes = common.cpu_modes(args.modes, args.quick)
+    bf16_fast = common.bf16_fast()
     models, notes = {}, {}
     for mode in modes:
         start = time.perf_counter()
-        if mode == "compile":
-            models[mode] = cnclip_vision.load(directory, precision="fp32", compile=True)
-        elif mode in ("fp32", "int8", "bf16"):
-            models[mode] = cnclip_vision.load(directory, precision=mode)
-        else:
-            raise SystemExit(f"unknown mode {mode!r}; use fp32, int8, compile, bf16")
+        precision, compiled = common.parse_mode(mode)
+        models[mode] = cnclip_vision.load(directory, precision=precision, compile=compiled)
         common.log(f"loaded ours {mode} in {time.perf_counter() - start:.1f} s")
     ref = common.load_hf(directory)
     size = ref.config.vision_config.image_size
@@ -75,12 +73,12 @@ def cpu_suite(args, config, directory, roofline: common.Roofline, report: common
     ref_gflop = common.count_gflop(lambda x: ref.get_image_features(pixel_values=x), pixels[:1])
     gflop = common.count_gflop(lambda x: models["fp32"].encode_image(x), pixels[:1]) if "fp32" in models else ref_gflop
 
-    if "compile" in models:  # the first call of a new shape compiles: not part of the throughput
+    for mode in [m for m in models if common.parse_mode(m)[1]]:  # the first call of a shape compiles: not timed
         start = time.perf_counter()
         with torch.inference_mode():
-            models["compile"].encode_image(pixels)
-        notes["compile"] = f"first call (compilation) {time.perf_counter() - start:.0f} s, not timed"
-        common.log(f"compiled: {time.perf_counter() - start:.1f} s")
+            models[mode].encode_image(pixels)
+        notes[mode] = f"first call (compilation) {time.perf_counter() - start:.0f} s, not timed"
+        common.log(f"compiled {mode}: {time.perf_counter() - start:.1f} s")
 
     def ours_fn(model):
         def run():
@@ -93,9 +91,16 @@ def cpu_suite(args, config, directory, roofline: common.Roofline, report: common
         with torch.inference_mode():
             return common.hf_features(ref.get_image_features(pixel_values=pixels)).float()
 
-    slow = {m for m in models if m == "bf16"}  # bf16 on a CPU without bf16 units: timed once on a few images
+    def autocast_run():
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return common.hf_features(ref.get_image_features(pixel_values=pixels)).float()
+
+    # bf16 on a CPU without bf16 units is several times slower than fp32: timed once on a few images
+    slow = set() if bf16_fast else {m for m in models if common.parse_mode(m)[0] == "bf16"}
     cases = {f"ours {m}": ours_fn(model) for m, model in models.items() if m not in slow}
     cases["transformers fp32"] = ref_run
+    if bf16_fast and not args.skip_autocast:  # same batch and repeats as ours
+        cases["transformers bf16 autocast"] = autocast_run
     times, outputs = common.alternate(cases, repeats, log=common.log)
     ref_out = outputs["transformers fp32"]
     ref_per_s = batch / common.median(times["transformers fp32"])
@@ -103,7 +108,7 @@ def cpu_suite(args, config, directory, roofline: common.Roofline, report: common
     reference = "transformers fp32 (SDPA)"
     rows = []
     for m, model in models.items():
-        kind = {"int8": "int8", "bf16": "bf16"}.get(m, "fp32")
+        kind = common.parse_mode(m)[0]
         if m in slow:
             small = pixels[: args.autocast_batch]
             with torch.inference_mode():
@@ -116,7 +121,7 @@ def cpu_suite(args, config, directory, roofline: common.Roofline, report: common
             per_s = batch / common.median(times[f"ours {m}"])
             cos = common.cosine_min(outputs[f"ours {m}"], ref_out)
             note = notes.get(m, "")
-        label = {"compile": "ours fp32 + torch.compile"}.get(m, f"ours {m}")
+        label = "ours " + m.replace("+compile", " + torch.compile")
         rows.append(
             report.row(
                 measure,
@@ -143,14 +148,21 @@ def cpu_suite(args, config, directory, roofline: common.Roofline, report: common
 
     if args.skip_autocast or best is None:
         return
-    small = pixels[: args.autocast_batch]
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        ref.get_image_features(pixel_values=small[:1])  # warm-up on one image
-        start = time.perf_counter()
-        out = common.hf_features(ref.get_image_features(pixel_values=small)).float()
-        seconds = time.perf_counter() - start
-    auto_per_s = len(small) / seconds
-    auto_cos = common.cosine_min(out, ref_out[: len(small)])
+    if "transformers bf16 autocast" in times:
+        seconds = common.median(times["transformers bf16 autocast"])
+        auto_per_s = batch / seconds
+        auto_cos = common.cosine_min(outputs["transformers bf16 autocast"], ref_out)
+        timed = f"reference timed as ours (batch {batch}, {repeats} alternating repeats, median)"
+    else:
+        small = pixels[: args.autocast_batch]
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            ref.get_image_features(pixel_values=small[:1])  # warm-up on one image
+            start = time.perf_counter()
+            out = common.hf_features(ref.get_image_features(pixel_values=small)).float()
+            seconds = time.perf_counter() - start
+        auto_per_s = len(small) / seconds
+        auto_cos = common.cosine_min(out, ref_out[: len(small)])
+        timed = f"no bf16 units: reference timed once on batch {len(small)} ({seconds:.0f} s, after a 1-image warm-up)"
     report.emit(
         report.row(
             measure,
@@ -168,8 +180,7 @@ def cpu_suite(args, config, directory, roofline: common.Roofline, report: common
             headline=True,
             mode=best.get("mode"),
             batch=batch,
-            notes=f"reference timed once on batch {len(small)} ({seconds:.0f} s, after a 1-image warm-up), per image; "
-            f"its cosine to fp32 {auto_cos:.5f}; ours as in the headline row",
+            notes=f"{timed}; its cosine to fp32 {auto_cos:.5f}; ours as in the headline row",
         )
     )
 

@@ -212,6 +212,45 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
     return info
 
 
+def bf16_fast() -> bool:
+    """Whether this CPU has bf16 units (the library's own rule, torch's capability queries)."""
+    from cnclip_vision.device import bf16_is_fast
+
+    return bf16_is_fast("cpu")[0]
+
+
+def parse_mode(mode: str) -> tuple[str, bool]:
+    """``"int8+compile"`` -> ``("int8", True)``; ``"compile"`` is ``fp32+compile``."""
+    precision, _, extra = ("fp32+compile" if mode == "compile" else mode).partition("+")
+    if precision not in ("fp32", "bf16", "int8") or extra not in ("", "compile"):
+        raise SystemExit(f"unknown mode {mode!r}; use PRECISION[+compile] with fp32, bf16 or int8")
+    return precision, extra == "compile"
+
+
+def cpu_modes(given: str | None, quick: bool) -> list[str]:
+    """Our modes to time: ``given`` (comma-separated), else every precision this machine runs fast (bf16 only
+    with bf16 units), each also under torch.compile when a C++ compiler is there; quick: fp32,int8."""
+    import shutil
+
+    if given:
+        modes = [m for m in given.split(",") if m]
+    elif quick:
+        modes = ["fp32", "int8"]
+    else:
+        precisions = ["fp32", "int8"] + (["bf16"] if bf16_fast() else [])
+        compiler = shutil.which("g++") or shutil.which("c++")
+        modes = precisions + ([f"{p}+compile" for p in precisions] if compiler else [])
+    for mode in modes:
+        parse_mode(mode)
+    return modes
+
+
+def machine_short(info: dict[str, Any]) -> str:
+    """The machine in a few words, recorded in every row: CPU, its bf16/AMX flags, cores and threads (+ GPU)."""
+    gpu = f", {info['gpu']}" if info.get("gpu") else ""
+    return f"{info['cpu']} [{info['cpu_flags'] or '-'}] {info['cores']}c/{info['threads']}t{gpu}"
+
+
 def machine_line(info: dict[str, Any]) -> str:
     gpu = f", GPU {info['gpu']}" if info.get("gpu") else ""
     return (
@@ -565,6 +604,7 @@ COLUMNS = (
     "met",
     "cos min",
     "notes",
+    "machine",
 )
 
 
@@ -585,6 +625,7 @@ def cells(r: dict[str, Any]) -> list[str]:
         fmt(r.get("meets_target")),
         fmt_cos(r.get("cosine_min")),
         r.get("notes", ""),
+        r.get("machine", ""),
     ]
 
 
@@ -600,6 +641,7 @@ class Report:
 
     def __init__(self, script: str, info: dict[str, Any], roofline: Roofline | None) -> None:
         self.script = script
+        self.machine = machine_short(info)
         self.rows: list[dict[str, Any]] = []
         print(f"# {script}: {machine_line(info)}", flush=True)
         print(json.dumps({"machine": info}, ensure_ascii=False), flush=True)
@@ -615,6 +657,7 @@ class Report:
         return self.emit(self.row(measure, ours, reference, **kwargs))
 
     def emit(self, r: dict[str, Any]) -> dict[str, Any]:
+        r.setdefault("machine", self.machine)
         self.rows.append(r)
         print("| " + " | ".join(cells(r)) + " |", flush=True)
         print(json.dumps({"row": r}, ensure_ascii=False), flush=True)
