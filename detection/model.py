@@ -325,20 +325,25 @@ class OpenVocabDetector(nn.Module):
             return {**self._losses(logits, deltas, labels, regression_targets), **rpn_losses}
         boxes = self.roi_heads.box_coder.decode(deltas, proposals)[:, 0]  # class-agnostic: one box per proposal
         counts = [len(x) for x in proposals]
-        results = []
-        for i, (p, b, e, size) in enumerate(
-            zip(logits.softmax(-1).split(counts), boxes.split(counts), embeddings.split(counts), batch.image_sizes)
-        ):
+        per_image = []
+        for p, b, e, size in zip(logits.softmax(-1).split(counts), boxes.split(counts), embeddings.split(counts),
+                                 batch.image_sizes):  # fmt: skip
             b = clip_boxes_to_image(b, size)
             keep = remove_small_boxes(b, 1e-2)
             scores, b, e = p[keep, 1:], b[keep], e[keep]
             if mode == "crops":
                 top = scores.max(-1).values.topk(min(self.config.crop_top_k, len(b))).indices
                 scores, b, e = scores[top], b[top], e[top]
-                scores = self._ensemble(scores, self._crop_embeddings(batch.tensors[i], b), vocab)
-            elif mode == "dense" and dense is not None:  # dense is set exactly in "dense" mode
-                scores = self._ensemble(scores, self._dense_embeddings(dense[i : i + 1], b), vocab)
-            results.append(_select(b, e, scores, score_threshold, nms_threshold, max_detections))
+            per_image.append((scores, b, e))
+        if mode == "crops":  # the crops of every image of the batch in shared batches through the tower
+            crops = self._crop_embeddings(batch.tensors, [b for _, b, _ in per_image])
+            per_image = [(self._ensemble(s, c, vocab), b, e) for (s, b, e), c in zip(per_image, crops)]
+        elif mode == "dense" and dense is not None:  # dense is set exactly in "dense" mode
+            per_image = [
+                (self._ensemble(s, self._dense_embeddings(dense[i : i + 1], b), vocab), b, e)
+                for i, (s, b, e) in enumerate(per_image)
+            ]
+        results = [_select(b, e, s, score_threshold, nms_threshold, max_detections) for s, b, e in per_image]
         for r, size, original in zip(results, batch.image_sizes, original_sizes):
             r["boxes"] = resize_boxes(r["boxes"], size, original)
         return results
@@ -373,22 +378,26 @@ class OpenVocabDetector(nn.Module):
         return p_det.clamp_min(1e-12) ** (1 - alpha) * p_vlm.clamp_min(1e-12) ** alpha
 
     @torch.no_grad()
-    def _crop_embeddings(self, image: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        """Pooled CLIP embeddings of square crops around ``boxes`` (normalised image ``[3, H, W]``), through the
-        CLIP's own (frozen) tower."""
-        if len(boxes) == 0:
-            return boxes.new_zeros(0, self.embed_dim)
-        cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
-        half = (boxes[:, 2:] - boxes[:, :2]).amax(-1) * (0.5 + self.config.crop_margin)
-        squares = torch.stack([cx - half, cy - half, cx + half, cy + half], dim=1)
+    def _crop_embeddings(self, images: torch.Tensor, boxes: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Pooled CLIP embeddings of square crops around ``boxes[i]`` of image ``i`` (normalised batch
+        ``[N, 3, H, W]``), through the CLIP's own (frozen) tower: the crops of all images share batches of
+        ``crop_batch_size``, so a batch of images with few proposals each still fills the tower."""
+        counts = [len(b) for b in boxes]
+        if not sum(counts):
+            return [images.new_zeros(0, self.embed_dim) for _ in boxes]
+        flat = torch.cat(list(boxes))
+        cx, cy = (flat[:, 0] + flat[:, 2]) / 2, (flat[:, 1] + flat[:, 3]) / 2
+        half = (flat[:, 2:] - flat[:, :2]).amax(-1) * (0.5 + self.config.crop_margin)
+        owner = torch.repeat_interleave(
+            torch.arange(len(boxes), device=flat.device), torch.tensor(counts).to(flat.device)
+        )
+        rois = torch.stack([owner.to(flat), cx - half, cy - half, cx + half, cy + half], dim=1)  # [K, 5]
         size = self.clip.image_size
         out = []
-        for chunk in squares.split(self.config.crop_batch_size):
-            crops = roi_align(
-                image[None], [chunk], output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True
-            )
+        for chunk in rois.split(self.config.crop_batch_size):
+            crops = roi_align(images, chunk, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
             out.append(self.clip.encode_image(crops, normalize=True).float())
-        return torch.cat(out)
+        return list(torch.cat(out).split(counts))
 
     def _dense_embeddings(self, dense: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         """RoIAlign-mean of the stride-16 projected patch embeddings inside ``boxes``, normalised."""

@@ -561,11 +561,11 @@ def test_trainable_layers_train_a_copy(clip, scene_image):
     image = det.transform([torch.from_numpy(np.array(scene_image)).permute(2, 0, 1).float() / 255])[0].tensors
     boxes = torch.tensor([[10.0, 10.0, 60.0, 60.0], [30.0, 40.0, 100.0, 90.0]])
     with torch.no_grad():
-        crops_before, tokens_before = det._crop_embeddings(image[0], boxes), det.backbone._tokens(image, 32)
+        crops_before, tokens_before = det._crop_embeddings(image, [boxes])[0], det.backbone._tokens(image, 32)
     _one_training_step(det, scene_image)
     _assert_unchanged(mine, before)
     with torch.no_grad():
-        crops_after, tokens_after = det._crop_embeddings(image[0], boxes), det.backbone._tokens(image, 32)
+        crops_after, tokens_after = det._crop_embeddings(image, [boxes])[0], det.backbone._tokens(image, 32)
     assert not torch.allclose(tokens_after, tokens_before), "the copied tower was not trained"
     torch.testing.assert_close(crops_after, crops_before, atol=0, rtol=0)  # crops: the frozen CLIP tower
 
@@ -736,3 +736,29 @@ def test_config_dataclass_is_not_shared(detector, tmp_path):
     before = dataclasses.asdict(detector.config)
     detector.save_pretrained(tmp_path / "copy", include_clip=True)
     assert dataclasses.asdict(detector.config) == before
+
+
+def test_crops_of_several_images_share_batches_and_match_one_image_at_a_time(clip, scene_image):
+    """crops mode batches the crops of all images together (crop_batch_size across images): the embeddings and
+    the detections are those of one image at a time."""
+    det = OpenVocabDetector(clip, small_config(crop_batch_size=3, crop_top_k=5)).eval()
+    pixels = torch.from_numpy(np.array(scene_image)).permute(2, 0, 1).float() / 255
+    images = [pixels, pixels.flip(-1)]
+    batch = det.transform(images)[0].tensors
+    boxes = [
+        torch.tensor([[10.0, 10.0, 60.0, 60.0], [30.0, 40.0, 100.0, 90.0]]),
+        torch.tensor([[5.0, 5.0, 50.0, 70.0]]),
+    ]
+    with torch.no_grad():
+        together = det._crop_embeddings(batch, boxes)
+        alone = [det._crop_embeddings(batch[i : i + 1], [b])[0] for i, b in enumerate(boxes)]
+        empty = det._crop_embeddings(batch, [boxes[0][:0], boxes[0][:0]])
+    assert [t.shape[0] for t in together] == [2, 1] and [e.shape for e in empty] == [(0, det.embed_dim)] * 2
+    for a, b in zip(together, alone):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    labels = [c.name for c in toyworld.CATEGORIES[:4]]
+    both = det.predict(images, labels, vlm_mode="crops", score_threshold=0.0, batch_size=2)
+    single = [det.predict([im], labels, vlm_mode="crops", score_threshold=0.0)[0] for im in images]
+    for a, b in zip(both, single):
+        torch.testing.assert_close(a["scores"], b["scores"], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(a["boxes"], b["boxes"], atol=1e-3, rtol=1e-4)
