@@ -89,7 +89,9 @@ class DetectorConfig:
     vlm_mode: VLMMode = "crops"
     alpha_seen: float = 0.35  # VLM weight in the geometric ensemble, categories seen in training
     alpha_unseen: float = 0.65  # the same for categories not seen in training
-    crop_top_k: int = 100  # proposals per image re-encoded in "crops" mode
+    # proposals per image re-encoded in "crops" mode; 50: on the toy world AP50 novel 0.917 at 50 against 0.910
+    # at 100, in 0.61x the time (README, detection)
+    crop_top_k: int = 50
     crop_margin: float = 0.1  # context around a crop, per side, as a fraction of the box's long side
     crop_batch_size: int = 64
     dense_pool: int = 3  # RoIAlign grid (averaged) on the stride-16 dense embeddings in "dense" mode
