@@ -39,20 +39,22 @@ def detect_coco(
     vlm_mode: VLMMode | None = None,
     vocabulary_transform: Callable[[Vocabulary], Vocabulary] | None = None,
     progress: bool = True,
+    precision: str = "fp32",
 ) -> tuple[list[dict[str, Any]], Any]:
     """Detect every category of ``annotation_file`` (all scored together, the generalized OV protocol) in its
     images. Returns the COCO results list (``image_id``, ``category_id``, ``bbox`` xywh, ``score``) and the
     dataset. Images that fail to load are reported and skipped, and listed in the dataset's ``skipped_images``
     (``{"missing": [ids], "unreadable": [ids]}``; counted in ``dataset.report`` too) so that no AP is computed
     over them unnoticed (:func:`evaluation_image_ids`). ``vocabulary_transform`` may replace the encoded
-    vocabulary (ablations, e.g. random embeddings for some classes)."""
+    vocabulary (ablations, e.g. random embeddings for some classes). ``precision``: as
+    :class:`~cnclip_vision.detection.predictor.DetectionPredictor`'s."""
     from tqdm.auto import tqdm
 
     from cnclip_vision.detection.coco import CocoDetection
 
     dataset = CocoDetection(annotation_file, image_root, name_map=name_map, skip_crowd=False)
     predictor = DetectionPredictor(
-        detector, score_threshold=score_threshold, max_detections=max_detections, vlm_mode=vlm_mode
+        detector, score_threshold=score_threshold, max_detections=max_detections, vlm_mode=vlm_mode, precision=precision
     )
     vocabulary = predictor.set_vocabulary(list(dataset.category_names))
     if vocabulary_transform is not None:

@@ -23,12 +23,13 @@ The CLIP model is referenced by :class:`DetectorConfig.clip` (a name or a path) 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -318,11 +319,14 @@ class OpenVocabDetector(nn.Module):
             features, dense = self.backbone.forward_with_dense(batch.tensors, normalize=False)
         else:
             features, dense = self.backbone(batch.tensors), None
-        proposals, rpn_losses = self.rpn(batch, features, targets)
-        if targets is not None:
-            proposals, _, labels, regression_targets = self.roi_heads.select_training_samples(proposals, targets)
-        embeddings, deltas = self.region_head(self.roi_heads.box_roi_pool(features, proposals, batch.image_sizes))
-        logits = self._det_logits(embeddings, vocab.embeddings)
+        with _fp32_heads(features):  # under bf16 autocast only the backbone runs in bf16 (heads: box precision)
+            for k in features:
+                features[k] = features[k].float()
+            proposals, rpn_losses = self.rpn(batch, features, targets)
+            if targets is not None:
+                proposals, _, labels, regression_targets = self.roi_heads.select_training_samples(proposals, targets)
+            embeddings, deltas = self.region_head(self.roi_heads.box_roi_pool(features, proposals, batch.image_sizes))
+            logits = self._det_logits(embeddings, vocab.embeddings)
         if targets is not None:
             return {**self._losses(logits, deltas, labels, regression_targets), **rpn_losses}
         boxes = self.roi_heads.box_coder.decode(deltas, proposals)[:, 0]  # class-agnostic: one box per proposal
@@ -510,6 +514,12 @@ class OpenVocabDetector(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------- helpers
+def _fp32_heads(features: Mapping[str, torch.Tensor]) -> Any:
+    """Autocast off (for the RPN, the region head and the logits) when it is on for the features' device."""
+    device = next(iter(features.values())).device.type
+    return torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext()
+
+
 def _train_test(value: Sequence[int], name: str) -> tuple[int, int]:
     """A ``(train, test)`` pair of a config field (a list when read from JSON)."""
     if len(value) != 2:

@@ -34,6 +34,8 @@ class DetectionPredictor:
     Text vocabularies are encoded once per label list (``cache_size`` lists kept, least recently used dropped);
     vocabularies with :class:`ImageQuery` labels are encoded on every :meth:`set_vocabulary` (an image has no
     cheap identity). The detector itself is never changed beyond being put in eval mode while it detects.
+    ``precision``: ``"fp32"`` (default), ``"bf16"`` (bf16 autocast around the detector; boxes, RoIAlign and
+    NMS stay fp32, results are float32) or ``"auto"`` (bf16 where the device has bf16 units).
     """
 
     def __init__(
@@ -47,6 +49,7 @@ class DetectionPredictor:
         agnostic_nms: float | None = None,
         batch_size: int = 4,
         cache_size: int = 16,
+        precision: str = "fp32",
     ) -> None:
         if not callable(getattr(detector, "encode_vocabulary", None)):
             raise TypeError(f"detector must be an OpenVocabDetector, got {type(detector).__name__}")
@@ -57,7 +60,16 @@ class DetectionPredictor:
         for name, value in (("batch_size", batch_size), ("cache_size", cache_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r}; expected a positive int")
+        if precision not in ("fp32", "bf16", "auto"):
+            raise ValueError(f"precision={precision!r}; expected fp32, bf16 or auto")
+        if precision == "auto":
+            from cnclip_vision.device import auto_precision
+
+            precision = "bf16" if auto_precision(detector.device) in ("bf16", "fp16") else "fp32"
         self.detector = detector
+        #: ``bf16``: the backbone, pyramid, heads and crops run under bf16 autocast (box decoding, RoIAlign and
+        #: NMS stay fp32); ``fp32``: no autocast.
+        self.precision = precision
         self.score_threshold = score_threshold
         self.nms_threshold = nms_threshold
         self.max_detections = max_detections
@@ -111,10 +123,14 @@ class DetectionPredictor:
         detector = self.detector
         was_training = detector.training
         detector.eval()
+        bf16 = self.precision == "bf16"
         try:
-            out = detector(images, self._require_vocabulary(), **options)
+            with torch.autocast(detector.device.type, dtype=torch.bfloat16, enabled=bf16):
+                out = detector(images, self._require_vocabulary(), **options)
         finally:
             detector.train(was_training)
+        if bf16:  # results in float32 whatever ran inside
+            out = [{k: v.float() if v.is_floating_point() else v for k, v in r.items()} for r in out]
         if agnostic is None:
             return out
         from torchvision.ops import nms

@@ -106,7 +106,10 @@ def api_detector(trained) -> OpenVocabDetector:
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
+    argv = tuple(str(a) for a in argv)
+    if argv[0] in ("detect", "heatmap") and "--precision" not in argv:  # compared with the fp32 API (auto: bf16)
+        argv += ("--precision", "fp32")
+    code = main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
 

@@ -762,3 +762,27 @@ def test_crops_of_several_images_share_batches_and_match_one_image_at_a_time(cli
     for a, b in zip(both, single):
         torch.testing.assert_close(a["scores"], b["scores"], atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(a["boxes"], b["boxes"], atol=1e-3, rtol=1e-4)
+
+
+def test_predictor_bf16_runs_the_backbone_in_bf16_and_keeps_the_detections(clip, scene_image, monkeypatch):
+    """precision="bf16": the backbone under bf16 autocast, heads and boxes in fp32 (float32 results close to
+    fp32's); "auto" follows the device's bf16 units; anything else is refused."""
+    det = OpenVocabDetector(clip, small_config()).eval()
+    seen = []
+    hook = det.backbone.register_forward_hook(lambda m, i, out: seen.append({v.dtype for v in out.values()}))
+    labels = [c.name for c in toyworld.CATEGORIES[:4]]
+    results = {}
+    for precision in ("fp32", "bf16"):
+        predictor = DetectionPredictor(det, precision=precision, score_threshold=0.0)
+        results[precision] = predictor.predict([scene_image], labels, vlm_mode="crops")[0]
+    hook.remove()
+    assert seen == [{torch.float32}, {torch.bfloat16}]
+    a, b = results["fp32"], results["bf16"]
+    assert all(v.dtype == torch.float32 for k, v in b.items() if k in ("boxes", "scores", "embeddings"))
+    assert len(a["scores"]) and len(b["scores"])
+    assert box_iou(a["boxes"][:1], b["boxes"][:1]).item() > 0.9  # the best box survives bf16
+    for chosen, expected in (("bf16", "bf16"), ("fp32", "fp32")):
+        monkeypatch.setattr("cnclip_vision.device.auto_precision", lambda device=None, c=chosen: c)
+        assert DetectionPredictor(det, precision="auto").precision == expected
+    with pytest.raises(ValueError, match="precision"):
+        DetectionPredictor(det, precision="int8")

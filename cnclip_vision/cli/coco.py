@@ -50,6 +50,7 @@ def _eval_coco(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             vlm_mode=args.vlm_mode,
             progress=not args.quiet,
+            precision=args.precision,
         )
         ground_truth = dataset.coco
         image_ids, counts = evaluation_image_ids(dataset, allow_missing=args.allow_missing)
@@ -110,6 +111,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--batch-size", type=positive_int, default=4, help="with --detector: images per batch (default: %(default)s)"
     )
     p.add_argument("--device", default=None, help="with --detector: torch device")
+    p.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="fp32",
+        help="with --detector: fp32, bf16 (backbone under bf16 autocast) or auto (default: %(default)s, as "
+        "published figures are fp32)",
+    )
     p.add_argument(
         "--allow-missing",
         action="store_true",

@@ -139,6 +139,7 @@ def _detect(args: argparse.Namespace) -> int:
         nms_threshold=args.nms_threshold,
         max_detections=args.max_detections,
         agnostic_nms=args.agnostic_nms,
+        precision=args.precision,
     )
     predictor.set_vocabulary(labels)
     records: list[dict[str, Any]] = []
@@ -290,7 +291,7 @@ def _toy_detector_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_detector_options(parser: argparse.ArgumentParser, *, batch_size: bool = True) -> None:
+def _add_detector_options(parser: argparse.ArgumentParser, *, batch_size: bool = True, precision: bool = True) -> None:
     """The model options of the detector commands: ``--model`` is the detector (its CLIP comes with it)."""
     group = parser.add_argument_group("model")
     group.add_argument(
@@ -305,6 +306,15 @@ def _add_detector_options(parser: argparse.ArgumentParser, *, batch_size: bool =
         group.add_argument(
             "--batch-size", type=positive_int, default=4, help="images per forward pass (default: %(default)s)"
         )
+    if not precision:
+        return
+    group.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="auto (the backbone in bf16 where the device has bf16 units, else fp32), fp32 or bf16 (backbone "
+        "and crops under bf16 autocast; RPN, heads and boxes stay fp32) (default: %(default)s)",
+    )
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -402,7 +412,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "scored together: AP50 base / novel / all for each VLM mode and with random text "
         "embeddings for the novel categories.",
     )
-    _add_detector_options(p, batch_size=False)
+    _add_detector_options(p, batch_size=False, precision=False)
     p.add_argument("--annotations", default=None, help="an existing toy COCO file (default: generate one)")
     p.add_argument("--data-dir", default="build/toy-detector-eval", help="where generated scenes go")
     p.add_argument("--n", type=int, default=500, help="generated scenes (default: %(default)s)")
