@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from cnclip_vision.cli import coco, convert, detect, onnx, retrieval, serve, toy, train, zeroshot
 from cnclip_vision.cli.common import check_output_file
@@ -18,11 +19,20 @@ __all__ = ["build_parser", "main"]
 logger = logging.getLogger("cnclip_vision.cli")
 
 _THIRD_PARTY_LOGGERS = ("PIL", "matplotlib", "urllib3", "httpx", "httpcore", "filelock", "fsspec", "asyncio")
+_QUIET_LOGGERS = ("faiss", "torch.utils._pytree")  # their INFO/WARNING lines on every start are not for users
 _COMMAND_MODULES = (convert, zeroshot, retrieval, train, toy, coco, detect, onnx, serve)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error convention: one line ``cnclip COMMAND: error: ...`` (exit 2), no usage
+    block (``--help`` has it)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="cnclip",
         description="Chinese-CLIP vision toolkit: zero-shot classification, retrieval, conversion. Results are "
         "printed on stdout (JSON unless --format csv) or written to --output; logs go to stderr.",
@@ -74,9 +84,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in _THIRD_PARTY_LOGGERS:  # -v is about this library; their debug chatter stays out
         logging.getLogger(noisy).setLevel(max(level, logging.INFO))
-    # torchao (imported by transformers when installed) registers enums that torch >= 2.12 handles natively,
-    # and torch warns about each on every start: harmless, and not the user's business
-    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    # faiss logs which of its libraries it tried on every import; torchao (imported by transformers when
+    # installed) registers enums torch >= 2.12 handles natively, and torch warns about each: not for users
+    for noisy in _QUIET_LOGGERS:
+        logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.ERROR)
     try:
         if getattr(args, "output_is_file", False) and args.output not in (None, "-"):
             check_output_file(args.output)

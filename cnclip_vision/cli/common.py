@@ -47,7 +47,9 @@ def add_model_options(
         "bf16, fp16 (GPU only) or int8 (dynamic quantisation of the Linear layers, CPU) (default: %(default)s)",
     )
     group.add_argument("--compile", action="store_true", help="torch.compile both towers (slow first batch)")
-    group.add_argument("--workers", type=int, default=None, help="DataLoader worker processes for decoding images")
+    group.add_argument(
+        "--workers", type=number(int, 0), default=None, help="DataLoader worker processes for decoding images"
+    )
 
 
 _FORMAT_HELP = {
@@ -78,9 +80,13 @@ def add_output_options(
 
 def check_output_file(path: str | Path, option: str = "--output") -> None:
     """A result file can be written there: not a folder, its folder exists (checked before the work starts)."""
+    if not str(path):
+        raise ValueError(f"{option} is empty; give a file name (- for stdout)")
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{option} {path} is a folder; give a file name")
+    if path.exists() and not path.is_file():
+        raise ValueError(f"{option} {path} is not a regular file (a device or pipe); give a file name or - for stdout")
     if not path.parent.is_dir():
         raise ValueError(f"{option} {path}: the folder {path.parent} does not exist")
 
@@ -94,6 +100,38 @@ def unit_interval(text: str) -> float:
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
     return value
+
+
+def number(kind: type, low: float | None = None, high: float | None = None) -> Any:
+    """argparse type: an int or a finite float in ``[low, high]`` (NaN and infinities refused)."""
+    import math
+
+    span = f"{'' if low is None else f'>= {low}'}{' and ' if low is not None and high is not None else ''}"
+    span += "" if high is None else f"<= {high}"
+    expected = f"{'an integer' if kind is int else 'a number'}{' ' + span if span else ''}"
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def out_folder(text: str) -> str:
+    """argparse type: an output folder (created by the command): not empty, not an existing file."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the output folder is empty; give a folder name")
+    if Path(text).exists() and not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} exists and is not a folder")
+    return text
 
 
 def positive_int(text: str) -> int:
@@ -176,15 +214,32 @@ def flat_record(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return row
 
 
+def read_lines(path: str | Path, option: str) -> list[str]:
+    """The non-empty, stripped lines of a UTF-8 text file given as ``option``; errors name the option and the
+    file (missing, a folder, not UTF-8, empty)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{option} {path} is a folder; expected a text file (one item per line)")
+    if not path.is_file():
+        raise FileNotFoundError(f"{option} {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{option} {path} is not UTF-8 text (byte {e.start}); convert it, e.g. iconv -f gbk -t utf-8"
+        ) from None
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        raise ValueError(f"{option} {path} is empty")
+    return lines
+
+
 def read_labels(labels: str | None, labels_file: str | None) -> list[str]:
     """``--labels 猫,狗`` (also full-width commas) or ``--labels-file`` (one label per line)."""
     if labels_file and labels is not None:
         raise ValueError("give the class names with --labels or with --labels-file, not both")
     if labels_file:
-        path = Path(labels_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"--labels-file {path} does not exist")
-        items = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+        items = read_lines(labels_file, "--labels-file")
     elif labels is not None:
         items = [s.strip() for s in labels.replace("，", ",").split(",")]
     else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cnclip_vision.cli.common import write_records
+from cnclip_vision.cli.common import out_folder, write_records
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -36,7 +36,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "reads the result too. Prints a JSON summary.",
     )
     p.add_argument("src", help="checkpoint file or directory, or a registered model name")
-    p.add_argument("dst", help="output directory (created)")
+    p.add_argument("dst", type=out_folder, help="output directory (created)")
     p.add_argument("--arch", default=None, help="architecture name when it cannot be inferred (e.g. ViT-B-16)")
     p.set_defaults(func=_convert, output=None, format="json")
 

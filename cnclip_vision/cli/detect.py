@@ -14,6 +14,8 @@ from typing import Any
 from cnclip_vision.cli.common import (
     add_model_options,
     add_output_options,
+    number,
+    out_folder,
     positive_int,
     read_labels,
     resolve_device,
@@ -223,24 +225,24 @@ def _heatmap(args: argparse.Namespace) -> int:
 
 
 _TRAIN_OVERRIDES = {
-    "output_dir": (str, "folder for checkpoint.pt, metrics.jsonl and the final detector/ directory"),
+    "output_dir": (out_folder, "folder for checkpoint.pt, metrics.jsonl and the final detector/ directory"),
     "train_data": (str, "COCO annotation file (Chinese category names, or give --name-map)"),
     "image_root": (str, "image folder of the training file (default: beside it, images/ if present)"),
     "name_map": (str, "English -> Chinese category names (JSON object or two-column TSV)"),
     "clip": (str, "the frozen CLIP the detector sits on: a name or a path"),
-    "epochs": (int, "number of epochs"),
-    "max_steps": (int, "stop after this many optimizer steps (overrides epochs)"),
-    "batch_size": (int, "global batch (images), summed over ranks and accumulation steps"),
-    "accum_steps": (int, "gradient accumulation steps"),
-    "lr": (float, "peak learning rate of AdamW"),
-    "weight_decay": (float, "AdamW weight decay"),
+    "epochs": (number(int, 1), "number of epochs"),
+    "max_steps": (number(int, 1), "stop after this many optimizer steps (overrides epochs)"),
+    "batch_size": (number(int, 1), "global batch (images), summed over ranks and accumulation steps"),
+    "accum_steps": (number(int, 1), "gradient accumulation steps"),
+    "lr": (number(float, 0.0), "peak learning rate of AdamW"),
+    "weight_decay": (number(float, 0.0), "AdamW weight decay"),
     "precision": (str, "fp32, bf16 (autocast) or fp16 (GPU only)"),
     "seed": (int, "random seed"),
-    "num_workers": (int, "DataLoader worker processes"),
-    "save_every": (int, "write checkpoint.pt every N steps (and at the end)"),
-    "log_every": (int, "append to metrics.jsonl every N steps"),
+    "num_workers": (number(int, 0), "DataLoader worker processes"),
+    "save_every": (number(int, 1), "write checkpoint.pt every N steps (and at the end)"),
+    "log_every": (number(int, 1), "append to metrics.jsonl every N steps"),
     "eval_data": (str, "COCO file evaluated periodically (all its categories scored together)"),
-    "eval_every": (int, "evaluate every N steps (default: each epoch)"),
+    "eval_every": (number(int, 1), "evaluate every N steps (default: each epoch)"),
     "device": (str, "torch device"),
 }
 
@@ -384,7 +386,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--labels", help="comma-separated labels")
     p.add_argument("--labels-file", help="a file with one label per line")
     p.add_argument("--draw", required=True, metavar="PICTURE", help="the heat map picture (.png, .jpg, .webp)")
-    p.add_argument("--size", type=int, default=None, help="input side in pixels (default: the model's)")
+    p.add_argument(
+        "--size", type=number(int, 32, 4096), default=None, help="input side in pixels (default: the model's)"
+    )
     p.add_argument("--templates", default="default", help="prompt templates: default, single or none")
     add_model_options(p)
     add_output_options(p)
@@ -415,7 +419,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     _add_detector_options(p, batch_size=False, precision=False)
     p.add_argument("--annotations", default=None, help="an existing toy COCO file (default: generate one)")
     p.add_argument("--data-dir", default="build/toy-detector-eval", help="where generated scenes go")
-    p.add_argument("--n", type=int, default=500, help="generated scenes (default: %(default)s)")
+    p.add_argument("--n", type=number(int, 1, 100_000), default=500, help="generated scenes (default: %(default)s)")
     p.add_argument("--seed", type=int, default=777, help="seed of the generated scenes (default: %(default)s)")
     p.add_argument("--check", action="store_true", help="exit with status 2 when a quality bar is missed")
     add_output_options(p, csv_ok=False)

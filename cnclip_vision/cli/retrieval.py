@@ -8,7 +8,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from cnclip_vision.cli.common import add_model_options, add_output_options, load_model, positive_int, write_records
+from cnclip_vision.cli.common import (
+    add_model_options,
+    add_output_options,
+    load_model,
+    number,
+    out_folder,
+    positive_int,
+    read_lines,
+    write_records,
+)
 from cnclip_vision.errors import CNClipError
 
 logger = logging.getLogger("cnclip_vision.cli")
@@ -82,6 +91,17 @@ def _cuda_here() -> bool:
     return torch.cuda.is_available()
 
 
+def _store_model(path: str, option: str, modality: str) -> dict[str, Any]:
+    """The ``model`` record of the embeddings directory ``path`` given as ``option``, which must hold
+    ``modality`` embeddings (checked before any model is loaded)."""
+    from cnclip_vision.retrieval import read_manifest
+
+    manifest = read_manifest(path)
+    if manifest.get("modality") not in (None, modality):
+        raise ValueError(f"{option} {path} holds {manifest.get('modality')} embeddings; expected {modality} embeddings")
+    return dict(manifest.get("model", {}))
+
+
 def _model_of_index(args: argparse.Namespace) -> Any:
     """The model for searching ``--index``: ``--model``, or the one its manifest records; either way it must be
     the model (weights and precision) the embeddings were written with."""
@@ -117,11 +137,13 @@ def _search(args: argparse.Namespace) -> int:
 
     texts = list(args.queries)
     if args.queries_file:
-        path = Path(args.queries_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"--queries-file {path} does not exist")
-        texts += [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        texts += read_lines(args.queries_file, "--queries-file")
+    if any(not t.strip() for t in texts):
+        raise ValueError("a query text is empty; give the words to search for")
     images = list(args.image or [])
+    for image in images:
+        if not Path(image).is_file():
+            raise FileNotFoundError(f"--image {image} is not an image file")
     if not texts and not images:
         raise ValueError("give query texts, --queries-file FILE, or --image QUERY_IMAGE")
     model = _model_of_index(args)
@@ -154,11 +176,41 @@ def _eval_retrieval(args: argparse.Namespace) -> int:
 
     if (args.images is None) == (args.image_embeddings is None):
         raise ValueError("give either --images DIR_OR_LIST or --image-embeddings DIR (exactly one)")
+    if args.save_embeddings is not None and args.image_embeddings is not None:
+        raise ValueError(
+            "--save-embeddings keeps the image embeddings computed from --images; not with --image-embeddings"
+        )
     records = read_text_jsonl(args.texts, require_image_ids=True)
     if args.images is not None and not Path(args.images).exists():
         raise CNClipError(f"no such image folder or list file: {args.images}")
+    stores = {
+        option: _store_model(path, option, modality)
+        for option, path, modality in (
+            ("--image-embeddings", args.image_embeddings, "image"),
+            ("--text-embeddings", args.text_embeddings, "text"),
+        )
+        if path is not None
+    }
+    fingerprints = {m.get("fingerprint") for m in stores.values()} - {None, "external"}
+    if len(fingerprints) > 1:
+        raise ValueError("--image-embeddings and --text-embeddings were written by different models or precisions")
     need_model = args.images is not None or args.text_embeddings is None
+    if need_model and stores and args.precision == "auto":  # the stores' precision, not this machine's choice
+        recorded = next(iter(stores.values())).get("precision")
+        args.precision = recorded or args.precision
     model = load_model(args) if need_model else None
+    if model is not None and fingerprints:
+        from cnclip_vision.retrieval.extract import model_info
+
+        if model_info(model)["fingerprint"] not in fingerprints:
+            option = next(iter(stores))
+            written = stores[option]
+            raise ValueError(
+                f"--model {args.model} ({args.precision}) is not the model {option} was written with "
+                f"({written.get('source') or written.get('description')}, "
+                f"{written.get('precision') or written.get('dtype')}): the scores would mean nothing; pass that "
+                "--model and --precision"
+            )
 
     if args.image_embeddings is not None:
         image_ids, image_emb = load_embeddings(args.image_embeddings)
@@ -247,10 +299,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("images", nargs="?", help="image folder or .txt list file (omit with --texts)")
     p.add_argument("--texts", metavar="FILE.jsonl", help="embed the texts of this JSONL file instead of images")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created; reused when resuming)")
+    p.add_argument(
+        "--out", type=out_folder, required=True, metavar="DIR", help="output folder (created; reused when resuming)"
+    )
     p.add_argument(
         "--shard-size",
-        type=int,
+        type=number(int, 1),
         default=10_000,
         help="inputs per shard file; an interruption loses at most the shards in progress (default: %(default)s)",
     )
@@ -283,14 +337,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--dist-timeout",
-        type=float,
+        type=number(float, 1.0),
         default=24 * 3600,
         metavar="SECONDS",
         help="under torchrun/srun: how long a rank waits for the others (default: %(default)s)",
     )
     p.add_argument("--ray-address", default=None, help="--engine ray: the cluster to join (default: start a local one)")
     p.add_argument(
-        "--ray-actors", type=int, default=1, help="--engine ray: actors, each with its own model (default: 1)"
+        "--ray-actors",
+        type=number(int, 1),
+        default=1,
+        help="--engine ray: actors, each with its own model (default: 1)",
     )
     p.add_argument(
         "--ray-gpus-per-actor",
@@ -398,7 +455,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     b.add_argument(
         "--num-queries", type=int, default=1000, help="queries per set, tuning and test (default: %(default)s)"
     )
-    b.add_argument("--train-size", type=int, default=None, help="training sample (default: 64 per IVF cluster)")
+    b.add_argument(
+        "--train-size", type=number(int, 1), default=None, help="training sample (default: 64 per IVF cluster)"
+    )
     b.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     add_output_options(b)
     b.set_defaults(func=_index_build)

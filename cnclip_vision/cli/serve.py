@@ -7,7 +7,7 @@ import logging
 import os
 from pathlib import Path
 
-from cnclip_vision.cli.common import positive_int, resolve_device
+from cnclip_vision.cli.common import number, positive_int, resolve_device
 
 logger = logging.getLogger("cnclip_vision.cli")
 
@@ -109,7 +109,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     net = p.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    net.add_argument("--port", type=int, default=8000, help="port; 0 picks a free one (default: %(default)s)")
+    net.add_argument(
+        "--port", type=number(int, 0, 65535), default=8000, help="port; 0 picks a free one (default: %(default)s)"
+    )
     net.add_argument(
         "--allow-remote",
         action="store_true",

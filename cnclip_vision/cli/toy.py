@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from cnclip_vision.cli.common import add_output_options, write_records
+from cnclip_vision.cli.common import add_output_options, number, out_folder, write_records
 from cnclip_vision.errors import CNClipError
 
 logger = logging.getLogger("cnclip_vision.cli")
@@ -64,12 +64,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "(--n images).",
     )
     p.add_argument("kind", choices=("imagefolder", "pairs", "detection"), help="what to write")
-    p.add_argument("out", help="output folder")
+    p.add_argument("out", type=out_folder, help="output folder")
     p.add_argument(
-        "--n", type=int, default=10, help="images per class / pairs / detection images (default: %(default)s)"
+        "--n",
+        type=number(int, 1, 1_000_000),
+        default=10,
+        help="images per class / pairs / detection images (default: %(default)s)",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    p.add_argument("--image-size", type=int, default=64, help="image side in pixels (default: %(default)s)")
+    p.add_argument(
+        "--image-size", type=number(int, 16, 2048), default=64, help="image side in pixels (default: %(default)s)"
+    )
     p.add_argument(
         "--base-only",
         action="store_true",
@@ -87,7 +92,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", default="toy-tiny", help="model name or path (default: %(default)s)")
     p.add_argument("--seed", type=int, default=12345, help="seed of the held-out data (default: %(default)s)")
-    p.add_argument("--n-per-class", type=int, default=20, help="classification images per class (default: %(default)s)")
+    p.add_argument(
+        "--n-per-class",
+        type=number(int, 1, 100_000),
+        default=20,
+        help="classification images per class (default: %(default)s)",
+    )
     p.add_argument("--n-retrieval", type=int, default=1000, help="retrieval pairs (default: %(default)s)")
     p.add_argument("--check", action="store_true", help="exit with status 2 when a quality bar is missed")
     add_output_options(p)

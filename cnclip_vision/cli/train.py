@@ -7,26 +7,31 @@ import dataclasses
 import json
 import sys
 
+from cnclip_vision.cli.common import number, out_folder
+
 _OVERRIDES = {  # option -> (type, help)
-    "output_dir": (str, "folder for checkpoint.pt, metrics.jsonl and the final model/ directory"),
+    "output_dir": (out_folder, "folder for checkpoint.pt, metrics.jsonl and the final model/ directory"),
     "train_data": (str, ".jsonl / .tsv of image path + caption, or a folder in the original Chinese-CLIP layout"),
     "model": (str, "model name or path to fine-tune (a recipe may instead give a config for random init)"),
     "split": (str, "split name for the original layout ({split}_imgs.tsv, {split}_texts.jsonl)"),
-    "epochs": (int, "number of epochs"),
-    "max_steps": (int, "stop after this many optimizer steps (overrides epochs)"),
-    "batch_size": (int, "global batch: summed over ranks and accumulation steps; all of it acts as negatives"),
-    "accum_steps": (int, "gradient accumulation steps (micro-batch = batch / ranks / accum)"),
-    "lr": (float, "peak learning rate of AdamW"),
+    "epochs": (number(int, 1), "number of epochs"),
+    "max_steps": (number(int, 1), "stop after this many optimizer steps (overrides epochs)"),
+    "batch_size": (
+        number(int, 1),
+        "global batch: summed over ranks and accumulation steps; all of it acts as negatives",
+    ),
+    "accum_steps": (number(int, 1), "gradient accumulation steps (micro-batch = batch / ranks / accum)"),
+    "lr": (number(float, 0.0), "peak learning rate of AdamW"),
     "weight_decay": (
-        float,
+        number(float, 0.0),
         "AdamW weight decay (not on biases, norms, gains, logit scale, positional/class embeddings)",
     ),
-    "warmup": (float, "warmup: a fraction of the steps (< 1) or a number of steps"),
+    "warmup": (number(float, 0.0), "warmup: a fraction of the steps (< 1) or a number of steps"),
     "precision": (str, "fp32, bf16 (autocast; CPU or GPU) or fp16 (GPU only)"),
     "seed": (int, "random seed (initialisation and data order)"),
-    "num_workers": (int, "DataLoader worker processes"),
-    "save_every": (int, "write checkpoint.pt every N steps (and at the end)"),
-    "log_every": (int, "append to metrics.jsonl every N steps"),
+    "num_workers": (number(int, 0), "DataLoader worker processes"),
+    "save_every": (number(int, 1), "write checkpoint.pt every N steps (and at the end)"),
+    "log_every": (number(int, 1), "append to metrics.jsonl every N steps"),
     "eval_zeroshot": (str, "ImageFolder tree with label_cn.txt, evaluated after each epoch"),
     "device": (str, "torch device (default: the local GPU under torchrun, else cuda if available, else cpu)"),
 }

@@ -12,6 +12,7 @@ from cnclip_vision.cli.common import (
     load_model,
     positive_int,
     read_labels,
+    read_lines,
     write_records,
 )
 from cnclip_vision.errors import CNClipError
@@ -42,8 +43,7 @@ def _templates(args: argparse.Namespace) -> tuple[str, ...]:
     from cnclip_vision.zeroshot import resolve_templates
 
     if args.template_file:
-        lines = Path(args.template_file).read_text(encoding="utf-8").splitlines()
-        return resolve_templates([ln.strip() for ln in lines if ln.strip()])
+        return resolve_templates(read_lines(args.template_file, "--template-file"))
     return resolve_templates(args.templates)
 
 

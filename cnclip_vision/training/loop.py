@@ -117,8 +117,10 @@ def read_recipe(
     ``tuples`` name the options that JSON gives as lists."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CNClipError(f"cannot read training config {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise CNClipError(f"{path}: a {kind} recipe is a JSON object of options, got a {type(data).__name__}")
     data.update({k: v for k, v in overrides.items() if v is not None})
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
@@ -443,6 +445,7 @@ def run_training(
     eval_every = task.eval_every or steps_per_epoch
     log = _Log(out / METRICS_NAME, env, settings, total, step, task.label)
     last_eval: dict[str, Any] | None = None
+    ran = trained = 0  # steps of this run, and those that had something to train on
     while step < total:
         epoch, start = divmod(step, steps_per_epoch)
         sampler = _StepSampler(n, settings, env, epoch, start)
@@ -465,9 +468,11 @@ def run_training(
             )
             optimizer.zero_grad(set_to_none=True)
             output = task.train_step(micro_batches, ctx)
+            ran += 1
             if output is None:
                 logger.warning("step %d: nothing to train on in the batch; the step is skipped", step + 1)
             else:
+                trained += 1
                 _check_finite(output, step + 1, checkpoint_path, env)
                 _optimizer_step(optimizer, scaler, params, settings.max_grad_norm)
                 task.after_optimizer_step(output)
@@ -483,6 +488,11 @@ def run_training(
                     last_eval = record
                     log.append(record)
     log.close()
+    if ran and not trained:
+        raise TrainingError(
+            f"none of the {ran} steps had anything to train on (every image missing or unreadable? check the "
+            "image folder); no model was written"
+        )
     if env.world_size > 1:
         dist.barrier()
     task.model.eval()
