@@ -1,0 +1,108 @@
+"""Hostile command lines (from a sweep of every subcommand): each must exit 2 with one line on stderr that
+names the problem, no traceback, and leave nothing behind. All are refused before any model is loaded
+(``toy-tiny`` is the model where one is needed, so a slip would load quickly and show as a wrong exit)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from cnclip_vision.cli import main
+
+
+@pytest.fixture
+def world(tmp_path, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "img" / "a.png")
+    (tmp_path / "gbk.txt").write_bytes("猫\n狗\n".encode("gbk"))
+    (tmp_path / "list.json").write_text("[1, 2, 3]", encoding="utf-8")
+    (tmp_path / "empty.txt").write_text("", encoding="utf-8")
+    (tmp_path / "emptydir").mkdir()
+    (tmp_path / "file.txt").write_text("x", encoding="utf-8")
+    os.mkfifo(tmp_path / "pipe")  # not a regular file, like /dev/full (which a rename must never replace)
+    return tmp_path
+
+
+M = ["--model", "toy-tiny", "--device", "cpu"]
+CASES = {
+    "argparse error is one line": (["classify", "img", "--labels", "a,b", "-k", "0", *M], "--top-k"),
+    "-o a pipe or device": (["classify", "img", "--labels", "a,b", "-o", "pipe", *M], "not a regular file"),
+    "-o empty": (["classify", "img", "--labels", "a,b", "-o", "", *M], "--output is empty"),
+    "labels file GBK": (["classify", "img", "--labels-file", "gbk.txt", *M], "gbk.txt is not UTF-8"),
+    "labels file a folder": (["classify", "img", "--labels-file", "img", *M], "is a folder"),
+    "template file empty": (["classify", "img", "--labels", "a", "--template-file", "empty.txt", *M], "empty"),
+    "workers negative": (["classify", "img", "--labels", "a", "--workers", "-1", *M], "--workers"),
+    "embed --out empty": (["embed", "img", "--out", "", *M], "output folder is empty"),
+    "embed --out a file": (["embed", "img", "--out", "file.txt", *M], "not a folder"),
+    "embed --shard-size 0": (["embed", "img", "--out", "e", "--shard-size", "0", *M], "--shard-size"),
+    "embed --dist-timeout nan": (["embed", "img", "--out", "e", "--dist-timeout", "nan", *M], "--dist-timeout"),
+    "heatmap huge size": (
+        ["heatmap", "img/a.png", "--labels", "a", "--draw", "x.png", "--size", "100000", *M],
+        "--size",
+    ),
+    "heatmap size 0": (["heatmap", "img/a.png", "--labels", "a", "--draw", "x.png", "--size", "0", *M], "--size"),
+    "train NaN weight decay": (
+        ["train", "--train-data", "x.jsonl", "--weight-decay", "nan", "--output-dir", "t"],
+        "--weight-decay",
+    ),
+    "train batch 0": (["train", "--train-data", "x.jsonl", "--batch-size", "0", "--output-dir", "t"], "--batch-size"),
+    "train output a file": (["train", "--train-data", "x.jsonl", "--output-dir", "file.txt"], "not a folder"),
+    "train recipe a list": (["train", "--config", "list.json", "--output-dir", "t"], "JSON object"),
+    "train-detector lr nan": (["train-detector", "--train-data", "x.json", "--lr", "nan", "--output-dir", "t"], "--lr"),
+    "serve port out of range": (["serve", "--index", "emptydir", "--port", "99999"], "--port"),
+    "search empty text": (["search", "", "--index", "emptydir"], "empty"),
+    "search missing image": (["search", "--image", "nope.png", "--index", "emptydir"], "nope.png"),
+    "toy-data empty folder": (["toy-data", "pairs", "", "--n", "1"], "output folder is empty"),
+    "toy-data negative size": (["toy-data", "pairs", "out", "--image-size", "-5"], "--image-size"),
+    "toy-detector-eval n 0": (["toy-detector-eval", "--n", "0"], "--n"),
+    "convert into a file": (["convert", "toy-tiny", "file.txt"], "not a folder"),
+    "detect score nan": (["detect", "img", "--labels", "a", "--score-threshold", "nan"], "--score-threshold"),
+    "unknown precision": (["classify", "img", "--labels", "a", "--precision", "fp8", *M], "--precision"),
+}
+
+
+@pytest.mark.parametrize("argv, match", list(CASES.values()), ids=list(CASES))
+def test_hostile_command_line(world, capsys, argv, match):
+    before = sorted(str(p.relative_to(world)) for p in world.rglob("*"))
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse
+        code = e.code
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith(("INFO ", "WARNING "))]
+    assert code == 2, err
+    assert len(lines) == 1 and ": error: " in lines[0], lines
+    assert match in lines[0], lines[0]
+    assert "Traceback" not in err
+    assert sorted(str(p.relative_to(world)) for p in world.rglob("*")) == before  # nothing left behind
+    assert (world / "pipe").is_fifo()
+
+
+def test_eval_retrieval_refuses_stores_of_another_kind_or_model(world, capsys):
+    """A text store as image embeddings, and a store written by another model, are refused."""
+    texts = world / "texts.jsonl"
+    texts.write_text(json.dumps({"text_id": 1, "text": "红色", "image_ids": ["a"]}, ensure_ascii=False) + "\n")
+    assert main(["-q", "embed", "--texts", str(texts), "--out", "txt", *M, "--precision", "fp32"]) == 0
+    assert main(["-q", "embed", "img", "--out", "imgs", *M, "--precision", "fp32"]) == 0
+    capsys.readouterr()
+    code = main(["eval-retrieval", "--texts", str(texts), "--image-embeddings", "txt", *M])
+    assert code == 2 and "holds text embeddings; expected image" in capsys.readouterr().err
+    code = main(["eval-retrieval", "--texts", str(texts), "--image-embeddings", "imgs", *M, "--precision", "int8"])
+    assert code == 2 and "is not the model --image-embeddings was written with" in capsys.readouterr().err
+    code = main(["-q", "eval-retrieval", "--texts", str(texts), "--image-embeddings", "imgs", *M])
+    assert code == 0, capsys.readouterr().err  # auto: the store's precision (fp32)
+
+
+def test_atomic_write_refuses_what_is_not_a_regular_file(tmp_path):
+    from cnclip_vision.io import atomic_write
+
+    os.mkfifo(tmp_path / "pipe")
+    for target, match in ((tmp_path / "pipe", "not a regular file"), (tmp_path, "not a regular file"), ("", "empty")):
+        with pytest.raises(ValueError, match=match), atomic_write(target) as tmp:
+            tmp.write_text("x")
+    assert (tmp_path / "pipe").is_fifo() and sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
