@@ -62,6 +62,10 @@ CASES = {
     "toy-detector-eval n 0": (["toy-detector-eval", "--n", "0"], "--n"),
     "convert into a file": (["convert", "toy-tiny", "file.txt"], "not a folder"),
     "detect score nan": (["detect", "img", "--labels", "a", "--score-threshold", "nan"], "--score-threshold"),
+    "detect query box nan": (["detect", "img", "--query", "q=img/a.png@nan,0,10,10"], "--query"),
+    "detect query box empty": (["detect", "img", "--query", "q=img/a.png@0,0,0,0"], "--query"),
+    "heatmap missing image": (["heatmap", "nope.png", "--labels", "a", "--draw", "x.png", *M], "nope.png"),
+    "export-onnx opset": (["export-onnx", *M, "-o", "ox", "--opset", "99999"], "--opset"),
     "unknown precision": (["classify", "img", "--labels", "a", "--precision", "fp8", *M], "--precision"),
 }
 

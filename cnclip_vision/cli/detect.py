@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -43,8 +44,10 @@ def _parse_query(text: str) -> Any:
             box = tuple(float(v) for v in tail.split(","))
         except ValueError as e:
             raise ValueError(f"--query {text!r}: the box after '@' must be four numbers x1,y1,x2,y2") from e
-        if len(box) != 4:
-            raise ValueError(f"--query {text!r}: the box after '@' must be four numbers x1,y1,x2,y2")
+        if len(box) != 4 or not all(math.isfinite(v) for v in box) or box[2] <= box[0] or box[3] <= box[1]:
+            raise ValueError(
+                f"--query {text!r}: the box after '@' must be four numbers x1,y1,x2,y2 with x1 < x2, y1 < y2"
+            )
         path = head
     if not Path(path).is_file():
         raise FileNotFoundError(f"--query {name}: image {path} does not exist")
@@ -199,8 +202,10 @@ def _heatmap(args: argparse.Namespace) -> int:
     _check_not_a_picture(args)
     out = _picture_file(args.draw)
     labels = read_labels(args.labels, args.labels_file)
-    model = load_model(args)
+    if not Path(args.image).is_file():
+        raise FileNotFoundError(f"image {args.image} does not exist or is not a file")
     image = load_image(args.image)
+    model = load_model(args)
     maps = similarity_map(model, image, labels, size=args.size, templates=args.templates)
     paths = (
         [out]

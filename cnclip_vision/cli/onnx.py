@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from cnclip_vision.cli.common import resolve_device, write_records
+from cnclip_vision.cli.common import number, resolve_device, write_records
 
 logger = logging.getLogger("cnclip_vision.cli")
 
@@ -58,7 +58,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     group = p.add_argument_group("export")
     group.add_argument("-o", "--output", dest="output_dir", required=True, help="output directory (created)")
-    group.add_argument("--opset", type=int, default=17, help="ONNX opset, >= 17 (default: %(default)s)")
+    group.add_argument("--opset", type=number(int, 17, 23), default=17, help="ONNX opset, 17-23 (default: %(default)s)")
     group.add_argument(
         "--fp16", action="store_true", help="half-precision weights and compute (float16 pixel_values and embeddings)"
     )
