@@ -24,6 +24,8 @@ def world(tmp_path, monkeypatch):
     (tmp_path / "empty.txt").write_text("", encoding="utf-8")
     (tmp_path / "emptydir").mkdir()
     (tmp_path / "file.txt").write_text("x", encoding="utf-8")
+    (tmp_path / "zs" / "test").mkdir(parents=True)
+    (tmp_path / "zs" / "label_cn.txt").write_text("猫\n狗\n", encoding="utf-8")
     os.mkfifo(tmp_path / "pipe")  # not a regular file, like /dev/full (which a rename must never replace)
     return tmp_path
 
@@ -66,6 +68,13 @@ CASES = {
     "detect query box empty": (["detect", "img", "--query", "q=img/a.png@0,0,0,0"], "--query"),
     "heatmap missing image": (["heatmap", "nope.png", "--labels", "a", "--draw", "x.png", *M], "nope.png"),
     "export-onnx opset": (["export-onnx", *M, "-o", "ox", "--opset", "99999"], "--opset"),
+    "embed an empty folder": (["embed", "emptydir", "--out", "e", *M], "no images found"),
+    "embed texts not JSONL records": (["embed", "--texts", "list.json", "--out", "e", *M], "list.json:1"),
+    "eval-zeroshot missing split": (["eval-zeroshot", "zs", "--split", "nope", *M], "--split nope"),
+    "serve detector not a folder": (
+        ["serve", "--index", "emptydir", "--detector", "nowhere", "--port", "0"],
+        "--detector",
+    ),
     "unknown precision": (["classify", "img", "--labels", "a", "--precision", "fp8", *M], "--precision"),
 }
 

@@ -32,6 +32,7 @@ def _embed(args: argparse.Namespace) -> int:
         raise ValueError("give either an image folder / list file or --texts FILE.jsonl (exactly one)")
     if args.images is not None and not Path(args.images).exists():
         raise CNClipError(f"no such image folder or list file: {args.images}")
+    _check_inputs(args)  # before the model loads
     common = dict(
         batch_size=args.batch_size, shard_size=args.shard_size, dtype=args.dtype, resume=args.resume, verify=args.verify
     )
@@ -56,6 +57,17 @@ def _embed(args: argparse.Namespace) -> int:
     summary["model"] = summary["model"]["description"]
     write_records(args, [{k: v for k, v in summary.items() if isinstance(v, _SCALARS)}], document=summary)
     return 0
+
+
+def _check_inputs(args: argparse.Namespace) -> None:
+    """``embed``'s inputs, read or looked at before any model is loaded: the texts file parses; an image folder
+    holds at least one file (the full listing is the extraction's)."""
+    if args.texts is not None:
+        from cnclip_vision.data.jsonl import read_text_jsonl
+
+        read_text_jsonl(args.texts)
+    elif Path(args.images).is_dir() and next((p for p in Path(args.images).rglob("*") if p.is_file()), None) is None:
+        raise CNClipError(f"no images found in {args.images} (the folder is empty)")
 
 
 def _embed_ray(args: argparse.Namespace, common: dict[str, Any]) -> dict[str, Any]:

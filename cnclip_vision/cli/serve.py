@@ -40,6 +40,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     check_bind(args.host, args.allow_remote)  # before loading anything
     api_key = _api_key(args)
+    for option, path in (("--index", args.index), ("--detector", args.detector), ("--images", args.images)):
+        if path is not None and path not in ("toy-detector",) and not Path(path).is_dir():
+            raise FileNotFoundError(f"{option} {path} is not a folder")
     config = ServeConfig(
         index=args.index,
         model=args.model,

@@ -104,6 +104,9 @@ def _eval_zeroshot(args: argparse.Namespace) -> int:
         )
     )
     labels = read_label_file(label_file)
+    if not (root / args.split).is_dir():
+        found = sorted(p.name for p in root.iterdir() if p.is_dir())
+        raise ValueError(f"--split {args.split}: {root / args.split} is not a folder (the dataset has: {found})")
     model = load_model(args)
     clf = _classifier(args, model, labels)
     report = clf.evaluate(
