@@ -25,7 +25,21 @@ from cnclip_vision.retrieval import extract_image_embeddings, load_embeddings, r
 from cnclip_vision.retrieval.dist import _first_host
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-EMBED = ["--model", "toy-tiny", "--device", "cpu", "--shard-size", "4", "--workers", "0", "--batch-size", "4"]
+# fp32: compared with the fp32 API reference (the CLI default, auto, is bf16 on CPUs with bf16 units)
+EMBED = [
+    "--model",
+    "toy-tiny",
+    "--device",
+    "cpu",
+    "--shard-size",
+    "4",
+    "--workers",
+    "0",
+    "--batch-size",
+    "4",
+    "--precision",
+    "fp32",
+]
 
 
 @pytest.fixture(scope="module")
