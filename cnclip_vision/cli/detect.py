@@ -44,10 +44,10 @@ def _parse_query(text: str) -> Any:
             box = tuple(float(v) for v in tail.split(","))
         except ValueError as e:
             raise ValueError(f"--query {text!r}: the box after '@' must be four numbers x1,y1,x2,y2") from e
-        if len(box) != 4 or not all(math.isfinite(v) for v in box) or box[2] <= box[0] or box[3] <= box[1]:
-            raise ValueError(
-                f"--query {text!r}: the box after '@' must be four numbers x1,y1,x2,y2 with x1 < x2, y1 < y2"
-            )
+        if len(box) != 4 or not all(math.isfinite(v) for v in box):
+            raise ValueError(f"--query {text!r}: the box after '@' must be four numbers x1,y1,x2,y2")
+        if box[2] <= box[0] or box[3] <= box[1]:
+            raise ValueError(f"--query {text!r}: the box {list(box)} has zero size (expected x1 < x2 and y1 < y2)")
         path = head
     if not Path(path).is_file():
         raise FileNotFoundError(f"--query {name}: image {path} does not exist")
