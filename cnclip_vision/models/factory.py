@@ -84,8 +84,8 @@ def _finish(
     """Move / cast, then the optional speed levers: dynamic int8 Linear layers (CPU) and ``torch.compile``.
 
     bf16: every weight in bf16; PyTorch's LayerNorm and SDPA softmax accumulate in fp32 for bf16 inputs, so
-    both stay numerically safe. int8: ``torch.ao.quantization.quantize_dynamic`` on every ``nn.Linear`` of
-    both towers (weights int8, activations quantised per batch, fp32 elsewhere) — CPU only.
+    both stay numerically safe. int8: :func:`_quantize_int8` on every ``nn.Linear`` of both towers (torchao when
+    installed, else ``quantize_dynamic``; fp32 elsewhere) — CPU only. Records ``model.precision``.
     """
     device = torch.device(device or "cpu")
     precision = precision or {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
