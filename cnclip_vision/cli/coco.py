@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from cnclip_vision.cli.common import add_output_options, positive_int, write_records
+from cnclip_vision.cli.detect import add_detector_precision
 
 
 def _split_list(text: str | None) -> list[int | str] | None:
@@ -111,13 +112,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--batch-size", type=positive_int, default=4, help="with --detector: images per batch (default: %(default)s)"
     )
     p.add_argument("--device", default=None, help="with --detector: torch device")
-    p.add_argument(
-        "--precision",
-        choices=("auto", "fp32", "bf16"),
-        default="fp32",
-        help="with --detector: fp32, bf16 (backbone under bf16 autocast) or auto (default: %(default)s, as "
-        "published figures are fp32)",
-    )
+    add_detector_precision(p, "fp32", prefix="with --detector (fp32 by default: published figures are fp32): ")
     p.add_argument(
         "--allow-missing",
         action="store_true",

@@ -313,14 +313,18 @@ def _add_detector_options(parser: argparse.ArgumentParser, *, batch_size: bool =
         group.add_argument(
             "--batch-size", type=positive_int, default=4, help="images per forward pass (default: %(default)s)"
         )
-    if not precision:
-        return
+    if precision:
+        add_detector_precision(group, "auto")
+
+
+def add_detector_precision(group: Any, default: str, *, prefix: str = "") -> None:
+    """``--precision auto|fp32|bf16`` of the detector commands (:class:`DetectionPredictor`'s ``precision``)."""
     group.add_argument(
         "--precision",
         choices=("auto", "fp32", "bf16"),
-        default="auto",
-        help="auto (the backbone in bf16 where the device has bf16 units, else fp32), fp32 or bf16 (backbone "
-        "and crops under bf16 autocast; RPN, heads and boxes stay fp32) (default: %(default)s)",
+        default=default,
+        help=f"{prefix}auto (the backbone in bf16 where the device has bf16 units, else fp32), fp32 or bf16 "
+        "(backbone and crops under bf16 autocast; RPN, heads and boxes stay fp32) (default: %(default)s)",
     )
 
 
