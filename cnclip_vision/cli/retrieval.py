@@ -94,9 +94,6 @@ def _embed_ray(args: argparse.Namespace, common: dict[str, Any]) -> dict[str, An
     return extract_image_embeddings_ray(args.model, args.images, args.out, num_workers=args.workers or 0, **ray)
 
 
-_PRECISION_OF_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-
-
 def _cuda_here() -> bool:
     import torch
 
@@ -129,7 +126,9 @@ def _model_of_index(args: argparse.Namespace) -> Any:
             )
         args.model = built_with["source"]
         logger.info("--index %s was written with %s: using it", args.index, args.model)
-    recorded = built_with.get("precision") or _PRECISION_OF_DTYPE.get(built_with.get("dtype", ""))
+    from cnclip_vision.models.identity import recorded_precision
+
+    recorded = recorded_precision(built_with)
     if args.precision == "auto" and recorded:  # the index's precision, not this machine's choice
         args.precision = recorded
         logger.info("--index %s was written in %s: searching in it", args.index, recorded)
@@ -208,11 +207,12 @@ def _eval_retrieval(args: argparse.Namespace) -> int:
         raise ValueError("--image-embeddings and --text-embeddings were written by different models or precisions")
     need_model = args.images is not None or args.text_embeddings is None
     if need_model and stores and args.precision == "auto":  # the stores' precision, not this machine's choice
-        recorded = next(iter(stores.values())).get("precision")
-        args.precision = recorded or args.precision
+        from cnclip_vision.models.identity import recorded_precision
+
+        args.precision = recorded_precision(next(iter(stores.values()))) or args.precision
     model = load_model(args) if need_model else None
     if model is not None and fingerprints:
-        from cnclip_vision.retrieval.extract import model_info
+        from cnclip_vision.models.identity import model_info, recorded_precision
 
         if model_info(model)["fingerprint"] not in fingerprints:
             option = next(iter(stores))
@@ -220,7 +220,7 @@ def _eval_retrieval(args: argparse.Namespace) -> int:
             raise ValueError(
                 f"--model {args.model} ({args.precision}) is not the model {option} was written with "
                 f"({written.get('source') or written.get('description')}, "
-                f"{written.get('precision') or written.get('dtype')}): the scores would mean nothing; pass that "
+                f"{recorded_precision(written)}): the scores would mean nothing; pass that "
                 "--model and --precision"
             )
 

@@ -53,6 +53,7 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+_PRECISION_OF_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16"}  # else fp32
 
 
 def resolve_precision(
@@ -62,7 +63,7 @@ def resolve_precision(
     :func:`~cnclip_vision.device.auto_precision`), or the precision ``dtype`` names (default fp32)."""
     if precision is None:
         target = resolve_dtype(dtype)
-        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(target, "fp32"), target
+        return _PRECISION_OF_DTYPE.get(target, "fp32"), target
     if dtype is not None:
         raise ValueError("give either dtype= or precision=, not both")
     if precision not in PRECISIONS:
@@ -88,7 +89,7 @@ def _finish(
     installed, else ``quantize_dynamic``; fp32 elsewhere) — CPU only. Records ``model.precision``.
     """
     device = torch.device(device or "cpu")
-    precision = precision or {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+    precision = precision or _PRECISION_OF_DTYPE.get(dtype, "fp32")
     if precision == "fp16" and device.type == "cpu":
         raise ValueError("precision='fp16' needs a GPU (device='cuda'); on the CPU use fp32, int8 or bf16")
     model = model.to(device=device, dtype=dtype).eval()

@@ -12,14 +12,21 @@ import torch
 if TYPE_CHECKING:
     from cnclip_vision.models.clip import ChineseCLIP
 
-__all__ = ["model_info", "precision_of"]
+__all__ = ["model_info", "precision_of", "recorded_precision"]
+
+_PRECISION_OF_DTYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
 def precision_of(model: ChineseCLIP) -> str:
     """fp32 / bf16 / fp16 from the parameters' dtype, ``int8`` for a quantised model."""
     if getattr(model, "precision", None) == "int8":
         return "int8"
-    return {"torch.bfloat16": "bf16", "torch.float16": "fp16"}.get(str(model.dtype), "fp32")
+    return _PRECISION_OF_DTYPE.get(str(model.dtype).removeprefix("torch."), "fp32")
+
+
+def recorded_precision(record: dict[str, Any]) -> str | None:
+    """The precision a :func:`model_info` record states (older records: from their dtype; None if neither)."""
+    return record.get("precision") or _PRECISION_OF_DTYPE.get(record.get("dtype") or "")
 
 
 def model_info(model: ChineseCLIP) -> dict[str, Any]:

@@ -66,8 +66,8 @@ def read_state_dict(path: str | os.PathLike[str], dtype: torch.dtype | None = No
     which refuses pickles that would run code. The original ``{"state_dict": ...}`` wrapper and the
     ``module.`` prefix of data-parallel training are removed. ``dtype``: floating tensors are cast to it one
     by one as they are read, so that a checkpoint never sits in memory in its file's precision next to the
-    cast copy (safetensors: peak = the cast state + one tensor; ``.pt`` files are memory-mapped, and the
-    pages read stay counted in the RSS until loading ends).
+    cast copy (safetensors: peak = the cast state + one read group of <= 1/32 of the file; ``.pt`` files
+    are memory-mapped, and the pages read stay counted in the RSS until loading ends).
     """
     path = Path(path)
     if not path.is_file():
