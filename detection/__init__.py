@@ -7,7 +7,8 @@
 
 Also: COCO data with Chinese names and the OV-COCO split (:mod:`.coco`, :mod:`.coco_names`), COCO / OV-COCO
 evaluation (:mod:`.evaluation`, :func:`evaluate_detector`), training (:mod:`.train`), pictures
-(:mod:`.visualize`) and similarity heat maps (:mod:`.heatmap`).
+(:mod:`.visualize`), similarity heat maps (:mod:`.heatmap`) and the ONNX export with the vocabulary as an
+input (:mod:`.export`).
 """
 
 from cnclip_vision._imports import lazy_exports
@@ -27,6 +28,8 @@ _EXPORTS = {
     "COCOEvaluator": "cnclip_vision.detection.evaluation",
     "evaluate_coco": "cnclip_vision.detection.evaluation",
     "similarity_map": "cnclip_vision.detection.heatmap",
+    "OnnxDetector": "cnclip_vision.detection.export",
+    "export_detector_onnx": "cnclip_vision.detection.export",
     "detect_coco": "cnclip_vision.detection.inference",
     "evaluate_detector": "cnclip_vision.detection.inference",
     "VLM_MODES": "cnclip_vision.detection.vocabulary",

@@ -32,11 +32,12 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.models.detection._utils import _topk_min
 from torchvision.models.detection.faster_rcnn import TwoMLPHead
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
@@ -187,7 +188,7 @@ class OpenVocabDetector(nn.Module):
             trainable_layers=config.trainable_layers,
         )
         embed_dim = clip.config.embed_dim
-        self.transform = GeneralizedRCNNTransform(
+        self.transform = _Transform(
             config.image_size, config.image_size, list(OPENAI_CLIP_MEAN), list(OPENAI_CLIP_STD), size_divisible=32
         )
         kwargs = detector_kwargs("faster_rcnn", self.backbone)
@@ -313,7 +314,7 @@ class OpenVocabDetector(nn.Module):
             mode = self.config.vlm_mode if vlm_mode is None else vlm_mode
             check_vlm_mode(mode)
             check_thresholds(score_threshold, nms_threshold, max_detections)
-        original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+        original_sizes = [(im.shape[-2], im.shape[-1]) for im in images]  # traced, not constants, in an export
         batch, targets = self.transform(images, targets)
         if mode == "dense":
             features, dense = self.backbone.forward_with_dense(batch.tensors, normalize=False)
@@ -332,13 +333,13 @@ class OpenVocabDetector(nn.Module):
         boxes = self.roi_heads.box_coder.decode(deltas, proposals)[:, 0]  # class-agnostic: one box per proposal
         counts = [len(x) for x in proposals]
         per_image = []
-        for p, b, e, size in zip(logits.softmax(-1).split(counts), boxes.split(counts), embeddings.split(counts),
-                                 batch.image_sizes):  # fmt: skip
+        for p, b, e, size in zip(_split(logits.softmax(-1), counts), _split(boxes, counts),
+                                 _split(embeddings, counts), batch.image_sizes):  # fmt: skip
             b = clip_boxes_to_image(b, size)
             keep = remove_small_boxes(b, 1e-2)
             scores, b, e = p[keep, 1:], b[keep], e[keep]
             if mode == "crops":
-                top = scores.max(-1).values.topk(min(self.config.crop_top_k, len(b))).indices
+                top = scores.max(-1).values.topk(_topk_min(scores, self.config.crop_top_k, 0)).indices
                 scores, b, e = scores[top], b[top], e[top]
             per_image.append((scores, b, e))
         if mode == "crops":  # the crops of every image of the batch in shared batches through the tower
@@ -394,16 +395,15 @@ class OpenVocabDetector(nn.Module):
         flat = torch.cat(list(boxes))
         cx, cy = (flat[:, 0] + flat[:, 2]) / 2, (flat[:, 1] + flat[:, 3]) / 2
         half = (flat[:, 2:] - flat[:, :2]).amax(-1) * (0.5 + self.config.crop_margin)
-        owner = torch.repeat_interleave(
-            torch.arange(len(boxes), device=flat.device), torch.tensor(counts).to(flat.device)
-        )
-        rois = torch.stack([owner.to(flat), cx - half, cy - half, cx + half, cy + half], dim=1)  # [K, 5]
+        owner = torch.cat([torch.full_like(b[:, 0], i) for i, b in enumerate(boxes)])  # each box's image
+        rois = torch.stack([owner, cx - half, cy - half, cx + half, cy + half], dim=1)  # [K, 5]
         size = self.clip.image_size
         out = []
-        for chunk in rois.split(self.config.crop_batch_size):
+        # one chunk while tracing (an ONNX export has one image and crop_top_k crops): a traced split is fixed
+        for chunk in [rois] if torch.jit.is_tracing() else rois.split(self.config.crop_batch_size):
             crops = roi_align(images, chunk, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
             out.append(self.clip.encode_image(crops, normalize=True).float())
-        return list(torch.cat(out).split(counts))
+        return _split(torch.cat(out), counts)
 
     def _dense_embeddings(self, dense: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         """RoIAlign-mean of the stride-16 projected patch embeddings inside ``boxes``, normalised."""
@@ -514,10 +514,36 @@ class OpenVocabDetector(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------- helpers
+class _Transform(GeneralizedRCNNTransform):
+    """torchvision's transform; while tracing (ONNX export) the resized size is computed as eager PyTorch
+    computes it, ``floor(side * scale)`` in float64. torchvision's tracing path passes a float32 scale to
+    ``Resize``, whose size onnxruntime rounds down one pixel at exact ratios (720 -> 575 instead of 576 at
+    scale 0.8), so the last column of the image would be padding."""
+
+    def resize(
+        self, image: torch.Tensor, target: dict[str, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        if self.training or not torch.jit.is_tracing():
+            return super().resize(image, target)
+        # float64 and 1-d throughout: the exporter computes 0-d operands ("scalars") in float32
+        sides = torch._shape_as_tensor(image)[-2:].to(torch.float64)
+        limits = torch.tensor([float(self.min_size[-1]), float(self.max_size)], dtype=torch.float64)
+        scale = (limits / torch.stack([sides.min(), sides.max()])).min(dim=0, keepdim=True).values
+        size = torch.floor(sides * scale).to(torch.int64)
+        traced = cast("tuple[int, int]", (size[0], size[1]))  # 0-d tensors: the tracer keeps them symbolic
+        resized = F.interpolate(image[None], size=traced, mode="bilinear", align_corners=False)[0]
+        return resized, target
+
+
 def _fp32_heads(features: Mapping[str, torch.Tensor]) -> Any:
     """Autocast off (for the RPN, the region head and the logits) when it is on for the features' device."""
     device = next(iter(features.values())).device.type
     return torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext()
+
+
+def _split(x: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
+    """``x.split(counts)``; a single image's rows unsplit (a traced split would fix their number)."""
+    return [x] if len(counts) == 1 else list(x.split(counts))
 
 
 def _train_test(value: Sequence[int], name: str) -> tuple[int, int]:
