@@ -392,7 +392,14 @@ class OnnxDetector:
     >>> det.detect("street.jpg")                   # {'boxes', 'scores', 'labels', 'embeddings', 'label_names'}
     """
 
-    def __init__(self, directory: str | os.PathLike[str], *, providers: Sequence[str] = ("CPUExecutionProvider",)):
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+        session_options: Any = None,
+    ) -> None:
+        """``providers`` and ``session_options`` (an ``onnxruntime.SessionOptions``) go to both sessions."""
         import onnxruntime as ort
 
         self.directory = Path(directory)
@@ -405,8 +412,9 @@ class OnnxDetector:
             raise CNClipError(f"cannot read {config_path}: {e}") from e
         if self.config.get("format") != FORMAT:
             raise CNClipError(f"{config_path}: format {self.config.get('format')!r}, expected {FORMAT!r}")
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options = session_options or ort.SessionOptions()
+        if session_options is None:
+            options.log_severity_level = 3  # errors only
         self._detector = ort.InferenceSession(str(self.directory / DETECTOR_NAME), options, providers=list(providers))
         self._inputs = {i.name for i in self._detector.get_inputs()}
         text_path = self.directory / self.config["text_encoder"]["file"] if self.config.get("text_encoder") else None

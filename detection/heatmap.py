@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
+from cnclip_vision.backbones.dense import DenseMode
 from cnclip_vision.backbones.pyramid import dense_image_embeddings
 from cnclip_vision.data.transforms import ImageSource, image_transform
 from cnclip_vision.models.clip import ChineseCLIP
@@ -22,10 +23,12 @@ def similarity_map(
     *,
     size: int | None = None,
     templates: Sequence[str] | str = "default",
+    dense_mode: DenseMode = "raw",
 ) -> torch.Tensor:
     """``[len(labels), size/p, size/p]`` cosine similarities between each patch's projected token (the image
-    resized to ``size``, default the model's input size; patch p) and each label's template-averaged text
-    embedding. Dense CLIP features are coarsely aligned at best (DESIGN.md §7): read the map as a hint."""
+    resized to ``size``, default the model's input size; patch p; the last block as ``dense_mode`` says) and
+    each label's template-averaged text embedding. Raw dense CLIP features are coarsely aligned at best
+    (DESIGN.md §7); the training-free variants (:mod:`cnclip_vision.backbones.dense`) localise better."""
     labels = [labels] if isinstance(labels, str) else list(labels)
     if not labels:
         raise ValueError("labels is empty: pass at least one label")
@@ -34,6 +37,6 @@ def similarity_map(
     if size % patch:
         raise ValueError(f"size={size} must be a multiple of the patch size {patch}")
     pixels = image_transform(size)(image)[None]
-    dense = dense_image_embeddings(model, pixels, normalize=True)[0].float().cpu()  # [D, h, w]
+    dense = dense_image_embeddings(model, pixels, normalize=True, dense_mode=dense_mode)[0].float().cpu()
     text = class_embeddings(model, labels, templates)
     return torch.einsum("cd,dhw->chw", text, dense)

@@ -8,7 +8,8 @@ Layout (Kuo et al., *F-VLM*, ICLR 2023; DESIGN.md §6)::
           -> region embedding (cosine to the vocabulary's text embeddings and to a learned background
              embedding, learned temperature) + class-agnostic box regression
     VLM branch (inference only), scoring each region against the same text embeddings with CLIP's own
-    temperature:  "dense" RoIAlign-mean of the tower's projected patch tokens (F-VLM; one tower pass),
+    temperature:  "dense" RoIAlign-mean of the tower's projected patch tokens (F-VLM; one tower pass; the
+                  last block as trained or a training-free variant, ``dense_mode``),
                   "crops" the top proposals cropped square (10% margin), resized to the CLIP input size and
                   re-encoded by the image tower in batches (pooled embedding; slower, reliable where dense
                   features are not aligned), or "off".
@@ -44,6 +45,7 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import batched_nms, clip_boxes_to_image, remove_small_boxes, roi_align
 
+from cnclip_vision.backbones.dense import DenseMode, check_dense_mode
 from cnclip_vision.backbones.pyramid import ViTDetBackbone, detector_kwargs, vit_fpn_backbone
 from cnclip_vision.data.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageSource, load_image
 from cnclip_vision.detection.vocabulary import (
@@ -97,6 +99,9 @@ class DetectorConfig:
     crop_margin: float = 0.1  # context around a crop, per side, as a fraction of the box's long side
     crop_batch_size: int = 64
     dense_pool: int = 3  # RoIAlign grid (averaged) on the stride-16 dense embeddings in "dense" mode
+    # the last block's variant whose tokens the "dense" branch pools (cnclip_vision.backbones.dense); the
+    # pyramid always takes the raw tokens it was trained on
+    dense_mode: DenseMode = "raw"
     templates: tuple[str, ...] | str = "default"  # prompt templates ({} = the label), or a named set
     seen_categories: tuple[str, ...] = ()  # label names the region head was trained on
     temperature_init: float = 0.02  # initial region-text temperature (learned)
@@ -108,6 +113,7 @@ class DetectorConfig:
         if not isinstance(self.templates, str):
             self.templates = tuple(self.templates)
         check_vlm_mode(self.vlm_mode)
+        check_dense_mode(self.dense_mode)
         for name in ("alpha_seen", "alpha_unseen", "crop_margin", "background_weight"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0 <= value <= (1 if name.startswith("alpha") else 10):
@@ -317,7 +323,9 @@ class OpenVocabDetector(nn.Module):
         original_sizes = [(im.shape[-2], im.shape[-1]) for im in images]  # traced, not constants, in an export
         batch, targets = self.transform(images, targets)
         if mode == "dense":
-            features, dense = self.backbone.forward_with_dense(batch.tensors, normalize=False)
+            features, dense = self.backbone.forward_with_dense(
+                batch.tensors, normalize=False, dense_mode=self.config.dense_mode
+            )
         else:
             features, dense = self.backbone(batch.tensors), None
         with _fp32_heads(features):  # under bf16 autocast only the backbone runs in bf16 (heads: box precision)

@@ -72,6 +72,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 from torchvision.ops.misc import Conv2dNormActivation
 
+from cnclip_vision.backbones.dense import DenseMode, check_dense_mode, dense_tokens, tokens_with_dense
 from cnclip_vision.backbones.timm_models import TIMM_NAMES
 from cnclip_vision.errors import CheckpointError
 from cnclip_vision.models.clip import ChineseCLIP
@@ -267,25 +268,36 @@ class ViTDetBackbone(nn.Module):
         return self
 
     # --- forward -------------------------------------------------------------------------------------
-    def _tokens(self, x: torch.Tensor, multiple: int) -> torch.Tensor:
-        """Last-block tokens after the final norm, class token dropped: ``[N, width, H/16, W/16]``."""
+    def _tower_input(self, x: torch.Tensor, multiple: int) -> torch.Tensor:
+        """``x`` checked, and resized by ``patch / 16`` for towers whose patch is not 16 pixels."""
         _check_images(x, multiple, self.patch_size, type(self).__name__)
         if self.patch_size != _STRIDE:
             h, w = (s // _STRIDE * self.patch_size for s in x.shape[-2:])
             x = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False, antialias=True)
+        return x
+
+    def _tokens(self, x: torch.Tensor, multiple: int, dense_mode: DenseMode = "raw") -> torch.Tensor:
+        """Last-block tokens (under ``dense_mode``) after the final norm, class token dropped:
+        ``[N, width, H/16, W/16]``."""
+        x = self._tower_input(x, multiple)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.trainable_layers > 0):
-            return last_tokens(self.tower, x)
+            return last_tokens(self.tower, x) if dense_mode == "raw" else dense_tokens(self.tower, x, dense_mode)
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         """Feature maps ``{"0": stride 4, "1": 8, "2": 16, "3": 32, "pool": 64}`` (``levels="p2-p6"``)."""
         return self._pyramid(self._tokens(x, _SIZE_DIVISIBLE))
 
     def forward_with_dense(
-        self, x: torch.Tensor, normalize: bool = False
+        self, x: torch.Tensor, normalize: bool = False, dense_mode: DenseMode = "raw"
     ) -> tuple[OrderedDict[str, torch.Tensor], torch.Tensor]:
-        """``forward(x)`` and ``dense_embeddings(x)`` from one pass through the tower."""
-        feature = self._tokens(x, _SIZE_DIVISIBLE)
-        return self._pyramid(feature), _project(self.tower.head, feature, normalize)
+        """``forward(x)`` and ``dense_embeddings(x, dense_mode=dense_mode)`` from one pass through the tower (the
+        last block runs a second time, as ``dense_mode`` says, unless it is ``"raw"``)."""
+        if dense_mode == "raw":
+            feature = dense = self._tokens(x, _SIZE_DIVISIBLE)
+        else:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.trainable_layers > 0):
+                feature, dense = tokens_with_dense(self.tower, self._tower_input(x, _SIZE_DIVISIBLE), dense_mode)
+        return self._pyramid(feature), _project(self.tower.head, dense, normalize)
 
     def _pyramid(self, feature: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         maps = [stage(feature) for stage in self.stages]
@@ -293,10 +305,11 @@ class ViTDetBackbone(nn.Module):
         maps, names = self.top_block(maps, maps, names)
         return OrderedDict(zip(names, maps))
 
-    def dense_embeddings(self, x: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+    def dense_embeddings(self, x: torch.Tensor, normalize: bool = False, dense_mode: DenseMode = "raw") -> torch.Tensor:
         """Every patch token through ``ln_post`` and the visual projection: ``[N, embed_dim, H/16, W/16]``, in
-        the joint image-text space (H, W multiples of 16)."""
-        return _project(self.tower.head, self._tokens(x, _STRIDE), normalize)
+        the joint image-text space (H, W multiples of 16); ``dense_mode``: the last block's variant
+        (:mod:`cnclip_vision.backbones.dense`)."""
+        return _project(self.tower.head, self._tokens(x, _STRIDE, check_dense_mode(dense_mode)), normalize)
 
 
 def _vit_config(arch: str | CLIPConfig) -> tuple[CLIPConfig, str]:
@@ -497,9 +510,13 @@ def _level_names(backbone: ViTDetBackbone) -> list[str]:
 
 
 # --- dense embeddings of a dual encoder ------------------------------------------------------------------
-def dense_image_embeddings(model: ChineseCLIP, pixel_values: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+def dense_image_embeddings(
+    model: ChineseCLIP, pixel_values: torch.Tensor, normalize: bool = False, dense_mode: DenseMode = "raw"
+) -> torch.Tensor:
     """Dense patch embeddings ``[N, embed_dim, H/p, W/p]`` of a Chinese-CLIP ViT (patch size p): every patch
     token of the last block through ``ln_post`` and the visual projection, in the joint image-text space.
+    ``dense_mode`` picks the last block's variant (``"raw"``: as trained; ``"maskclip"``, ``"sclip"``,
+    ``"clearclip"``, ``"naclip"``: training-free variants that localise, :mod:`cnclip_vision.backbones.dense`).
 
     Any H, W that are multiples of the patch size work (the position embedding is interpolated bicubically,
     as timm's ``dynamic_img_size``); at the model's own size the tokens are exactly those of
@@ -512,5 +529,7 @@ def dense_image_embeddings(model: ChineseCLIP, pixel_values: torch.Tensor, norma
         raise ValueError("dense_image_embeddings expects an OpenAI-CLIP ViT built by cnclip_vision (dynamic_img_size)")
     patch = int(visual.patch_embed.patch_size[0])
     _check_images(pixel_values, patch, patch, "dense_image_embeddings")
-    tokens = last_tokens(visual, pixel_values.to(device=model.device, dtype=model.dtype))
+    pixels = pixel_values.to(device=model.device, dtype=model.dtype)
+    mode = check_dense_mode(dense_mode)
+    tokens = last_tokens(visual, pixels) if mode == "raw" else dense_tokens(visual, pixels, mode)
     return _project(visual.head, tokens, normalize)

@@ -54,6 +54,7 @@ __all__ = [
     "POSITIONS",
     "SHAPES",
     "ZERO_SHOT_TEMPLATES",
+    "object_map",
     "Background",
     "Category",
     "ClassificationSet",
@@ -504,6 +505,26 @@ def render(scene: Scene) -> Image.Image:
 def render_array(scene: Scene) -> np.ndarray:
     """The scene as a [size, size, 3] uint8 array."""
     return np.asarray(render(scene))
+
+
+def object_map(scene: Scene, *, coverage: float = 0.5) -> np.ndarray:
+    """``[size, size]`` int16: at each pixel the index of the visible object (drawn last among those covering
+    it by at least ``coverage`` of the anti-aliased mask), -1 on the background. The exact masks of
+    :func:`render`: ``scene.objects[i].category_id`` gives the class map."""
+    out = np.full((scene.size, scene.size), -1, dtype=np.int16)
+    masks = scene._masks
+    if masks is None or len(masks) != len(scene.objects):
+        masks = tuple(_object_mask(o.category.shape_index, o.centre, o.radius, o.rotation) for o in scene.objects)
+    threshold = round(coverage * 255)
+    for index, (x0, y0, mask) in enumerate(masks):
+        alpha = np.asarray(mask) >= threshold
+        top, left = max(y0, 0), max(x0, 0)
+        bottom, right = min(y0 + alpha.shape[0], scene.size), min(x0 + alpha.shape[1], scene.size)
+        if bottom <= top or right <= left:
+            continue
+        window = alpha[top - y0 : bottom - y0, left - x0 : right - x0]
+        out[top:bottom, left:right][window] = index
+    return out
 
 
 # -------------------------------------------------------------------------------------------- captions
