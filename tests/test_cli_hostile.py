@@ -119,3 +119,72 @@ def test_atomic_write_refuses_what_is_not_a_regular_file(tmp_path):
         with pytest.raises(ValueError, match=match), atomic_write(target) as tmp:
             tmp.write_text("x")
     assert (tmp_path / "pipe").is_fifo() and sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
+
+
+def _tree(root):
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+
+
+class _FakeProgram:
+    """What ``torch.onnx.export(dynamo=True)`` returns, as far as the export uses it."""
+
+    model = type("Model", (), {"opset_imports": {"": 17}})()
+
+    def save(self, path, external_data=False):
+        path.write_bytes(b"graph")
+
+
+def _fake_exporter(monkeypatch, fail_on: str | None = None):
+    import torch
+
+    def export(module, args, f=None, *, dynamo=True, **kwargs):
+        if type(module).__name__ == fail_on:
+            raise RuntimeError("unsupported operator aten::frobnicate")
+        return _FakeProgram()
+
+    monkeypatch.setattr(torch.onnx, "export", export)
+
+
+def test_export_onnx_failure_leaves_no_partial_folder(world, capsys, monkeypatch):
+    """The text encoder fails after the image encoder was written: nothing of it stays, an earlier export stays."""
+    _fake_exporter(monkeypatch, fail_on="_TextEncoder")
+    (world / "ox").mkdir()
+    (world / "ox" / "image_encoder.onnx").write_bytes(b"earlier export")
+    before = _tree(world)
+    assert main(["export-onnx", *M, "-o", "ox"]) == 2
+    assert main(["export-onnx", *M, "-o", "new/sub"]) == 2  # parents it created go too
+    err = capsys.readouterr().err
+    assert "ONNX export of text_encoder.onnx failed (RuntimeError): unsupported operator" in err
+    assert _tree(world) == before
+
+
+def test_export_onnx_check_failure_keeps_the_earlier_export(world, capsys, monkeypatch):
+    from cnclip_vision.export import onnx
+
+    _fake_exporter(monkeypatch)
+    monkeypatch.setattr(
+        onnx,
+        "_check",
+        lambda *a, **k: {"passed": False, "tolerance": {"max_abs_diff": 1e-4}, "max_abs_diff": 0.5, "min_cosine": 0.9},
+    )
+    (world / "ox").mkdir()
+    (world / "ox" / "image_encoder.onnx").write_bytes(b"earlier export")
+    before = _tree(world / "ox")
+    assert main(["export-onnx", *M, "-o", "ox"]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ": error: " in ln]
+    assert len(lines) == 1 and "ox was left as it was" in lines[0] and "ox.check-failed" in lines[0], lines
+    assert _tree(world / "ox") == before
+    report = json.loads((world / "ox.check-failed" / "export_report.json").read_text(encoding="utf-8"))
+    assert report["check"]["passed"] is False and (world / "ox.check-failed" / "text_encoder.onnx").is_file()
+    assert not [p for p in world.iterdir() if p.name.startswith(".")]  # no staging folder left
+
+    monkeypatch.setattr(
+        onnx,
+        "_check",
+        lambda *a, **k: {"passed": True, "tolerance": {"max_abs_diff": 1e-4}, "max_abs_diff": 0.0, "min_cosine": 1.0},
+    )
+    (world / "ox" / "notes.txt").write_text("mine")
+    assert main(["-q", "export-onnx", *M, "-o", "ox"]) == 0  # into the existing folder, file by file
+    assert (world / "ox" / "image_encoder.onnx").read_bytes() == b"graph"
+    assert (world / "ox" / "notes.txt").read_text() == "mine" and (world / "ox" / "export_report.json").is_file()
+    assert not [p for p in world.iterdir() if p.name.startswith(".")]

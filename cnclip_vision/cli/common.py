@@ -126,11 +126,16 @@ def number(kind: type, low: float | None = None, high: float | None = None) -> A
 
 
 def out_folder(text: str) -> str:
-    """argparse type: an output folder (created by the command): not empty, not an existing file."""
+    """argparse type: an output folder (created by the command): not empty, not an existing file, and the
+    nearest existing folder above it is a folder (not a file)."""
     if not text.strip():
         raise argparse.ArgumentTypeError("the output folder is empty; give a folder name")
-    if Path(text).exists() and not Path(text).is_dir():
+    path = Path(text)
+    if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} exists and is not a folder")
+    above = next((p for p in path.absolute().parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} cannot be created: {above} is a file, not a folder")
     return text
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from cnclip_vision.cli.common import number, resolve_device, write_records
+from cnclip_vision.cli.common import number, out_folder, resolve_device, write_records
 
 logger = logging.getLogger("cnclip_vision.cli")
 
@@ -42,7 +42,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "unnormalised features of encode_image / encode_text, with a dynamic batch axis and text length, plus "
         "onnx_config.json (preprocessing, tokenizer, sizes), vocab.txt and export_report.json into --output. "
         "Unless --no-check, onnxruntime runs both at new batch sizes and lengths and is compared with PyTorch "
-        "(max abs difference <= 1e-4 in fp32, cosine >= 0.999 with --fp16); a failed check exits with status 2. "
+        "(max abs difference <= 1e-4 in fp32, cosine >= 0.999 with --fp16); a failed check exits with status 2 and "
+        "leaves --output as it was, the export and its report going to OUTPUT.check-failed for inspection. "
         "Prints the report as JSON. Needs: pip install 'cnclip-vision[onnx]'.",
     )
     group = p.add_argument_group("model")
@@ -57,7 +58,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--device", default="cpu", help="torch device for tracing and the PyTorch reference (default: %(default)s)"
     )
     group = p.add_argument_group("export")
-    group.add_argument("-o", "--output", dest="output_dir", required=True, help="output directory (created)")
+    group.add_argument(
+        "-o",
+        "--output",
+        dest="output_dir",
+        type=out_folder,
+        required=True,
+        help="output directory (created; written only when the export and its check succeed)",
+    )
     group.add_argument("--opset", type=number(int, 17, 23), default=17, help="ONNX opset, 17-23 (default: %(default)s)")
     group.add_argument(
         "--fp16", action="store_true", help="half-precision weights and compute (float16 pixel_values and embeddings)"
