@@ -188,3 +188,31 @@ def test_export_onnx_check_failure_keeps_the_earlier_export(world, capsys, monke
     assert (world / "ox" / "image_encoder.onnx").read_bytes() == b"graph"
     assert (world / "ox" / "notes.txt").read_text() == "mine" and (world / "ox" / "export_report.json").is_file()
     assert not [p for p in world.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["train-detector", "--train-data", "nope.json"], "COCO file nope.json does not exist"),
+        (["train-detector", "--train-data", "emptydir"], "is a folder; expected a COCO annotation .json file"),
+        (["train-detector", "--train-data", "list.json"], "expected a JSON object with images/annotations"),
+        (["train-detector", "--train-data", "gbk.txt"], "gbk.txt"),
+        (["train", "--train-data", "nope.jsonl"], "no such file or folder: nope.jsonl"),
+        (["train", "--train-data", "emptydir"], "emptydir is a folder without train_imgs.tsv"),
+        (["train", "--train-data", "list.json"], "list.json: expected a .jsonl or .tsv file"),
+    ],
+)
+def test_training_data_is_checked_before_the_model_loads(world, capsys, monkeypatch, argv, match):
+    from cnclip_vision.models import factory
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the training data was checked")
+
+    monkeypatch.setattr(factory, "load", no_load)
+    monkeypatch.setattr(factory, "create_model", no_load)
+    clip = "--clip" if argv[0] == "train-detector" else "--model"
+    before = sorted(str(p.relative_to(world)) for p in world.rglob("*"))
+    assert main([*argv, "--output-dir", "t", clip, "toy-tiny", "--device", "cpu"]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and not ln.startswith("INFO ")]
+    assert len(lines) == 1 and match in lines[0], lines
+    assert sorted(str(p.relative_to(world)) for p in world.rglob("*")) == before  # no output folder made
