@@ -216,3 +216,75 @@ def test_training_data_is_checked_before_the_model_loads(world, capsys, monkeypa
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and not ln.startswith("INFO ")]
     assert len(lines) == 1 and match in lines[0], lines
     assert sorted(str(p.relative_to(world)) for p in world.rglob("*")) == before  # no output folder made
+
+
+@pytest.fixture
+def vectors(world):
+    """200 random 32-d embeddings in ``vec`` (``vec-hnsw``: the same with an HNSW8 index)."""
+    import numpy as np
+
+    pytest.importorskip("faiss", reason="FAISS indexes need faiss-cpu (in the dev extra)")
+    from cnclip_vision.retrieval import build_ann_index, save_embeddings
+
+    x = np.random.default_rng(0).standard_normal((200, 32)).astype(np.float32)
+    for name in ("vec", "vec-hnsw"):
+        save_embeddings(world / name, [f"v{i}" for i in range(len(x))], x, shard_size=100)
+    build_ann_index(world / "vec-hnsw", index_key="HNSW8", num_queries=20, progress=False)
+    return world
+
+
+ANN_CASES = {
+    "unknown name": (["--ann-params", "foo=bar"], "unknown search parameter 'foo'; expected efSearch, nprobe"),
+    "not NAME=VALUE": (["--ann-params", "efSearch"], "'efSearch' is not NAME=VALUE"),
+    "not a number": (["--ann-params", "efSearch=abc"], "efSearch must be an integer >= 1, got 'abc'"),
+    "negative": (["--ann-params", "nprobe=-3"], "nprobe must be an integer >= 1, got -3"),
+    "fraction": (["--ann-params", "nprobe=2.5"], "nprobe must be an integer >= 1, got '2.5'"),
+    "not of this index": (["--ann-params", "nprobe=8"], "nprobe does not apply to a HNSW8 index; it takes efSearch"),
+    "with --exact": (["--ann-params", "efSearch=64", "--exact"], "--exact does not use the index"),
+    "no index": (["--ann-params", "efSearch=64", "--index", "vec"], "--index vec has no FAISS index"),
+}
+
+
+@pytest.mark.parametrize("extra, match", list(ANN_CASES.values()), ids=list(ANN_CASES))
+def test_search_ann_params_are_never_ignored(vectors, capsys, extra, match):
+    argv = ["search", "红色", "--index", "vec-hnsw", *extra, *M]
+    if "--index" in extra:
+        argv = argv[:2] + argv[4:]
+    before = sorted(str(p.relative_to(vectors)) for p in vectors.rglob("*"))
+    assert main(argv) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and not ln.startswith("INFO ")]
+    assert len(lines) == 1 and ": error: " in lines[0] and match in lines[0], lines
+    assert sorted(str(p.relative_to(vectors)) for p in vectors.rglob("*")) == before
+
+
+def test_search_ann_params_library(vectors):
+    from cnclip_vision.retrieval import EmbeddingIndex
+    from cnclip_vision.retrieval.ann import parse_search_params
+
+    assert parse_search_params("nprobe=16, quantizer_efSearch=32", "IVF64_HNSW32,Flat") == {
+        "nprobe": 16,
+        "quantizer_efSearch": 32,
+    }
+    with pytest.raises(ValueError, match="Flat index; it has no search parameters"):
+        parse_search_params("efSearch=8", "Flat")
+    with pytest.raises(ValueError, match="searched exactly"):
+        EmbeddingIndex.from_dir(vectors / "vec", ann_params="efSearch=8")
+    assert EmbeddingIndex.from_dir(vectors / "vec-hnsw", ann_params="efSearch=8").backend == "faiss:HNSW8"
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--index-key", "IVF1024,Flat"], "needs at least 1,024 training vectors (one per IVF cluster"),
+        (["--index-key", "IVF16,PQ8"], "needs at least 256 training vectors (one per product-quantizer centroid"),
+        (["--index-key", "OPQ4_16,IVF16,PQ4x8"], "needs at least 256 training vectors"),
+        (["--index-key", "IVF64,Flat", "--train-size", "50"], "--train-size 50: raise --train-size"),
+    ],
+)
+def test_index_build_too_few_vectors_for_the_index(vectors, capsys, extra, match):
+    before = sorted(str(p.relative_to(vectors)) for p in vectors.rglob("*"))
+    assert main(["index", "build", "vec", *extra]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ": error: " in ln]
+    assert len(lines) == 1 and match in lines[0], lines
+    assert "vec holds 200 vectors" in lines[0] or "--train-size" in lines[0]
+    assert sorted(str(p.relative_to(vectors)) for p in vectors.rglob("*")) == before

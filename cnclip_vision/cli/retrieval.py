@@ -143,6 +143,35 @@ def _model_of_index(args: argparse.Namespace) -> Any:
     return model
 
 
+def _ann_params(text: str) -> str:
+    """argparse type of ``--ann-params``: ``NAME=INTEGER[,NAME=INTEGER]`` with known names."""
+    from cnclip_vision.retrieval.ann import parse_search_params
+
+    try:
+        parse_search_params(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _check_ann_params(args: argparse.Namespace) -> None:
+    """``--ann-params`` fit the folder's FAISS index (checked before the model is loaded)."""
+    from cnclip_vision.retrieval.ann import parse_search_params, read_ann_info
+
+    if args.exact:
+        raise ValueError("--ann-params set the FAISS index's search parameters; --exact does not use the index")
+    info = read_ann_info(args.index)
+    if info is None:
+        raise ValueError(
+            f"--ann-params: --index {args.index} has no FAISS index (it is searched exactly); "
+            f"build one with `cnclip index build {args.index}`"
+        )
+    try:
+        parse_search_params(args.ann_params, info["index_key"])
+    except ValueError as e:
+        raise ValueError(f"--ann-params: {e}") from None
+
+
 def _search(args: argparse.Namespace) -> int:
     from cnclip_vision.retrieval import EmbeddingIndex
 
@@ -157,6 +186,8 @@ def _search(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"--image {image} is not an image file")
     if not texts and not images:
         raise ValueError("give query texts, --queries-file FILE, or --image QUERY_IMAGE")
+    if args.ann_params:
+        _check_ann_params(args)
     model = _model_of_index(args)
     index = EmbeddingIndex.from_dir(
         args.index,
@@ -395,9 +426,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--ann-params",
+        type=_ann_params,
         default=None,
         metavar="PARAMS",
-        help="override the FAISS index's tuned search parameters, e.g. efSearch=256 or nprobe=64",
+        help="override the FAISS index's tuned search parameters: comma-separated NAME=INTEGER, efSearch (HNSW), "
+        "nprobe (IVF) or quantizer_efSearch (IVF with an HNSW quantizer), e.g. efSearch=256 or nprobe=64",
     )
     add_model_options(p, model_default=None)
     add_output_options(p)
