@@ -288,3 +288,61 @@ def test_index_build_too_few_vectors_for_the_index(vectors, capsys, extra, match
     assert len(lines) == 1 and match in lines[0], lines
     assert "vec holds 200 vectors" in lines[0] or "--train-size" in lines[0]
     assert sorted(str(p.relative_to(vectors)) for p in vectors.rglob("*")) == before
+
+
+UNREADABLE = {
+    "classify": ["classify", "img", "--labels", "a,b", *M],
+    "embed": ["embed", "img", "--out", "e", *M],
+    "detect": ["detect", "img", "--labels", "a", "--device", "cpu"],
+}
+
+
+def _deny_listing(monkeypatch, folder):
+    """``os.scandir(folder)`` and ``os.listdir(folder)`` (``Path.iterdir``) raise PermissionError, as for a
+    folder of mode 000 when not root."""
+
+    def denied(real):
+        def listing(path="."):
+            if os.path.abspath(os.fspath(path)) == os.path.abspath(folder):
+                raise PermissionError(13, "Permission denied", os.fspath(path))
+            return real(path)
+
+        return listing
+
+    monkeypatch.setattr(os, "scandir", denied(os.scandir))
+    monkeypatch.setattr(os, "listdir", denied(os.listdir))
+
+
+@pytest.mark.parametrize("argv", list(UNREADABLE.values()), ids=list(UNREADABLE))
+def test_a_folder_that_cannot_be_listed_is_not_empty(world, capsys, monkeypatch, argv):
+    _deny_listing(monkeypatch, world / "img")
+    assert main(argv) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ": error: " in ln]
+    assert len(lines) == 1 and "cannot read the folder img: Permission denied" in lines[0], lines
+    assert not (world / "e").exists()
+
+
+def test_an_unreadable_sub_folder_is_skipped_with_a_warning(world, monkeypatch, caplog):
+    from cnclip_vision.data.images import list_images
+
+    (world / "img" / "sub").mkdir()
+    _deny_listing(monkeypatch, world / "img" / "sub")
+    assert list_images(world / "img") == [world / "img" / "a.png"]
+    assert "skipped the folder" in caplog.text and "Permission denied" in caplog.text
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root lists a folder of mode 000 anyway")
+def test_a_folder_of_mode_000(world, capsys):
+    (world / "img").chmod(0)
+    try:
+        assert main(["classify", "img", "--labels", "a,b", *M]) == 2
+    finally:
+        (world / "img").chmod(0o755)
+    assert "cannot read the folder img: Permission denied" in capsys.readouterr().err
+
+
+def test_eval_zeroshot_split_that_cannot_be_listed(world, capsys, monkeypatch):
+    (world / "zs" / "test" / "000").mkdir()
+    _deny_listing(monkeypatch, world / "zs" / "test")
+    assert main(["eval-zeroshot", "zs", *M]) == 2
+    assert "cannot read the folder zs/test: Permission denied" in capsys.readouterr().err

@@ -66,8 +66,11 @@ def _check_inputs(args: argparse.Namespace) -> None:
         from cnclip_vision.data.jsonl import read_text_jsonl
 
         read_text_jsonl(args.texts)
-    elif Path(args.images).is_dir() and next((p for p in Path(args.images).rglob("*") if p.is_file()), None) is None:
-        raise CNClipError(f"no images found in {args.images} (the folder is empty)")
+    elif Path(args.images).is_dir():
+        from cnclip_vision.data.images import walk_files
+
+        if next(walk_files(args.images), None) is None:
+            raise CNClipError(f"no images found in {args.images} (the folder is empty)")
 
 
 def _embed_ray(args: argparse.Namespace, common: dict[str, Any]) -> dict[str, Any]:
