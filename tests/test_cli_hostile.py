@@ -76,6 +76,18 @@ CASES = {
         "--detector",
     ),
     "unknown precision": (["classify", "img", "--labels", "a", "--precision", "fp8", *M], "--precision"),
+    "classifier cache a folder": (
+        ["classify", "img", "--labels", "a,b", "--classifier-cache", "emptydir", *M],
+        "--classifier-cache: the file emptydir is a folder; expected a file name",
+    ),
+    "classifier cache empty": (
+        ["eval-zeroshot", "zs", "--classifier-cache", "", *M],
+        "--classifier-cache: the file name is empty",
+    ),
+    "eval-coco results into a folder": (
+        ["eval-coco", "list.json", "--results-output", "emptydir"],
+        "--results-output: the file emptydir is a folder",
+    ),
 }
 
 

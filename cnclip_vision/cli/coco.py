@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from cnclip_vision.cli.common import add_output_options, positive_int, write_records
+from cnclip_vision.cli.common import add_output_options, out_file, positive_int, write_records
 from cnclip_vision.cli.detect import add_detector_precision
 
 
@@ -119,7 +119,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="with --detector: when ground-truth images cannot be read, evaluate on the readable ones only (and "
         "say so in the output) instead of refusing to report AP",
     )
-    p.add_argument("--results-output", default=None, help="write the (checked) detections as COCO results JSON here")
+    p.add_argument(
+        "--results-output",
+        type=out_file,
+        default=None,
+        metavar="FILE",
+        help="write the (checked) detections as COCO results JSON here",
+    )
     p.add_argument("--novel", default=None, help="novel categories, comma-separated ids or names")
     p.add_argument("--base", default=None, help="base categories, comma-separated ids or names")
     p.add_argument(

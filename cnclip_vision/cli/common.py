@@ -84,11 +84,22 @@ def check_output_file(path: str | Path, option: str = "--output") -> None:
         raise ValueError(f"{option} is empty; give a file name (- for stdout)")
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"{option} {path} is a folder; give a file name")
+        raise ValueError(f"{option} {path} is a folder; expected a file name (e.g. {path / 'NAME'})")
     if path.exists() and not path.is_file():
         raise ValueError(f"{option} {path} is not a regular file (a device or pipe); give a file name or - for stdout")
     if not path.parent.is_dir():
         raise ValueError(f"{option} {path}: the folder {path.parent} does not exist")
+
+
+def out_file(text: str) -> str:
+    """argparse type: a file the command writes (or reads when it exists): as :func:`check_output_file`."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the file name is empty")
+    try:
+        check_output_file(text, "the file")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def unit_interval(text: str) -> float:

@@ -10,6 +10,7 @@ from cnclip_vision.cli.common import (
     add_model_options,
     add_output_options,
     load_model,
+    out_file,
     positive_int,
     read_labels,
     read_lines,
@@ -143,6 +144,8 @@ def _add_label_options(parser: argparse.ArgumentParser, *, file_only: bool = Fal
     group.add_argument("--template-file", help="your own templates, one per line, each with a {} placeholder")
     group.add_argument(
         "--classifier-cache",
+        type=out_file,
+        metavar="FILE",
         help="safetensors file caching the class embeddings (written on the first run, read afterwards)",
     )
 
