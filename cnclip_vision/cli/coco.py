@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from cnclip_vision.cli.common import add_output_options, out_file, positive_int, write_records
+from cnclip_vision.cli.common import add_output_options, number, out_file, positive_int, write_records
 from cnclip_vision.cli.detect import add_detector_precision
 
 
@@ -130,7 +130,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base", default=None, help="base categories, comma-separated ids or names")
     p.add_argument(
         "--max-dets",
-        type=int,
+        type=number(int, 1, 100_000),
         default=100,
         help="detections kept per image and class, as pycocotools counts them (default: %(default)s)",
     )

@@ -136,6 +136,11 @@ def number(kind: type, low: float | None = None, high: float | None = None) -> A
     return parse
 
 
+def seed(text: str) -> int:
+    """argparse type of the ``--seed`` options: an integer in [0, 2**32 - 1] (what every RNG here accepts)."""
+    return number(int, 0, 2**32 - 1)(text)
+
+
 def out_folder(text: str) -> str:
     """argparse type: an output folder (created by the command): not empty, not an existing file, and the
     nearest existing folder above it is a folder (not a file)."""

@@ -20,6 +20,7 @@ from cnclip_vision.cli.common import (
     positive_int,
     read_labels,
     resolve_device,
+    seed,
     unit_interval,
     write_records,
 )
@@ -242,7 +243,7 @@ _TRAIN_OVERRIDES = {
     "lr": (number(float, 0.0), "peak learning rate of AdamW"),
     "weight_decay": (number(float, 0.0), "AdamW weight decay"),
     "precision": (str, "fp32, bf16 (autocast) or fp16 (GPU only)"),
-    "seed": (int, "random seed"),
+    "seed": (seed, "random seed"),
     "num_workers": (number(int, 0), "DataLoader worker processes"),
     "save_every": (number(int, 1), "write checkpoint.pt every N steps (and at the end)"),
     "log_every": (number(int, 1), "append to metrics.jsonl every N steps"),
@@ -361,7 +362,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--nms-threshold", type=unit_interval, default=0.5, help="IoU of class-aware NMS (default: %(default)s)"
     )
-    p.add_argument("--max-detections", type=int, default=100, help="per image (default: %(default)s)")
+    p.add_argument(
+        "--max-detections", type=number(int, 1, 100_000), default=100, help="per image (default: %(default)s)"
+    )
     p.add_argument(
         "--agnostic-nms",
         type=unit_interval,
@@ -429,7 +432,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--annotations", default=None, help="an existing toy COCO file (default: generate one)")
     p.add_argument("--data-dir", default="build/toy-detector-eval", help="where generated scenes go")
     p.add_argument("--n", type=number(int, 1, 100_000), default=500, help="generated scenes (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=777, help="seed of the generated scenes (default: %(default)s)")
+    p.add_argument("--seed", type=seed, default=777, help="seed of the generated scenes (default: %(default)s)")
     p.add_argument("--check", action="store_true", help="exit with status 2 when a quality bar is missed")
     add_output_options(p, csv_ok=False)
     p.set_defaults(func=_toy_detector_eval, format="json")

@@ -16,6 +16,7 @@ from cnclip_vision.cli.common import (
     out_folder,
     positive_int,
     read_lines,
+    seed,
     write_records,
 )
 from cnclip_vision.errors import CNClipError
@@ -397,7 +398,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--ray-gpus-per-actor",
-        type=float,
+        type=number(float, 0.0, 64.0),
         default=0.0,
         help="--engine ray: GPUs per actor; > 0 loads the model on cuda (default: 0)",
     )
@@ -482,7 +483,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--memory", default="4GB", help="memory budget of the index, e.g. 1GB, 512MB (default: %(default)s)")
     b.add_argument(
         "--recall",
-        type=float,
+        type=number(float, 0.01, 1.0),
         default=0.95,
         help="target recall@k against exact search to tune for (default: %(default)s)",
     )
@@ -501,12 +502,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "(default: rows of the collection, their own row left out)",
     )
     b.add_argument(
-        "--num-queries", type=int, default=1000, help="queries per set, tuning and test (default: %(default)s)"
+        "--num-queries",
+        type=number(int, 1),
+        default=1000,
+        help="queries per set, tuning and test (default: %(default)s)",
     )
     b.add_argument(
         "--train-size", type=number(int, 1), default=None, help="training sample (default: 64 per IVF cluster)"
     )
-    b.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    b.add_argument("--seed", type=seed, default=0, help="sampling seed (default: %(default)s)")
     add_output_options(b)
     b.set_defaults(func=_index_build)
     i = actions.add_parser(

@@ -148,7 +148,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     lim.add_argument(
         "--batch-wait-ms",
-        type=float,
+        type=number(float, 0.0, 60_000.0),
         default=2.0,
         help="how long a batch waits for more queries once the model is free (default: %(default)s)",
     )

@@ -7,7 +7,7 @@ import dataclasses
 import json
 import sys
 
-from cnclip_vision.cli.common import number, out_folder
+from cnclip_vision.cli.common import number, out_folder, seed
 
 _OVERRIDES = {  # option -> (type, help)
     "output_dir": (out_folder, "folder for checkpoint.pt, metrics.jsonl and the final model/ directory"),
@@ -28,7 +28,7 @@ _OVERRIDES = {  # option -> (type, help)
     ),
     "warmup": (number(float, 0.0), "warmup: a fraction of the steps (< 1) or a number of steps"),
     "precision": (str, "fp32, bf16 (autocast; CPU or GPU) or fp16 (GPU only)"),
-    "seed": (int, "random seed (initialisation and data order)"),
+    "seed": (seed, "random seed (initialisation and data order)"),
     "num_workers": (number(int, 0), "DataLoader worker processes"),
     "save_every": (number(int, 1), "write checkpoint.pt every N steps (and at the end)"),
     "log_every": (number(int, 1), "append to metrics.jsonl every N steps"),
