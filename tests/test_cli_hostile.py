@@ -368,3 +368,40 @@ def test_eval_zeroshot_split_that_cannot_be_listed(world, capsys, monkeypatch):
     _deny_listing(monkeypatch, world / "zs" / "test")
     assert main(["eval-zeroshot", "zs", *M]) == 2
     assert "cannot read the folder zs/test: Permission denied" in capsys.readouterr().err
+
+
+@pytest.fixture
+def hub_unreachable(tmp_path, monkeypatch):
+    """huggingface_hub online, its cache empty (``tmp_path/hub``), and the Hub a closed local port."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return tmp_path / "hub"
+
+
+def test_hub_name_not_cached_and_hub_unreachable_fails_fast(world, hub_unreachable, capsys):
+    """One request, not huggingface_hub's five retries with backoff (about 25 s)."""
+    import time
+
+    start = time.perf_counter()
+    assert main(["classify", "img", "--labels", "a,b", "--model", "ViT-B-16", "--device", "cpu"]) == 2
+    assert time.perf_counter() - start < 15
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ": error: " in ln]
+    assert len(lines) == 1, lines
+    assert "are not in the Hugging Face cache at" in lines[0] and "not downloaded (http://127.0.0.1:9: " in lines[0]
+
+
+def test_hub_name_from_the_cache_when_the_hub_is_unreachable(hub_unreachable):
+    import cnclip_vision
+
+    from .conftest import small_config
+
+    model = cnclip_vision.create_model(small_config("ViT-B-16"))
+    repo = hub_unreachable / "models--OFA-Sys--chinese-clip-vit-base-patch16"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    model.save_pretrained(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    assert cnclip_vision.load("ViT-B-16").config.vision.width == model.config.vision.width
