@@ -94,6 +94,21 @@ CASES = {
     "detect max-detections 0": (["detect", "img", "--labels", "a", "--max-detections", "0"], "--max-detections"),
     "eval-coco max-dets 0": (["eval-coco", "list.json", "--max-dets", "0"], "--max-dets"),
     "serve batch wait inf": (["serve", "--index", "emptydir", "--batch-wait-ms", "inf"], "--batch-wait-ms"),
+    "image list not UTF-8": (["classify", "gbk.txt", "--labels", "a", *M], "the image list gbk.txt is not UTF-8"),
+    "embed texts a folder": (["embed", "--texts", "emptydir", "--out", "e", *M], "text file emptydir is a folder"),
+    "eval-zeroshot dataset a file": (["eval-zeroshot", "file.txt", *M], "dataset file.txt is a file"),
+    "index info missing folder": (["index", "info", "nope"], "no such embeddings directory: nope"),
+    "index build memory": (["index", "build", "emptydir", "--memory", "lots"], "--memory: memory must be a size"),
+    "make-ovcoco output a file": (
+        ["make-ovcoco", "--instances", "list.json", "--split", "train", "--output", "file.txt"],
+        "--output: file.txt exists and is not a folder",
+    ),
+    "toy-detector-eval data-dir a file": (["toy-detector-eval", "--data-dir", "file.txt"], "--data-dir"),
+    "eval-retrieval save-embeddings a file": (
+        ["eval-retrieval", "--texts", "x.jsonl", "--images", "img", "--save-embeddings", "file.txt", *M],
+        "--save-embeddings: file.txt exists and is not a folder",
+    ),
+    "export-onnx output under a file": (["export-onnx", *M, "-o", "file.txt/sub"], "file.txt is a file, not a folder"),
     "eval-coco results into a folder": (
         ["eval-coco", "list.json", "--results-output", "emptydir"],
         "--results-output: the file emptydir is a folder",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from cnclip_vision.cli.common import add_output_options, number, out_file, positive_int, write_records
+from cnclip_vision.cli.common import add_output_options, number, out_file, out_folder, positive_int, write_records
 from cnclip_vision.cli.detect import add_detector_precision
 
 
@@ -84,7 +84,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--instances", required=True, help="official instances_train2017.json or instances_val2017.json")
     p.add_argument("--split", required=True, choices=("train", "val"), help="which OV-COCO file to make")
-    p.add_argument("--output", required=True, help="output folder (created)")
+    p.add_argument("--output", type=out_folder, required=True, help="output folder (created)")
     p.add_argument("--keep-empty-images", action="store_true", help="keep images that have no annotation left")
     p.set_defaults(func=_make_ovcoco)
 

@@ -430,7 +430,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     _add_detector_options(p, batch_size=False, precision=False)
     p.add_argument("--annotations", default=None, help="an existing toy COCO file (default: generate one)")
-    p.add_argument("--data-dir", default="build/toy-detector-eval", help="where generated scenes go")
+    p.add_argument("--data-dir", type=out_folder, default="build/toy-detector-eval", help="where generated scenes go")
     p.add_argument("--n", type=number(int, 1, 100_000), default=500, help="generated scenes (default: %(default)s)")
     p.add_argument("--seed", type=seed, default=777, help="seed of the generated scenes (default: %(default)s)")
     p.add_argument("--check", action="store_true", help="exit with status 2 when a quality bar is missed")
@@ -445,6 +445,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "`cnclip detect` find it.",
     )
     p.add_argument("src", help="trained detector directory (OUTPUT_DIR/detector of train-detector)")
-    p.add_argument("--dst", default=None, help="destination (default: the package's assets/toy-detector)")
+    p.add_argument(
+        "--dst", type=out_folder, default=None, help="destination (default: the package's assets/toy-detector)"
+    )
     add_output_options(p)
     p.set_defaults(func=_toy_detector_export)

@@ -147,6 +147,17 @@ def _model_of_index(args: argparse.Namespace) -> Any:
     return model
 
 
+def _memory(text: str) -> str:
+    """argparse type of ``index build --memory``: a size such as 4GB or 512MB."""
+    from cnclip_vision.retrieval.ann import parse_memory
+
+    try:
+        parse_memory(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def _ann_params(text: str) -> str:
     """argparse type of ``--ann-params``: ``NAME=INTEGER[,NAME=INTEGER]`` with known names."""
     from cnclip_vision.retrieval.ann import parse_search_params
@@ -318,12 +329,13 @@ def _index_info(args: argparse.Namespace) -> int:
     from cnclip_vision.retrieval import store
     from cnclip_vision.retrieval.ann import read_ann_info
 
+    manifest = store.read_manifest(args.embeddings)  # "no such embeddings directory" first
     info = read_ann_info(args.embeddings)
     if info is None:
         raise CNClipError(
             f"{args.embeddings} has no FAISS index; build one with `cnclip index build {args.embeddings}`"
         )
-    info["current"] = info.get("embeddings_digest") == store.embeddings_digest(store.read_manifest(args.embeddings))
+    info["current"] = info.get("embeddings_digest") == store.embeddings_digest(manifest)
     row = {k: v for k, v in info.items() if isinstance(v, _SCALARS)}
     write_records(args, [row], document=info)
     return 0
@@ -460,6 +472,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--save-embeddings",
+        type=out_folder,
         metavar="DIR",
         help="with --images: keep the image embeddings in DIR (resumable) instead of a temporary folder",
     )
@@ -480,7 +493,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     actions = p.add_subparsers(dest="index_command", required=True, metavar="ACTION", help="build or info")
     b = actions.add_parser("build", help="build, tune and write the index", description=p.description)
     b.add_argument("embeddings", metavar="EMB_DIR", help="embeddings folder written by `cnclip embed`")
-    b.add_argument("--memory", default="4GB", help="memory budget of the index, e.g. 1GB, 512MB (default: %(default)s)")
+    b.add_argument(
+        "--memory",
+        type=_memory,
+        default="4GB",
+        help="memory budget of the index, e.g. 1GB, 512MB (default: %(default)s)",
+    )
     b.add_argument(
         "--recall",
         type=number(float, 0.01, 1.0),

@@ -112,6 +112,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "cnclip_vision.load('toy-tiny') finds it.",
     )
     p.add_argument("src", help="trained model directory (OUTPUT_DIR/model of cnclip train)")
-    p.add_argument("--dst", default=None, help="destination (default: the package's assets/toy-tiny)")
+    p.add_argument("--dst", type=out_folder, default=None, help="destination (default: the package's assets/toy-tiny)")
     add_output_options(p)
     p.set_defaults(func=_toy_export)

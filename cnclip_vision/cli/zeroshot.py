@@ -95,6 +95,8 @@ def _eval_zeroshot(args: argparse.Namespace) -> int:
     from cnclip_vision.zeroshot import read_label_file
 
     root = Path(args.dataset)
+    if root.exists() and not root.is_dir():
+        raise CNClipError(f"dataset {root} is a file; expected the dataset folder (label_cn.txt and {args.split}/)")
     if not root.is_dir():
         raise CNClipError(f"dataset folder {root} does not exist")
     label_file = (

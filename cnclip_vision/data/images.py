@@ -56,7 +56,10 @@ def list_images(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]
             raise CNClipError(f"no images found in {path} (looked for {', '.join(IMAGE_EXTENSIONS)})")
         return found
     if path.suffix.lower() in (".txt", ".lst", ".list") and path.is_file():
-        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+        try:
+            lines = [ln.strip() for ln in path.read_text(encoding="utf-8-sig").splitlines()]
+        except UnicodeDecodeError as e:
+            raise CNClipError(f"the image list {path} is not UTF-8 text (byte {e.start}); one path per line") from None
         paths = [
             Path(ln) if Path(ln).is_absolute() else path.parent / ln for ln in lines if ln and not ln.startswith("#")
         ]
