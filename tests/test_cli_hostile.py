@@ -109,6 +109,16 @@ CASES = {
         "--save-embeddings: file.txt exists and is not a folder",
     ),
     "export-onnx output under a file": (["export-onnx", *M, "-o", "file.txt/sub"], "file.txt is a file, not a folder"),
+    "detect draw a .gif folder": (["detect", "img", "--labels", "a", "--draw", "x.gif"], "pictures are written as"),
+    "heatmap unknown templates": (
+        ["heatmap", "img/a.png", "--labels", "a", "--draw", "x.png", "--templates", "bad", *M],
+        "--templates: invalid choice",
+    ),
+    "serve api key file a folder": (
+        ["serve", "--index", "emptydir", "--api-key-file", "emptydir", "--port", "0"],
+        "--api-key-file emptydir is a folder",
+    ),
+    "serve host empty": (["serve", "--index", "emptydir", "--host", "", "--port", "0"], "--host is empty"),
     "eval-coco results into a folder": (
         ["eval-coco", "list.json", "--results-output", "emptydir"],
         "--results-output: the file emptydir is a folder",

@@ -83,6 +83,8 @@ def _input_images(images: list[str]) -> list[str]:
 
 
 def _picture_paths(images: list[str], output: str | None) -> list[Path | None]:
+    from cnclip_vision.data.images import IMAGE_EXTENSIONS
+
     if output is None:
         return [None] * len(images)
     out = Path(output)
@@ -90,6 +92,11 @@ def _picture_paths(images: list[str], output: str | None) -> list[Path | None]:
         return [_picture_file(output)]
     if out.suffix.lower() in _PICTURE_SUFFIXES:
         raise ValueError(f"--draw {out} is a picture file but {len(images)} images were given; pass a folder")
+    if not out.is_dir() and out.suffix.lower() in IMAGE_EXTENSIONS:  # x.gif: not a folder the user meant
+        raise ValueError(
+            f"--draw {out}: pictures are written as {', '.join(_PICTURE_SUFFIXES)}; for a folder of pictures give "
+            "a name without an image extension"
+        )
     if out.exists() and not out.is_dir():
         raise ValueError(f"--draw {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
@@ -401,7 +408,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--size", type=number(int, 32, 4096), default=None, help="input side in pixels (default: the model's)"
     )
-    p.add_argument("--templates", default="default", help="prompt templates: default, single or none")
+    p.add_argument(
+        "--templates",
+        choices=("default", "single", "none"),
+        default="default",
+        help="prompt templates (default: %(default)s)",
+    )
     add_model_options(p)
     add_output_options(p)
     p.set_defaults(func=_heatmap)
