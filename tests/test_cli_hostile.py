@@ -119,6 +119,13 @@ CASES = {
         "--api-key-file emptydir is a folder",
     ),
     "serve host empty": (["serve", "--index", "emptydir", "--host", "", "--port", "0"], "--host is empty"),
+    "eval-zeroshot split empty": (["eval-zeroshot", "zs", "--split", "", *M], "--split: expected the name of a folder"),
+    "eval-zeroshot split a path": (["eval-zeroshot", "zs", "--split", "../..", *M], "--split: expected the name"),
+    "train precision": (["train", "--train-data", "x.jsonl", "--precision", "fp8"], "--precision: invalid choice"),
+    "train-detector precision": (
+        ["train-detector", "--train-data", "x.json", "--precision", "fp8"],
+        "--precision: invalid choice",
+    ),
     "eval-coco results into a folder": (
         ["eval-coco", "list.json", "--results-output", "emptydir"],
         "--results-output: the file emptydir is a folder",

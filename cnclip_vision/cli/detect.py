@@ -249,7 +249,7 @@ _TRAIN_OVERRIDES = {
     "accum_steps": (number(int, 1), "gradient accumulation steps"),
     "lr": (number(float, 0.0), "peak learning rate of AdamW"),
     "weight_decay": (number(float, 0.0), "AdamW weight decay"),
-    "precision": (str, "fp32, bf16 (autocast) or fp16 (GPU only)"),
+    "precision": (("fp32", "bf16", "fp16"), "fp32, bf16 (autocast) or fp16 (GPU only)"),
     "seed": (seed, "random seed"),
     "num_workers": (number(int, 0), "DataLoader worker processes"),
     "save_every": (number(int, 1), "write checkpoint.pt every N steps (and at the end)"),
@@ -429,8 +429,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="JSON recipe")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt if it exists")
     p.add_argument("--categories", help="train only on these categories (comma-separated names) or 'base'")
-    for name, (kind, text) in _TRAIN_OVERRIDES.items():
-        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=text)
+    for name, (kind, text) in _TRAIN_OVERRIDES.items():  # kind: a type, or a tuple of choices
+        parse = {"choices": kind} if isinstance(kind, tuple) else {"type": kind}
+        p.add_argument("--" + name.replace("_", "-"), **parse, default=None, help=text)
     p.set_defaults(func=_train_detector)
 
     p = sub.add_parser(

@@ -91,6 +91,13 @@ def _classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split_name(text: str) -> str:
+    """argparse type of ``--split``: the name of a folder in the dataset (not empty, no path)."""
+    if not text.strip() or text in (".", "..") or "/" in text or "\\" in text:
+        raise argparse.ArgumentTypeError(f"expected the name of a folder in the dataset (e.g. test), got {text!r}")
+    return text
+
+
 def _eval_zeroshot(args: argparse.Namespace) -> int:
     from cnclip_vision.zeroshot import read_label_file
 
@@ -176,7 +183,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "top-5 accuracy, per-class accuracy and the most frequent confusions as JSON (or per-class rows as CSV).",
     )
     p.add_argument("dataset", help="dataset folder holding label_cn.txt and the split folder")
-    p.add_argument("--split", default="test", help="split folder name (default: %(default)s)")
+    p.add_argument("--split", type=_split_name, default="test", help="split folder name (default: %(default)s)")
     _add_label_options(p, file_only=True)
     add_model_options(p)
     add_output_options(p)
