@@ -126,6 +126,7 @@ CASES = {
         ["train-detector", "--train-data", "x.json", "--precision", "fp8"],
         "--precision: invalid choice",
     ),
+    "unknown arch": (["classify", "img", "--labels", "a", "--arch", "ViT-Z-99", *M], "--arch: unknown model name"),
     "eval-coco results into a folder": (
         ["eval-coco", "list.json", "--results-output", "emptydir"],
         "--results-output: the file emptydir is a folder",

@@ -32,7 +32,9 @@ def add_model_options(
         default=model_default,
         help=f"registered name (see `cnclip models`), Hugging Face directory, or clip_cn_*.pt file ({default_help})",
     )
-    group.add_argument("--arch", default=None, help="architecture when it cannot be inferred from the checkpoint")
+    group.add_argument(
+        "--arch", type=arch_name, default=None, help="architecture when it cannot be inferred from the checkpoint"
+    )
     group.add_argument(
         "--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)"
     )
@@ -98,6 +100,18 @@ def out_file(text: str) -> str:
     try:
         check_output_file(text, "the file")
     except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def arch_name(text: str) -> str:
+    """argparse type of ``--arch``: a registered architecture name (see ``cnclip models``)."""
+    from cnclip_vision.errors import UnknownModelError
+    from cnclip_vision.models.configs import get_config
+
+    try:
+        get_config(text)
+    except UnknownModelError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return text
 

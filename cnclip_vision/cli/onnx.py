@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from cnclip_vision.cli.common import number, out_folder, resolve_device, write_records
+from cnclip_vision.cli.common import arch_name, number, out_folder, resolve_device, write_records
 
 logger = logging.getLogger("cnclip_vision.cli")
 
@@ -53,7 +53,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="registered name (see `cnclip models`), Hugging Face directory, or clip_cn_*.pt file "
         "(default: %(default)s, from the Hugging Face cache)",
     )
-    group.add_argument("--arch", default=None, help="architecture when it cannot be inferred from the checkpoint")
+    group.add_argument(
+        "--arch", type=arch_name, default=None, help="architecture when it cannot be inferred from the checkpoint"
+    )
     group.add_argument(
         "--device", default="cpu", help="torch device for tracing and the PyTorch reference (default: %(default)s)"
     )
