@@ -6,7 +6,14 @@ Every error names what was wrong (file, key, argument) and what was expected. Al
 
 from __future__ import annotations
 
-__all__ = ["CNClipError", "CheckpointError", "ImageLoadError", "UnknownModelError", "WeightsNotFoundError"]
+__all__ = [
+    "CNClipError",
+    "CheckpointError",
+    "ImageLoadError",
+    "UnknownModelError",
+    "UnreadableFolderError",
+    "WeightsNotFoundError",
+]
 
 
 class CNClipError(Exception):
@@ -19,6 +26,13 @@ class CheckpointError(CNClipError, ValueError):
 
 class ImageLoadError(CNClipError, ValueError):
     """An image could not be read or decoded (names the file)."""
+
+
+class UnreadableFolderError(CNClipError, OSError):
+    """A folder exists but cannot be listed (names it and why, e.g. permission denied)."""
+
+    def __str__(self) -> str:  # the message as given, not OSError's "[Errno ...]" form
+        return str(self.args[0]) if self.args else ""
 
 
 class UnknownModelError(CNClipError, KeyError):

@@ -19,7 +19,7 @@ import torch
 
 from cnclip_vision.data.tokenizer import DEFAULT_CONTEXT_LENGTH, find_truncated
 from cnclip_vision.data.transforms import ImageSource
-from cnclip_vision.errors import CNClipError
+from cnclip_vision.errors import CNClipError, UnreadableFolderError
 from cnclip_vision.io import atomic_write
 from cnclip_vision.models.clip import ChineseCLIP
 from cnclip_vision.models.encode import encode_images, encode_texts
@@ -260,7 +260,11 @@ def read_label_file(path: str | os.PathLike[str]) -> list[str]:
 
 def _class_folders(split_dir: Path, n_labels: int) -> list[tuple[int, Path]]:
     folders = []
-    for child in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+    try:
+        children = sorted(p for p in split_dir.iterdir() if p.is_dir())
+    except OSError as e:
+        raise UnreadableFolderError(f"cannot read the folder {split_dir}: {e.strerror or e}") from None
+    for child in children:
         if not child.name.isdigit():
             raise CNClipError(f"{child}: class folders must be named by class index (000, 001, ...)")
         index = int(child.name)
@@ -295,6 +299,8 @@ def evaluate_folder(
     for index, folder in folders:
         try:
             images = list_images(folder)
+        except UnreadableFolderError:
+            raise
         except CNClipError:
             logger.warning("class folder %s has no images", folder)
             continue

@@ -53,6 +53,8 @@ class CocoFormatError(CNClipError, ValueError):
 def read_coco(path: PathLike) -> dict[str, Any]:
     """Parse a COCO JSON file (errors name the file and, for bad JSON, the line)."""
     path = Path(path)
+    if path.is_dir():
+        raise CocoFormatError(f"COCO file {path} is a folder; expected a COCO annotation .json file")
     if not path.is_file():
         raise FileNotFoundError(f"COCO file {path} does not exist")
     try:

@@ -245,6 +245,8 @@ def read_name_map(path: str | os.PathLike[str]) -> dict[str, str]:
     TSV (``english<TAB>chinese`` per line; blank lines and ``#`` comments skipped; a first line
     ``english<TAB>chinese`` is taken as a header). Raises :class:`NameMapError` naming the file and line."""
     path = Path(path)
+    if path.is_dir():
+        raise NameMapError(f"name map {path} is a folder; expected a JSON object or a two-column TSV file")
     if not path.is_file():
         raise FileNotFoundError(f"name map {path} does not exist")
     try:

@@ -37,8 +37,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -218,8 +216,44 @@ def export_detector_onnx(
         clip_onnx._require("onnxscript", "ONNX export of the text encoder (torch.onnx's exporter)")
     if check:
         clip_onnx._require("onnxruntime", "checking the ONNX export")
-    directory = clip_onnx._prepare_dir(output_dir)
+    graph = _DetectorGraph(detector, mode, nms_threshold, max_detections)
 
+    def build(stage: Path, final: Path) -> dict[str, Any]:
+        return _export_into(
+            graph, stage, final, score_threshold, opset, text_encoder, check, image_sizes, vocabulary_sizes, source
+        )
+
+    return clip_onnx.staged_export(output_dir, build, failure=_check_failure)
+
+
+def _check_failure(check: dict[str, Any]) -> str:
+    failed = [c for c in check["cases"] if not c["passed"]]
+    if not failed:
+        return "the check compared no detections (every case had none above the score threshold)"
+    return (
+        f"onnxruntime and PyTorch disagree on {len(failed)} of {len(check['cases'])} cases, first: "
+        f"{json.dumps(failed[0], ensure_ascii=False)}"
+    )
+
+
+def _export_into(
+    graph: _DetectorGraph,
+    directory: Path,
+    final: Path,
+    score_threshold: float,
+    opset: int,
+    text_encoder: bool,
+    check: bool,
+    image_sizes: Sequence[tuple[int, int]],
+    vocabulary_sizes: Sequence[int],
+    source: str | None,
+) -> dict[str, Any]:
+    """Every file of the export written into the staging ``directory``; the report names ``final``."""
+    from cnclip_vision.data.tokenizer import DEFAULT_CONTEXT_LENGTH
+    from cnclip_vision.export import onnx as clip_onnx
+    from cnclip_vision.zeroshot import resolve_templates
+
+    detector, mode, size = graph.detector, graph.vlm_mode, graph.detector.config.image_size
     example_labels = _check_labels(3, detector.config.seen_categories)
     with clip_onnx._eval_mode(detector), clip_onnx._eval_mode(detector.clip):
         vocabulary = detector.encode_vocabulary(example_labels)
@@ -229,19 +263,13 @@ def export_detector_onnx(
             vocabulary.seen,
             torch.tensor(score_threshold, dtype=torch.float32),
         )
-        logger.info("exporting the detector (vlm_mode=%s, opset %d) to %s", mode, opset, directory)
-        detector_info = _export_detector(
-            _DetectorGraph(detector, mode, nms_threshold, max_detections), example, directory, opset
-        )
-        files = [DETECTOR_NAME]
+        logger.info("exporting the detector (vlm_mode=%s, opset %d) to %s", mode, opset, final)
+        detector_info = _export_detector(graph, example, directory, opset)
+        files = [DETECTOR_NAME, *detector_info["external_data"]]
         text_info = None
         if text_encoder:
             text_info = _export_text_encoder(detector, directory, opset)
             files += [clip_onnx.TEXT_ENCODER_NAME, *text_info["external_data"], *_TOKENIZER_FILES]
-
-    from cnclip_vision.data.tokenizer import DEFAULT_CONTEXT_LENGTH
-    from cnclip_vision.zeroshot import resolve_templates
-
     config = {
         "format": FORMAT,
         "format_version": 1,
@@ -250,8 +278,8 @@ def export_detector_onnx(
         "text_encoder": text_info,
         "vlm_mode": mode,
         "score_threshold": score_threshold,
-        "nms_threshold": nms_threshold,
-        "max_detections": max_detections,
+        "nms_threshold": graph.nms_threshold,
+        "max_detections": graph.max_detections,
         "embed_dim": detector.embed_dim,
         "image_size": size,
         "image_preprocessing": "RGB, float32 in [0, 1], layout [3, height, width], any size (the graph resizes "
@@ -266,7 +294,7 @@ def export_detector_onnx(
     }
     clip_onnx._write_json(directory / DETECTOR_CONFIG_NAME, config)
     report: dict[str, Any] = {
-        "output_dir": str(directory),
+        "output_dir": str(final),
         "source": source,
         "vlm_mode": mode,
         "opset": opset,
@@ -276,53 +304,40 @@ def export_detector_onnx(
         "check": _check(detector, directory, image_sizes, vocabulary_sizes, text_encoder) if check else None,
     }
     clip_onnx._write_json(directory / clip_onnx.REPORT_NAME, report)
-    if check and not report["check"]["passed"]:
-        failed = [c for c in report["check"]["cases"] if not c["passed"]]
-        raise clip_onnx.OnnxCheckError(
-            f"onnxruntime and PyTorch disagree on {len(failed)} of {len(report['check']['cases'])} cases, first: "
-            f"{json.dumps(failed[0], ensure_ascii=False)} (details in {directory / clip_onnx.REPORT_NAME})"
-        )
     return report
 
 
 def _export_detector(graph: _DetectorGraph, example: tuple[Any, ...], directory: Path, opset: int) -> dict[str, Any]:
-    """Trace ``graph`` to ``directory / detector.onnx`` (written in a staging folder, then renamed into place)."""
+    """Trace ``graph`` to ``directory / detector.onnx`` (``directory``: the export's staging folder)."""
     from cnclip_vision.export import onnx as clip_onnx
 
     inputs = ["image", "class_embeddings", "class_seen", "score_threshold"]
     dynamic = {"image": {1: "height", 2: "width"}, "class_embeddings": {0: "classes"}, "class_seen": {0: "classes"}}
     dynamic.update({name: {0: "detections"} for name in _OUTPUTS})
-    stage = Path(tempfile.mkdtemp(prefix=f".{DETECTOR_NAME}.", dir=directory))
     start = time.perf_counter()
-    try:
-        with (
-            torch.no_grad(),
-            warnings.catch_warnings(),
-            clip_onnx._quiet_exporter_logs(),
-            _symbolics(opset),
-        ):
-            warnings.simplefilter("ignore")  # tracer warnings: python values fixed in the graph, reviewed here
-            try:
-                torch.onnx.export(
-                    graph,
-                    example,
-                    str(stage / DETECTOR_NAME),
-                    dynamo=False,
-                    opset_version=opset,
-                    input_names=inputs,
-                    output_names=list(_OUTPUTS),
-                    dynamic_axes=dynamic,
-                )
-            except Exception as e:  # the exporter raises many types; one line that says what failed
-                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise CNClipError(f"ONNX export of the detector failed ({type(e).__name__}): {reason}") from e
-        seconds = time.perf_counter() - start
-        written = sorted(stage.iterdir(), key=lambda p: p.name == DETECTOR_NAME)  # the .onnx file last
-        for path in written:
-            os.chmod(path, clip_onnx._FILE_MODE)
-            os.replace(path, directory / path.name)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+    with (
+        torch.no_grad(),
+        warnings.catch_warnings(),
+        clip_onnx._quiet_exporter_logs(),
+        _symbolics(opset),
+    ):
+        warnings.simplefilter("ignore")  # tracer warnings: python values fixed in the graph, reviewed here
+        try:
+            torch.onnx.export(
+                graph,
+                example,
+                str(directory / DETECTOR_NAME),
+                dynamo=False,
+                opset_version=opset,
+                input_names=inputs,
+                output_names=list(_OUTPUTS),
+                dynamic_axes=dynamic,
+            )
+        except Exception as e:  # the exporter raises many types; one line that says what failed
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CNClipError(f"ONNX export of the detector failed ({type(e).__name__}): {reason}") from e
+    seconds = time.perf_counter() - start
+    written = [p for p in directory.iterdir() if p.name.startswith(DETECTOR_NAME)]
     import onnx
 
     model = onnx.load(str(directory / DETECTOR_NAME), load_external_data=False)

@@ -139,9 +139,9 @@ class DetectorTask(TrainingTask):
         from cnclip_vision.models.factory import load
 
         self.config, self.device = config, env.device
-        clip = load(config.clip, device=env.device)
         probe_config = DetectorConfig(clip=config.clip, **config.detector)
-        self.dataset = build_dataset(config, probe_config.image_size)
+        self.dataset = build_dataset(config, probe_config.image_size)  # bad training data fails before the load
+        clip = load(config.clip, device=env.device)
         names = list(self.dataset.category_names)
         detector_config = dataclasses.replace(probe_config, seen_categories=tuple(names))
         self.model: OpenVocabDetector = OpenVocabDetector(clip, detector_config).to(env.device)

@@ -76,6 +76,61 @@ CASES = {
         "--detector",
     ),
     "unknown precision": (["classify", "img", "--labels", "a", "--precision", "fp8", *M], "--precision"),
+    "classifier cache a folder": (
+        ["classify", "img", "--labels", "a,b", "--classifier-cache", "emptydir", *M],
+        "--classifier-cache: the file emptydir is a folder; expected a file name",
+    ),
+    "classifier cache empty": (
+        ["eval-zeroshot", "zs", "--classifier-cache", "", *M],
+        "--classifier-cache: the file name is empty",
+    ),
+    "toy-eval n-retrieval 0": (["toy-eval", "--n-retrieval", "0"], "--n-retrieval: expected an integer >= 1"),
+    "toy-eval n-per-class text": (["toy-eval", "--n-per-class", "x"], "--n-per-class: expected an integer >= 1"),
+    "toy-detector-eval n negative": (["toy-detector-eval", "--n", "-1"], "--n: expected an integer >= 1"),
+    "toy-data seed negative": (["toy-data", "pairs", "out", "--seed", "-1"], "--seed: expected an integer >= 0"),
+    "train seed huge": (["train", "--train-data", "x.jsonl", "--seed", "1e9"], "--seed: expected an integer"),
+    "index build recall nan": (["index", "build", "emptydir", "--recall", "nan"], "--recall: expected a number"),
+    "index build num-queries 0": (["index", "build", "emptydir", "--num-queries", "0"], "--num-queries"),
+    "detect max-detections 0": (["detect", "img", "--labels", "a", "--max-detections", "0"], "--max-detections"),
+    "eval-coco max-dets 0": (["eval-coco", "list.json", "--max-dets", "0"], "--max-dets"),
+    "serve batch wait inf": (["serve", "--index", "emptydir", "--batch-wait-ms", "inf"], "--batch-wait-ms"),
+    "image list not UTF-8": (["classify", "gbk.txt", "--labels", "a", *M], "the image list gbk.txt is not UTF-8"),
+    "embed texts a folder": (["embed", "--texts", "emptydir", "--out", "e", *M], "text file emptydir is a folder"),
+    "eval-zeroshot dataset a file": (["eval-zeroshot", "file.txt", *M], "dataset file.txt is a file"),
+    "index info missing folder": (["index", "info", "nope"], "no such embeddings directory: nope"),
+    "index build memory": (["index", "build", "emptydir", "--memory", "lots"], "--memory: memory must be a size"),
+    "make-ovcoco output a file": (
+        ["make-ovcoco", "--instances", "list.json", "--split", "train", "--output", "file.txt"],
+        "--output: file.txt exists and is not a folder",
+    ),
+    "toy-detector-eval data-dir a file": (["toy-detector-eval", "--data-dir", "file.txt"], "--data-dir"),
+    "eval-retrieval save-embeddings a file": (
+        ["eval-retrieval", "--texts", "x.jsonl", "--images", "img", "--save-embeddings", "file.txt", *M],
+        "--save-embeddings: file.txt exists and is not a folder",
+    ),
+    "export-onnx output under a file": (["export-onnx", *M, "-o", "file.txt/sub"], "file.txt is a file, not a folder"),
+    "detect draw a .gif folder": (["detect", "img", "--labels", "a", "--draw", "x.gif"], "pictures are written as"),
+    "heatmap unknown templates": (
+        ["heatmap", "img/a.png", "--labels", "a", "--draw", "x.png", "--templates", "bad", *M],
+        "--templates: invalid choice",
+    ),
+    "serve api key file a folder": (
+        ["serve", "--index", "emptydir", "--api-key-file", "emptydir", "--port", "0"],
+        "--api-key-file emptydir is a folder",
+    ),
+    "serve host empty": (["serve", "--index", "emptydir", "--host", "", "--port", "0"], "--host is empty"),
+    "eval-zeroshot split empty": (["eval-zeroshot", "zs", "--split", "", *M], "--split: expected the name of a folder"),
+    "eval-zeroshot split a path": (["eval-zeroshot", "zs", "--split", "../..", *M], "--split: expected the name"),
+    "train precision": (["train", "--train-data", "x.jsonl", "--precision", "fp8"], "--precision: invalid choice"),
+    "train-detector precision": (
+        ["train-detector", "--train-data", "x.json", "--precision", "fp8"],
+        "--precision: invalid choice",
+    ),
+    "unknown arch": (["classify", "img", "--labels", "a", "--arch", "ViT-Z-99", *M], "--arch: unknown model name"),
+    "eval-coco results into a folder": (
+        ["eval-coco", "list.json", "--results-output", "emptydir"],
+        "--results-output: the file emptydir is a folder",
+    ),
 }
 
 
@@ -119,3 +174,267 @@ def test_atomic_write_refuses_what_is_not_a_regular_file(tmp_path):
         with pytest.raises(ValueError, match=match), atomic_write(target) as tmp:
             tmp.write_text("x")
     assert (tmp_path / "pipe").is_fifo() and sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
+
+
+def _tree(root):
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+
+
+class _FakeProgram:
+    """What ``torch.onnx.export(dynamo=True)`` returns, as far as the export uses it."""
+
+    model = type("Model", (), {"opset_imports": {"": 17}})()
+
+    def save(self, path, external_data=False):
+        path.write_bytes(b"graph")
+
+
+def _fake_exporter(monkeypatch, fail_on: str | None = None):
+    import torch
+
+    def export(module, args, f=None, *, dynamo=True, **kwargs):
+        if type(module).__name__ == fail_on:
+            raise RuntimeError("unsupported operator aten::frobnicate")
+        return _FakeProgram()
+
+    monkeypatch.setattr(torch.onnx, "export", export)
+
+
+def test_export_onnx_failure_leaves_no_partial_folder(world, capsys, monkeypatch):
+    """The text encoder fails after the image encoder was written: nothing of it stays, an earlier export stays."""
+    _fake_exporter(monkeypatch, fail_on="_TextEncoder")
+    (world / "ox").mkdir()
+    (world / "ox" / "image_encoder.onnx").write_bytes(b"earlier export")
+    before = _tree(world)
+    assert main(["export-onnx", *M, "-o", "ox"]) == 2
+    assert main(["export-onnx", *M, "-o", "new/sub"]) == 2  # parents it created go too
+    err = capsys.readouterr().err
+    assert "ONNX export of text_encoder.onnx failed (RuntimeError): unsupported operator" in err
+    assert _tree(world) == before
+
+
+def test_export_onnx_check_failure_keeps_the_earlier_export(world, capsys, monkeypatch):
+    from cnclip_vision.export import onnx
+
+    _fake_exporter(monkeypatch)
+    monkeypatch.setattr(
+        onnx,
+        "_check",
+        lambda *a, **k: {"passed": False, "tolerance": {"max_abs_diff": 1e-4}, "max_abs_diff": 0.5, "min_cosine": 0.9},
+    )
+    (world / "ox").mkdir()
+    (world / "ox" / "image_encoder.onnx").write_bytes(b"earlier export")
+    before = _tree(world / "ox")
+    assert main(["export-onnx", *M, "-o", "ox"]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ": error: " in ln]
+    assert len(lines) == 1 and "ox was left as it was" in lines[0] and "ox.check-failed" in lines[0], lines
+    assert _tree(world / "ox") == before
+    report = json.loads((world / "ox.check-failed" / "export_report.json").read_text(encoding="utf-8"))
+    assert report["check"]["passed"] is False and (world / "ox.check-failed" / "text_encoder.onnx").is_file()
+    assert not [p for p in world.iterdir() if p.name.startswith(".")]  # no staging folder left
+
+    monkeypatch.setattr(
+        onnx,
+        "_check",
+        lambda *a, **k: {"passed": True, "tolerance": {"max_abs_diff": 1e-4}, "max_abs_diff": 0.0, "min_cosine": 1.0},
+    )
+    (world / "ox" / "notes.txt").write_text("mine")
+    assert main(["-q", "export-onnx", *M, "-o", "ox"]) == 0  # into the existing folder, file by file
+    assert (world / "ox" / "image_encoder.onnx").read_bytes() == b"graph"
+    assert (world / "ox" / "notes.txt").read_text() == "mine" and (world / "ox" / "export_report.json").is_file()
+    assert not [p for p in world.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["train-detector", "--train-data", "nope.json"], "COCO file nope.json does not exist"),
+        (["train-detector", "--train-data", "emptydir"], "is a folder; expected a COCO annotation .json file"),
+        (["train-detector", "--train-data", "list.json"], "expected a JSON object with images/annotations"),
+        (["train-detector", "--train-data", "gbk.txt"], "gbk.txt"),
+        (["train", "--train-data", "nope.jsonl"], "no such file or folder: nope.jsonl"),
+        (["train", "--train-data", "emptydir"], "emptydir is a folder without train_imgs.tsv"),
+        (["train", "--train-data", "list.json"], "list.json: expected a .jsonl or .tsv file"),
+    ],
+)
+def test_training_data_is_checked_before_the_model_loads(world, capsys, monkeypatch, argv, match):
+    from cnclip_vision.models import factory
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the training data was checked")
+
+    monkeypatch.setattr(factory, "load", no_load)
+    monkeypatch.setattr(factory, "create_model", no_load)
+    clip = "--clip" if argv[0] == "train-detector" else "--model"
+    before = sorted(str(p.relative_to(world)) for p in world.rglob("*"))
+    assert main([*argv, "--output-dir", "t", clip, "toy-tiny", "--device", "cpu"]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and not ln.startswith("INFO ")]
+    assert len(lines) == 1 and match in lines[0], lines
+    assert sorted(str(p.relative_to(world)) for p in world.rglob("*")) == before  # no output folder made
+
+
+@pytest.fixture
+def vectors(world):
+    """200 random 32-d embeddings in ``vec`` (``vec-hnsw``: the same with an HNSW8 index)."""
+    import numpy as np
+
+    pytest.importorskip("faiss", reason="FAISS indexes need faiss-cpu (in the dev extra)")
+    from cnclip_vision.retrieval import build_ann_index, save_embeddings
+
+    x = np.random.default_rng(0).standard_normal((200, 32)).astype(np.float32)
+    for name in ("vec", "vec-hnsw"):
+        save_embeddings(world / name, [f"v{i}" for i in range(len(x))], x, shard_size=100)
+    build_ann_index(world / "vec-hnsw", index_key="HNSW8", num_queries=20, progress=False)
+    return world
+
+
+ANN_CASES = {
+    "unknown name": (["--ann-params", "foo=bar"], "unknown search parameter 'foo'; expected efSearch, nprobe"),
+    "not NAME=VALUE": (["--ann-params", "efSearch"], "'efSearch' is not NAME=VALUE"),
+    "not a number": (["--ann-params", "efSearch=abc"], "efSearch must be an integer >= 1, got 'abc'"),
+    "negative": (["--ann-params", "nprobe=-3"], "nprobe must be an integer >= 1, got -3"),
+    "fraction": (["--ann-params", "nprobe=2.5"], "nprobe must be an integer >= 1, got '2.5'"),
+    "not of this index": (["--ann-params", "nprobe=8"], "nprobe does not apply to a HNSW8 index; it takes efSearch"),
+    "with --exact": (["--ann-params", "efSearch=64", "--exact"], "--exact does not use the index"),
+    "no index": (["--ann-params", "efSearch=64", "--index", "vec"], "--index vec has no FAISS index"),
+}
+
+
+@pytest.mark.parametrize("extra, match", list(ANN_CASES.values()), ids=list(ANN_CASES))
+def test_search_ann_params_are_never_ignored(vectors, capsys, extra, match):
+    argv = ["search", "红色", "--index", "vec-hnsw", *extra, *M]
+    if "--index" in extra:
+        argv = argv[:2] + argv[4:]
+    before = sorted(str(p.relative_to(vectors)) for p in vectors.rglob("*"))
+    assert main(argv) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and not ln.startswith("INFO ")]
+    assert len(lines) == 1 and ": error: " in lines[0] and match in lines[0], lines
+    assert sorted(str(p.relative_to(vectors)) for p in vectors.rglob("*")) == before
+
+
+def test_search_ann_params_library(vectors):
+    from cnclip_vision.retrieval import EmbeddingIndex
+    from cnclip_vision.retrieval.ann import parse_search_params
+
+    assert parse_search_params("nprobe=16, quantizer_efSearch=32", "IVF64_HNSW32,Flat") == {
+        "nprobe": 16,
+        "quantizer_efSearch": 32,
+    }
+    with pytest.raises(ValueError, match="Flat index; it has no search parameters"):
+        parse_search_params("efSearch=8", "Flat")
+    with pytest.raises(ValueError, match="searched exactly"):
+        EmbeddingIndex.from_dir(vectors / "vec", ann_params="efSearch=8")
+    assert EmbeddingIndex.from_dir(vectors / "vec-hnsw", ann_params="efSearch=8").backend == "faiss:HNSW8"
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--index-key", "IVF1024,Flat"], "needs at least 1,024 training vectors (one per IVF cluster"),
+        (["--index-key", "IVF16,PQ8"], "needs at least 256 training vectors (one per product-quantizer centroid"),
+        (["--index-key", "OPQ4_16,IVF16,PQ4x8"], "needs at least 256 training vectors"),
+        (["--index-key", "IVF64,Flat", "--train-size", "50"], "--train-size 50: raise --train-size"),
+    ],
+)
+def test_index_build_too_few_vectors_for_the_index(vectors, capsys, extra, match):
+    before = sorted(str(p.relative_to(vectors)) for p in vectors.rglob("*"))
+    assert main(["index", "build", "vec", *extra]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ": error: " in ln]
+    assert len(lines) == 1 and match in lines[0], lines
+    assert "vec holds 200 vectors" in lines[0] or "--train-size" in lines[0]
+    assert sorted(str(p.relative_to(vectors)) for p in vectors.rglob("*")) == before
+
+
+UNREADABLE = {
+    "classify": ["classify", "img", "--labels", "a,b", *M],
+    "embed": ["embed", "img", "--out", "e", *M],
+    "detect": ["detect", "img", "--labels", "a", "--device", "cpu"],
+}
+
+
+def _deny_listing(monkeypatch, folder):
+    """``os.scandir(folder)`` and ``os.listdir(folder)`` (``Path.iterdir``) raise PermissionError, as for a
+    folder of mode 000 when not root."""
+
+    def denied(real):
+        def listing(path="."):
+            if os.path.abspath(os.fspath(path)) == os.path.abspath(folder):
+                raise PermissionError(13, "Permission denied", os.fspath(path))
+            return real(path)
+
+        return listing
+
+    monkeypatch.setattr(os, "scandir", denied(os.scandir))
+    monkeypatch.setattr(os, "listdir", denied(os.listdir))
+
+
+@pytest.mark.parametrize("argv", list(UNREADABLE.values()), ids=list(UNREADABLE))
+def test_a_folder_that_cannot_be_listed_is_not_empty(world, capsys, monkeypatch, argv):
+    _deny_listing(monkeypatch, world / "img")
+    assert main(argv) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ": error: " in ln]
+    assert len(lines) == 1 and "cannot read the folder img: Permission denied" in lines[0], lines
+    assert not (world / "e").exists()
+
+
+def test_an_unreadable_sub_folder_is_skipped_with_a_warning(world, monkeypatch, caplog):
+    from cnclip_vision.data.images import list_images
+
+    (world / "img" / "sub").mkdir()
+    _deny_listing(monkeypatch, world / "img" / "sub")
+    assert list_images(world / "img") == [world / "img" / "a.png"]
+    assert "skipped the folder" in caplog.text and "Permission denied" in caplog.text
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root lists a folder of mode 000 anyway")
+def test_a_folder_of_mode_000(world, capsys):
+    (world / "img").chmod(0)
+    try:
+        assert main(["classify", "img", "--labels", "a,b", *M]) == 2
+    finally:
+        (world / "img").chmod(0o755)
+    assert "cannot read the folder img: Permission denied" in capsys.readouterr().err
+
+
+def test_eval_zeroshot_split_that_cannot_be_listed(world, capsys, monkeypatch):
+    (world / "zs" / "test" / "000").mkdir()
+    _deny_listing(monkeypatch, world / "zs" / "test")
+    assert main(["eval-zeroshot", "zs", *M]) == 2
+    assert "cannot read the folder zs/test: Permission denied" in capsys.readouterr().err
+
+
+@pytest.fixture
+def hub_unreachable(tmp_path, monkeypatch):
+    """huggingface_hub online, its cache empty (``tmp_path/hub``), and the Hub a closed local port."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return tmp_path / "hub"
+
+
+def test_hub_name_not_cached_and_hub_unreachable_fails_fast(world, hub_unreachable, capsys):
+    """One request, not huggingface_hub's five retries with backoff (about 25 s)."""
+    import time
+
+    start = time.perf_counter()
+    assert main(["classify", "img", "--labels", "a,b", "--model", "ViT-B-16", "--device", "cpu"]) == 2
+    assert time.perf_counter() - start < 15
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ": error: " in ln]
+    assert len(lines) == 1, lines
+    assert "are not in the Hugging Face cache at" in lines[0] and "not downloaded (http://127.0.0.1:9: " in lines[0]
+
+
+def test_hub_name_from_the_cache_when_the_hub_is_unreachable(hub_unreachable):
+    import cnclip_vision
+
+    from .conftest import small_config
+
+    model = cnclip_vision.create_model(small_config("ViT-B-16"))
+    repo = hub_unreachable / "models--OFA-Sys--chinese-clip-vit-base-patch16"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    model.save_pretrained(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    assert cnclip_vision.load("ViT-B-16").config.vision.width == model.config.vision.width

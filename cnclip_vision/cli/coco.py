@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from cnclip_vision.cli.common import add_output_options, positive_int, write_records
+from cnclip_vision.cli.common import add_output_options, number, out_file, out_folder, positive_int, write_records
 from cnclip_vision.cli.detect import add_detector_precision
 
 
@@ -84,7 +84,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--instances", required=True, help="official instances_train2017.json or instances_val2017.json")
     p.add_argument("--split", required=True, choices=("train", "val"), help="which OV-COCO file to make")
-    p.add_argument("--output", required=True, help="output folder (created)")
+    p.add_argument("--output", type=out_folder, required=True, help="output folder (created)")
     p.add_argument("--keep-empty-images", action="store_true", help="keep images that have no annotation left")
     p.set_defaults(func=_make_ovcoco)
 
@@ -119,12 +119,18 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="with --detector: when ground-truth images cannot be read, evaluate on the readable ones only (and "
         "say so in the output) instead of refusing to report AP",
     )
-    p.add_argument("--results-output", default=None, help="write the (checked) detections as COCO results JSON here")
+    p.add_argument(
+        "--results-output",
+        type=out_file,
+        default=None,
+        metavar="FILE",
+        help="write the (checked) detections as COCO results JSON here",
+    )
     p.add_argument("--novel", default=None, help="novel categories, comma-separated ids or names")
     p.add_argument("--base", default=None, help="base categories, comma-separated ids or names")
     p.add_argument(
         "--max-dets",
-        type=int,
+        type=number(int, 1, 100_000),
         default=100,
         help="detections kept per image and class, as pycocotools counts them (default: %(default)s)",
     )

@@ -32,7 +32,9 @@ def add_model_options(
         default=model_default,
         help=f"registered name (see `cnclip models`), Hugging Face directory, or clip_cn_*.pt file ({default_help})",
     )
-    group.add_argument("--arch", default=None, help="architecture when it cannot be inferred from the checkpoint")
+    group.add_argument(
+        "--arch", type=arch_name, default=None, help="architecture when it cannot be inferred from the checkpoint"
+    )
     group.add_argument(
         "--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)"
     )
@@ -84,11 +86,34 @@ def check_output_file(path: str | Path, option: str = "--output") -> None:
         raise ValueError(f"{option} is empty; give a file name (- for stdout)")
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"{option} {path} is a folder; give a file name")
+        raise ValueError(f"{option} {path} is a folder; expected a file name (e.g. {path / 'NAME'})")
     if path.exists() and not path.is_file():
         raise ValueError(f"{option} {path} is not a regular file (a device or pipe); give a file name or - for stdout")
     if not path.parent.is_dir():
         raise ValueError(f"{option} {path}: the folder {path.parent} does not exist")
+
+
+def out_file(text: str) -> str:
+    """argparse type: a file the command writes (or reads when it exists): as :func:`check_output_file`."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the file name is empty")
+    try:
+        check_output_file(text, "the file")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def arch_name(text: str) -> str:
+    """argparse type of ``--arch``: a registered architecture name (see ``cnclip models``)."""
+    from cnclip_vision.errors import UnknownModelError
+    from cnclip_vision.models.configs import get_config
+
+    try:
+        get_config(text)
+    except UnknownModelError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def unit_interval(text: str) -> float:
@@ -125,12 +150,22 @@ def number(kind: type, low: float | None = None, high: float | None = None) -> A
     return parse
 
 
+def seed(text: str) -> int:
+    """argparse type of the ``--seed`` options: an integer in [0, 2**32 - 1] (what every RNG here accepts)."""
+    return number(int, 0, 2**32 - 1)(text)
+
+
 def out_folder(text: str) -> str:
-    """argparse type: an output folder (created by the command): not empty, not an existing file."""
+    """argparse type: an output folder (created by the command): not empty, not an existing file, and the
+    nearest existing folder above it is a folder (not a file)."""
     if not text.strip():
         raise argparse.ArgumentTypeError("the output folder is empty; give a folder name")
-    if Path(text).exists() and not Path(text).is_dir():
+    path = Path(text)
+    if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} exists and is not a folder")
+    above = next((p for p in path.absolute().parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} cannot be created: {above} is a file, not a folder")
     return text
 
 

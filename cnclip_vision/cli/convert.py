@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cnclip_vision.cli.common import out_folder, write_records
+from cnclip_vision.cli.common import arch_name, out_folder, write_records
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -37,7 +37,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("src", help="checkpoint file or directory, or a registered model name")
     p.add_argument("dst", type=out_folder, help="output directory (created)")
-    p.add_argument("--arch", default=None, help="architecture name when it cannot be inferred (e.g. ViT-B-16)")
+    p.add_argument(
+        "--arch", type=arch_name, default=None, help="architecture name when it cannot be inferred (e.g. ViT-B-16)"
+    )
     p.set_defaults(func=_convert, output=None, format="json")
 
     p = sub.add_parser(

@@ -20,6 +20,7 @@ from cnclip_vision.cli.common import (
     positive_int,
     read_labels,
     resolve_device,
+    seed,
     unit_interval,
     write_records,
 )
@@ -82,6 +83,8 @@ def _input_images(images: list[str]) -> list[str]:
 
 
 def _picture_paths(images: list[str], output: str | None) -> list[Path | None]:
+    from cnclip_vision.data.images import IMAGE_EXTENSIONS
+
     if output is None:
         return [None] * len(images)
     out = Path(output)
@@ -89,6 +92,11 @@ def _picture_paths(images: list[str], output: str | None) -> list[Path | None]:
         return [_picture_file(output)]
     if out.suffix.lower() in _PICTURE_SUFFIXES:
         raise ValueError(f"--draw {out} is a picture file but {len(images)} images were given; pass a folder")
+    if not out.is_dir() and out.suffix.lower() in IMAGE_EXTENSIONS:  # x.gif: not a folder the user meant
+        raise ValueError(
+            f"--draw {out}: pictures are written as {', '.join(_PICTURE_SUFFIXES)}; for a folder of pictures give "
+            "a name without an image extension"
+        )
     if out.exists() and not out.is_dir():
         raise ValueError(f"--draw {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
@@ -241,8 +249,8 @@ _TRAIN_OVERRIDES = {
     "accum_steps": (number(int, 1), "gradient accumulation steps"),
     "lr": (number(float, 0.0), "peak learning rate of AdamW"),
     "weight_decay": (number(float, 0.0), "AdamW weight decay"),
-    "precision": (str, "fp32, bf16 (autocast) or fp16 (GPU only)"),
-    "seed": (int, "random seed"),
+    "precision": (("fp32", "bf16", "fp16"), "fp32, bf16 (autocast) or fp16 (GPU only)"),
+    "seed": (seed, "random seed"),
     "num_workers": (number(int, 0), "DataLoader worker processes"),
     "save_every": (number(int, 1), "write checkpoint.pt every N steps (and at the end)"),
     "log_every": (number(int, 1), "append to metrics.jsonl every N steps"),
@@ -361,7 +369,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--nms-threshold", type=unit_interval, default=0.5, help="IoU of class-aware NMS (default: %(default)s)"
     )
-    p.add_argument("--max-detections", type=int, default=100, help="per image (default: %(default)s)")
+    p.add_argument(
+        "--max-detections", type=number(int, 1, 100_000), default=100, help="per image (default: %(default)s)"
+    )
     p.add_argument(
         "--agnostic-nms",
         type=unit_interval,
@@ -398,7 +408,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--size", type=number(int, 32, 4096), default=None, help="input side in pixels (default: the model's)"
     )
-    p.add_argument("--templates", default="default", help="prompt templates: default, single or none")
+    p.add_argument(
+        "--templates",
+        choices=("default", "single", "none"),
+        default="default",
+        help="prompt templates (default: %(default)s)",
+    )
     add_model_options(p)
     add_output_options(p)
     p.set_defaults(func=_heatmap)
@@ -414,8 +429,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="JSON recipe")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt if it exists")
     p.add_argument("--categories", help="train only on these categories (comma-separated names) or 'base'")
-    for name, (kind, text) in _TRAIN_OVERRIDES.items():
-        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=text)
+    for name, (kind, text) in _TRAIN_OVERRIDES.items():  # kind: a type, or a tuple of choices
+        parse = {"choices": kind} if isinstance(kind, tuple) else {"type": kind}
+        p.add_argument("--" + name.replace("_", "-"), **parse, default=None, help=text)
     p.set_defaults(func=_train_detector)
 
     p = sub.add_parser(
@@ -427,9 +443,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     _add_detector_options(p, batch_size=False, precision=False)
     p.add_argument("--annotations", default=None, help="an existing toy COCO file (default: generate one)")
-    p.add_argument("--data-dir", default="build/toy-detector-eval", help="where generated scenes go")
+    p.add_argument("--data-dir", type=out_folder, default="build/toy-detector-eval", help="where generated scenes go")
     p.add_argument("--n", type=number(int, 1, 100_000), default=500, help="generated scenes (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=777, help="seed of the generated scenes (default: %(default)s)")
+    p.add_argument("--seed", type=seed, default=777, help="seed of the generated scenes (default: %(default)s)")
     p.add_argument("--check", action="store_true", help="exit with status 2 when a quality bar is missed")
     add_output_options(p, csv_ok=False)
     p.set_defaults(func=_toy_detector_eval, format="json")
@@ -442,6 +458,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "`cnclip detect` find it.",
     )
     p.add_argument("src", help="trained detector directory (OUTPUT_DIR/detector of train-detector)")
-    p.add_argument("--dst", default=None, help="destination (default: the package's assets/toy-detector)")
+    p.add_argument(
+        "--dst", type=out_folder, default=None, help="destination (default: the package's assets/toy-detector)"
+    )
     add_output_options(p)
     p.set_defaults(func=_toy_detector_export)

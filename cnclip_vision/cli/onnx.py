@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from cnclip_vision.cli.common import number, resolve_device, unit_interval, write_records
+from cnclip_vision.cli.common import arch_name, number, out_folder, resolve_device, unit_interval, write_records
 
 MIN_OPSET = 17  # cnclip_vision.export.onnx.MIN_OPSET (not imported: --help stays fast)
 MIN_DETECTOR_OPSET = 18  # cnclip_vision.detection.export.MIN_DETECTOR_OPSET
@@ -91,7 +91,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "unnormalised features of encode_image / encode_text, with a dynamic batch axis and text length, plus "
         "onnx_config.json (preprocessing, tokenizer, sizes), vocab.txt and export_report.json into --output. "
         "Unless --no-check, onnxruntime runs both at new batch sizes and lengths and is compared with PyTorch "
-        "(max abs difference <= 1e-4 in fp32, cosine >= 0.999 with --fp16); a failed check exits with status 2. "
+        "(max abs difference <= 1e-4 in fp32, cosine >= 0.999 with --fp16); a failed check exits with status 2 and "
+        "leaves --output as it was, the export and its report going to OUTPUT.check-failed for inspection. "
         "Prints the report as JSON. With --detector, the open-vocabulary detector instead: detector.onnx with "
         "the class embeddings as an input (new labels need no new export), text_encoder.onnx to encode them, "
         "detector_onnx_config.json; checked at new image and vocabulary sizes against PyTorch. "
@@ -104,7 +105,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="registered name (see `cnclip models`), Hugging Face directory, or clip_cn_*.pt file "
         f"(default: {DEFAULT_MODEL}, from the Hugging Face cache)",
     )
-    group.add_argument("--arch", default=None, help="architecture when it cannot be inferred from the checkpoint")
+    group.add_argument(
+        "--arch", type=arch_name, default=None, help="architecture when it cannot be inferred from the checkpoint"
+    )
     group.add_argument(
         "--detector",
         default=None,
@@ -117,7 +120,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--device", default="cpu", help="torch device for tracing and the PyTorch reference (default: %(default)s)"
     )
     group = p.add_argument_group("export")
-    group.add_argument("-o", "--output", dest="output_dir", required=True, help="output directory (created)")
+    group.add_argument(
+        "-o",
+        "--output",
+        dest="output_dir",
+        type=out_folder,
+        required=True,
+        help="output directory (created; written only when the export and its check succeed)",
+    )
     group.add_argument(
         "--opset",
         type=number(int, MIN_OPSET, 23),

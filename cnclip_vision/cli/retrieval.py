@@ -16,6 +16,7 @@ from cnclip_vision.cli.common import (
     out_folder,
     positive_int,
     read_lines,
+    seed,
     write_records,
 )
 from cnclip_vision.errors import CNClipError
@@ -66,8 +67,11 @@ def _check_inputs(args: argparse.Namespace) -> None:
         from cnclip_vision.data.jsonl import read_text_jsonl
 
         read_text_jsonl(args.texts)
-    elif Path(args.images).is_dir() and next((p for p in Path(args.images).rglob("*") if p.is_file()), None) is None:
-        raise CNClipError(f"no images found in {args.images} (the folder is empty)")
+    elif Path(args.images).is_dir():
+        from cnclip_vision.data.images import walk_files
+
+        if next(walk_files(args.images), None) is None:
+            raise CNClipError(f"no images found in {args.images} (the folder is empty)")
 
 
 def _embed_ray(args: argparse.Namespace, common: dict[str, Any]) -> dict[str, Any]:
@@ -143,6 +147,46 @@ def _model_of_index(args: argparse.Namespace) -> Any:
     return model
 
 
+def _memory(text: str) -> str:
+    """argparse type of ``index build --memory``: a size such as 4GB or 512MB."""
+    from cnclip_vision.retrieval.ann import parse_memory
+
+    try:
+        parse_memory(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _ann_params(text: str) -> str:
+    """argparse type of ``--ann-params``: ``NAME=INTEGER[,NAME=INTEGER]`` with known names."""
+    from cnclip_vision.retrieval.ann import parse_search_params
+
+    try:
+        parse_search_params(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _check_ann_params(args: argparse.Namespace) -> None:
+    """``--ann-params`` fit the folder's FAISS index (checked before the model is loaded)."""
+    from cnclip_vision.retrieval.ann import parse_search_params, read_ann_info
+
+    if args.exact:
+        raise ValueError("--ann-params set the FAISS index's search parameters; --exact does not use the index")
+    info = read_ann_info(args.index)
+    if info is None:
+        raise ValueError(
+            f"--ann-params: --index {args.index} has no FAISS index (it is searched exactly); "
+            f"build one with `cnclip index build {args.index}`"
+        )
+    try:
+        parse_search_params(args.ann_params, info["index_key"])
+    except ValueError as e:
+        raise ValueError(f"--ann-params: {e}") from None
+
+
 def _search(args: argparse.Namespace) -> int:
     from cnclip_vision.retrieval import EmbeddingIndex
 
@@ -157,6 +201,8 @@ def _search(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"--image {image} is not an image file")
     if not texts and not images:
         raise ValueError("give query texts, --queries-file FILE, or --image QUERY_IMAGE")
+    if args.ann_params:
+        _check_ann_params(args)
     model = _model_of_index(args)
     index = EmbeddingIndex.from_dir(
         args.index,
@@ -283,12 +329,13 @@ def _index_info(args: argparse.Namespace) -> int:
     from cnclip_vision.retrieval import store
     from cnclip_vision.retrieval.ann import read_ann_info
 
+    manifest = store.read_manifest(args.embeddings)  # "no such embeddings directory" first
     info = read_ann_info(args.embeddings)
     if info is None:
         raise CNClipError(
             f"{args.embeddings} has no FAISS index; build one with `cnclip index build {args.embeddings}`"
         )
-    info["current"] = info.get("embeddings_digest") == store.embeddings_digest(store.read_manifest(args.embeddings))
+    info["current"] = info.get("embeddings_digest") == store.embeddings_digest(manifest)
     row = {k: v for k, v in info.items() if isinstance(v, _SCALARS)}
     write_records(args, [row], document=info)
     return 0
@@ -363,7 +410,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--ray-gpus-per-actor",
-        type=float,
+        type=number(float, 0.0, 64.0),
         default=0.0,
         help="--engine ray: GPUs per actor; > 0 loads the model on cuda (default: 0)",
     )
@@ -395,9 +442,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--ann-params",
+        type=_ann_params,
         default=None,
         metavar="PARAMS",
-        help="override the FAISS index's tuned search parameters, e.g. efSearch=256 or nprobe=64",
+        help="override the FAISS index's tuned search parameters: comma-separated NAME=INTEGER, efSearch (HNSW), "
+        "nprobe (IVF) or quantizer_efSearch (IVF with an HNSW quantizer), e.g. efSearch=256 or nprobe=64",
     )
     add_model_options(p, model_default=None)
     add_output_options(p)
@@ -423,6 +472,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--save-embeddings",
+        type=out_folder,
         metavar="DIR",
         help="with --images: keep the image embeddings in DIR (resumable) instead of a temporary folder",
     )
@@ -443,10 +493,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     actions = p.add_subparsers(dest="index_command", required=True, metavar="ACTION", help="build or info")
     b = actions.add_parser("build", help="build, tune and write the index", description=p.description)
     b.add_argument("embeddings", metavar="EMB_DIR", help="embeddings folder written by `cnclip embed`")
-    b.add_argument("--memory", default="4GB", help="memory budget of the index, e.g. 1GB, 512MB (default: %(default)s)")
+    b.add_argument(
+        "--memory",
+        type=_memory,
+        default="4GB",
+        help="memory budget of the index, e.g. 1GB, 512MB (default: %(default)s)",
+    )
     b.add_argument(
         "--recall",
-        type=float,
+        type=number(float, 0.01, 1.0),
         default=0.95,
         help="target recall@k against exact search to tune for (default: %(default)s)",
     )
@@ -465,12 +520,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "(default: rows of the collection, their own row left out)",
     )
     b.add_argument(
-        "--num-queries", type=int, default=1000, help="queries per set, tuning and test (default: %(default)s)"
+        "--num-queries",
+        type=number(int, 1),
+        default=1000,
+        help="queries per set, tuning and test (default: %(default)s)",
     )
     b.add_argument(
         "--train-size", type=number(int, 1), default=None, help="training sample (default: 64 per IVF cluster)"
     )
-    b.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    b.add_argument("--seed", type=seed, default=0, help="sampling seed (default: %(default)s)")
     add_output_options(b)
     b.set_defaults(func=_index_build)
     i = actions.add_parser(

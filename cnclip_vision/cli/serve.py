@@ -7,7 +7,7 @@ import logging
 import os
 from pathlib import Path
 
-from cnclip_vision.cli.common import number, positive_int, resolve_device
+from cnclip_vision.cli.common import number, positive_int, read_lines, resolve_device
 
 logger = logging.getLogger("cnclip_vision.cli")
 
@@ -16,13 +16,10 @@ API_KEY_ENV = "CNCLIP_API_KEY"
 
 def _api_key(args: argparse.Namespace) -> str | None:
     if args.api_key_file:
-        path = Path(args.api_key_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"--api-key-file {path} does not exist")
-        key = path.read_text(encoding="utf-8").strip()
-        if not key:
-            raise ValueError(f"--api-key-file {path} is empty")
-        return key
+        lines = read_lines(args.api_key_file, "--api-key-file")  # missing, a folder, not UTF-8, empty
+        if len(lines) > 1:
+            raise ValueError(f"--api-key-file {args.api_key_file} holds {len(lines)} lines; expected the key alone")
+        return lines[0]
     return os.environ.get(API_KEY_ENV) or None
 
 
@@ -38,6 +35,8 @@ def _serve(args: argparse.Namespace) -> int:
     from cnclip_vision.serve.server import check_bind, is_loopback, run
     from cnclip_vision.serve.service import ServeConfig, Service
 
+    if not args.host.strip():
+        raise ValueError("--host is empty; give an address, e.g. 127.0.0.1 (0.0.0.0 with --allow-remote for all)")
     check_bind(args.host, args.allow_remote)  # before loading anything
     api_key = _api_key(args)
     for option, path in (("--index", args.index), ("--detector", args.detector), ("--images", args.images)):
@@ -148,7 +147,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     lim.add_argument(
         "--batch-wait-ms",
-        type=float,
+        type=number(float, 0.0, 60_000.0),
         default=2.0,
         help="how long a batch waits for more queries once the model is free (default: %(default)s)",
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from cnclip_vision.cli.common import add_output_options, number, out_folder, write_records
+from cnclip_vision.cli.common import add_output_options, number, out_folder, seed, write_records
 from cnclip_vision.errors import CNClipError
 
 logger = logging.getLogger("cnclip_vision.cli")
@@ -71,7 +71,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         default=10,
         help="images per class / pairs / detection images (default: %(default)s)",
     )
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--seed", type=seed, default=0, help="random seed (default: %(default)s)")
     p.add_argument(
         "--image-size", type=number(int, 16, 2048), default=64, help="image side in pixels (default: %(default)s)"
     )
@@ -91,14 +91,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "identify their image, on newly generated data.",
     )
     p.add_argument("--model", default="toy-tiny", help="model name or path (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=12345, help="seed of the held-out data (default: %(default)s)")
+    p.add_argument("--seed", type=seed, default=12345, help="seed of the held-out data (default: %(default)s)")
     p.add_argument(
         "--n-per-class",
         type=number(int, 1, 100_000),
         default=20,
         help="classification images per class (default: %(default)s)",
     )
-    p.add_argument("--n-retrieval", type=int, default=1000, help="retrieval pairs (default: %(default)s)")
+    p.add_argument(
+        "--n-retrieval", type=number(int, 1, 100_000), default=1000, help="retrieval pairs (default: %(default)s)"
+    )
     p.add_argument("--check", action="store_true", help="exit with status 2 when a quality bar is missed")
     add_output_options(p)
     p.set_defaults(func=_toy_eval)
@@ -110,6 +112,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "cnclip_vision.load('toy-tiny') finds it.",
     )
     p.add_argument("src", help="trained model directory (OUTPUT_DIR/model of cnclip train)")
-    p.add_argument("--dst", default=None, help="destination (default: the package's assets/toy-tiny)")
+    p.add_argument("--dst", type=out_folder, default=None, help="destination (default: the package's assets/toy-tiny)")
     add_output_options(p)
     p.set_defaults(func=_toy_export)

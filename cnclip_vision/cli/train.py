@@ -7,9 +7,9 @@ import dataclasses
 import json
 import sys
 
-from cnclip_vision.cli.common import number, out_folder
+from cnclip_vision.cli.common import number, out_folder, seed
 
-_OVERRIDES = {  # option -> (type, help)
+_OVERRIDES = {  # option -> (type or tuple of choices, help)
     "output_dir": (out_folder, "folder for checkpoint.pt, metrics.jsonl and the final model/ directory"),
     "train_data": (str, ".jsonl / .tsv of image path + caption, or a folder in the original Chinese-CLIP layout"),
     "model": (str, "model name or path to fine-tune (a recipe may instead give a config for random init)"),
@@ -27,8 +27,8 @@ _OVERRIDES = {  # option -> (type, help)
         "AdamW weight decay (not on biases, norms, gains, logit scale, positional/class embeddings)",
     ),
     "warmup": (number(float, 0.0), "warmup: a fraction of the steps (< 1) or a number of steps"),
-    "precision": (str, "fp32, bf16 (autocast; CPU or GPU) or fp16 (GPU only)"),
-    "seed": (int, "random seed (initialisation and data order)"),
+    "precision": (("fp32", "bf16", "fp16"), "fp32, bf16 (autocast; CPU or GPU) or fp16 (GPU only)"),
+    "seed": (seed, "random seed (initialisation and data order)"),
     "num_workers": (number(int, 0), "DataLoader worker processes"),
     "save_every": (number(int, 1), "write checkpoint.pt every N steps (and at the end)"),
     "log_every": (number(int, 1), "append to metrics.jsonl every N steps"),
@@ -73,7 +73,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="JSON recipe with any of the options below (e.g. recipes/toy-tiny.json)")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt if it exists")
     for name, (kind, text) in _OVERRIDES.items():
-        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=text)
+        parse = {"choices": kind} if isinstance(kind, tuple) else {"type": kind}
+        p.add_argument("--" + name.replace("_", "-"), **parse, default=None, help=text)
     p.add_argument("--lock-image", action="store_true", help="freeze the image tower (locked-image tuning)")
     p.add_argument("--grad-checkpointing", action="store_true", help="trade compute for memory in both towers")
     p.set_defaults(func=_train)

@@ -10,6 +10,7 @@ from cnclip_vision.cli.common import (
     add_model_options,
     add_output_options,
     load_model,
+    out_file,
     positive_int,
     read_labels,
     read_lines,
@@ -90,10 +91,19 @@ def _classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split_name(text: str) -> str:
+    """argparse type of ``--split``: the name of a folder in the dataset (not empty, no path)."""
+    if not text.strip() or text in (".", "..") or "/" in text or "\\" in text:
+        raise argparse.ArgumentTypeError(f"expected the name of a folder in the dataset (e.g. test), got {text!r}")
+    return text
+
+
 def _eval_zeroshot(args: argparse.Namespace) -> int:
     from cnclip_vision.zeroshot import read_label_file
 
     root = Path(args.dataset)
+    if root.exists() and not root.is_dir():
+        raise CNClipError(f"dataset {root} is a file; expected the dataset folder (label_cn.txt and {args.split}/)")
     if not root.is_dir():
         raise CNClipError(f"dataset folder {root} does not exist")
     label_file = (
@@ -143,6 +153,8 @@ def _add_label_options(parser: argparse.ArgumentParser, *, file_only: bool = Fal
     group.add_argument("--template-file", help="your own templates, one per line, each with a {} placeholder")
     group.add_argument(
         "--classifier-cache",
+        type=out_file,
+        metavar="FILE",
         help="safetensors file caching the class embeddings (written on the first run, read afterwards)",
     )
 
@@ -171,7 +183,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "top-5 accuracy, per-class accuracy and the most frequent confusions as JSON (or per-class rows as CSV).",
     )
     p.add_argument("dataset", help="dataset folder holding label_cn.txt and the split folder")
-    p.add_argument("--split", default="test", help="split folder name (default: %(default)s)")
+    p.add_argument("--split", type=_split_name, default="test", help="split folder name (default: %(default)s)")
     _add_label_options(p, file_only=True)
     add_model_options(p)
     add_output_options(p)

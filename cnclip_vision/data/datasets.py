@@ -31,7 +31,7 @@ from cnclip_vision.errors import CNClipError, ImageLoadError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CaptionDataset", "OriginalLayoutDataset", "PairSample", "open_dataset", "read_pairs"]
+__all__ = ["CaptionDataset", "OriginalLayoutDataset", "PairSample", "check_dataset_path", "open_dataset", "read_pairs"]
 
 
 @dataclass
@@ -179,11 +179,23 @@ def open_dataset(
     spec: str | os.PathLike[str], transform: Callable[[Path | bytes], torch.Tensor], *, split: str = "train"
 ) -> CaptionDataset | OriginalLayoutDataset:
     """A dataset from a ``.jsonl`` / ``.tsv`` file or a folder in the original layout."""
+    check_dataset_path(spec, split=split)
     path = Path(spec)
     if path.is_dir():
         return OriginalLayoutDataset(path, split, transform)
-    if path.suffix in (".jsonl", ".tsv"):
-        return CaptionDataset(path, transform)
-    raise CNClipError(
-        f"{path}: expected a .jsonl or .tsv file, or a folder with {split}_imgs.tsv and {split}_texts.jsonl"
-    )
+    return CaptionDataset(path, transform)
+
+
+def check_dataset_path(spec: str | os.PathLike[str], *, split: str = "train") -> None:
+    """``spec`` is what :func:`open_dataset` reads: an existing ``.jsonl`` / ``.tsv`` file or a folder holding
+    ``{split}_imgs.tsv`` and ``{split}_texts.jsonl`` (a cheap check, before any model is loaded)."""
+    path = Path(spec)
+    expected = f"expected a .jsonl or .tsv file, or a folder with {split}_imgs.tsv and {split}_texts.jsonl"
+    if path.is_dir():
+        missing = [n for n in (f"{split}_imgs.tsv", f"{split}_texts.jsonl") if not (path / n).is_file()]
+        if missing:
+            raise CNClipError(f"{path} is a folder without {' and '.join(missing)}; {expected}")
+    elif not path.exists():
+        raise CNClipError(f"no such file or folder: {path} ({expected})")
+    elif path.suffix not in (".jsonl", ".tsv") or not path.is_file():
+        raise CNClipError(f"{path}: {expected}")

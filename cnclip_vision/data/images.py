@@ -12,13 +12,33 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cnclip_vision.errors import CNClipError, ImageLoadError
+from cnclip_vision.errors import CNClipError, ImageLoadError, UnreadableFolderError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageBatch", "ImageFileDataset", "iter_image_batches", "list_images"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageBatch", "ImageFileDataset", "iter_image_batches", "list_images", "walk_files"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".jfif", ".ppm", ".pgm")
+
+
+def walk_files(root: str | os.PathLike[str]) -> Iterator[Path]:
+    """Every file under the folder ``root``, recursively (symlinked folders not followed). A ``root`` that
+    cannot be listed raises :class:`UnreadableFolderError` (``Path.rglob`` would silently find nothing);
+    an unreadable sub-folder is skipped with a warning naming it."""
+    root = Path(root)
+
+    def unreadable(error: OSError) -> None:
+        where = Path(error.filename) if error.filename else root
+        reason = error.strerror or str(error)
+        if where == root:
+            raise UnreadableFolderError(f"cannot read the folder {root}: {reason}")
+        logger.warning("skipped the folder %s: cannot read it (%s)", where, reason)
+
+    for folder, _, files in os.walk(root, onerror=unreadable):
+        for name in files:
+            path = Path(folder) / name
+            if path.is_file():
+                yield path
 
 
 def list_images(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[Path]:
@@ -31,12 +51,15 @@ def list_images(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]
         raise TypeError(f"expected a path or a list of paths, got {type(source).__name__}")
     path = Path(source)
     if path.is_dir():
-        found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        found = sorted(p for p in walk_files(path) if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not found:
             raise CNClipError(f"no images found in {path} (looked for {', '.join(IMAGE_EXTENSIONS)})")
         return found
     if path.suffix.lower() in (".txt", ".lst", ".list") and path.is_file():
-        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+        try:
+            lines = [ln.strip() for ln in path.read_text(encoding="utf-8-sig").splitlines()]
+        except UnicodeDecodeError as e:
+            raise CNClipError(f"the image list {path} is not UTF-8 text (byte {e.start}); one path per line") from None
         paths = [
             Path(ln) if Path(ln).is_absolute() else path.parent / ln for ln in lines if ln and not ln.startswith("#")
         ]

@@ -18,6 +18,8 @@ def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict[str, An
     """``(line number, object)`` for every non-blank line of a JSONL file (UTF-8, optional BOM); a line
     that is not UTF-8, not JSON or not a JSON object raises :class:`CNClipError` naming ``file:line``."""
     path = Path(path)
+    if path.is_dir():
+        raise CNClipError(f"{path} is a folder; expected a JSONL file (one JSON object per line)")
     if not path.is_file():
         raise CNClipError(f"no such file: {path}")
     with path.open("rb") as f:
@@ -64,9 +66,9 @@ def read_text_jsonl(path: str | os.PathLike[str], *, require_image_ids: bool = F
     """
     path = Path(path)
     if not path.is_file():
+        problem = f"the text file {path} is a folder" if path.is_dir() else f"no such text file: {path}"
         raise CNClipError(
-            f"no such text file: {path} (expected JSONL lines like "
-            '{"text_id": 1, "text": "一只猫", "image_ids": [10]})'
+            f'{problem} (expected JSONL lines like {{"text_id": 1, "text": "一只猫", "image_ids": [10]}})'
         )
     records: list[TextRecord] = []
     first_line: dict[str, int] = {}

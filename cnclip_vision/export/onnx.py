@@ -35,7 +35,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from cnclip_vision.errors import CNClipError
-from cnclip_vision.io import atomic_write
+from cnclip_vision.io import _umask, atomic_write
 
 if TYPE_CHECKING:
     from cnclip_vision.models.clip import ChineseCLIP
@@ -68,12 +68,13 @@ IMAGE_ENCODER_NAME = "image_encoder.onnx"
 TEXT_ENCODER_NAME = "text_encoder.onnx"
 ONNX_CONFIG_NAME = "onnx_config.json"
 REPORT_NAME = "export_report.json"
+CHECK_FAILED_SUFFIX = ".check-failed"  # beside the output folder: an export whose check failed, for inspection
 
 FP32_MAX_ABS_DIFF = 1e-4  # onnxruntime vs PyTorch, float32 export, every embedding element
 FP16_MIN_COSINE = 0.999  # float16 export vs the float32 PyTorch model, every embedding
 MIN_OPSET = 17  # LayerNormalization
 _EXTERNAL_DATA_BYTES = 1536 << 20  # above this the weights go to "<file>.data" (protobuf's limit is 2 GiB)
-_FILE_MODE = 0o644  # mkdtemp-staged files are renamed into place with the usual permissions
+_FILE_MODE = 0o644  # staged files (and the mkdtemp folder, 0700) get the usual permissions when moved into place
 _PIP_HINT = "pip install 'cnclip-vision[onnx]'  (or: pip install onnx onnxscript onnxruntime)"
 
 
@@ -209,7 +210,7 @@ def _export_one(
     opset: int,
     weight_bytes: int,
 ) -> dict[str, Any]:
-    """Export ``module`` to ``destination`` (written in a staging folder, then renamed into place)."""
+    """Export ``module`` to ``destination`` (in the export's staging folder) and describe the files."""
     start = time.perf_counter()
     with warnings.catch_warnings(), _quiet_exporter_logs():
         # both inputs of the text encoder share the batch / seq Dims on purpose
@@ -232,18 +233,9 @@ def _export_one(
     if program is None:  # only the legacy (dynamo=False) exporter returns None
         raise CNClipError(f"ONNX export of {destination.name} returned no program")
     export_seconds = time.perf_counter() - start
-    external = weight_bytes > _EXTERNAL_DATA_BYTES
-    stage = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
-    try:
-        program.save(stage / destination.name, external_data=external)
-        files = sorted(stage.iterdir(), key=lambda p: p.name == destination.name)  # the .onnx file last
-        for path in files:
-            os.chmod(path, _FILE_MODE)
-            os.replace(path, destination.parent / path.name)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-    if not external:  # weights of an earlier, larger export to the same directory
-        (destination.parent / f"{destination.name}.data").unlink(missing_ok=True)
+    before = set(destination.parent.iterdir())
+    program.save(destination, external_data=weight_bytes > _EXTERNAL_DATA_BYTES)
+    files = sorted(set(destination.parent.iterdir()) - before)
     opsets = dict(program.model.opset_imports)
     return {
         "file": destination.name,
@@ -286,10 +278,16 @@ def export_onnx(
     the export example (batch 2, length 7), so the axes are proven dynamic — and compares with the
     PyTorch model: every element within
     :data:`FP32_MAX_ABS_DIFF` (float32) or every embedding's cosine >= :data:`FP16_MIN_COSINE` (float16).
-    The report is written to ``export_report.json`` even when the check fails; then
-    :class:`OnnxCheckError` is raised. ``source`` (e.g. the model name) is recorded in the config.
+    ``source`` (e.g. the model name) is recorded in the config.
+
+    Everything is written into a hidden staging folder beside ``output_dir`` (``.NAME.export-*``) and moved
+    into place only when the export (and the check) succeeded: renamed when ``output_dir`` does not exist or
+    is empty, else moved in file by file (other files in it stay). On any failure the staging folder (and
+    parents this call created) is removed and an existing ``output_dir`` is left as it was. When the check
+    fails, the export and its ``export_report.json`` (with ``check.passed: false``) go to the sibling
+    ``NAME.check-failed`` instead (replacing an earlier one), for inspection, so that a failed export never
+    replaces a good one; then :class:`OnnxCheckError` is raised, naming that report.
     """
-    from cnclip_vision.data.tokenizer import DEFAULT_CONTEXT_LENGTH, get_tokenizer
     from cnclip_vision.models.clip import ChineseCLIP
 
     if not isinstance(model, ChineseCLIP):
@@ -313,8 +311,78 @@ def export_onnx(
     if check:
         _require("onnxruntime", "checking the ONNX export")
     _check_torch_exporter()
-    directory = _prepare_dir(output_dir)
+    return staged_export(
+        output_dir,
+        lambda stage, final: _export_into(
+            model,
+            stage,
+            final,
+            opset=opset,
+            fp16=fp16,
+            check=check,
+            image_batch_sizes=image_batch_sizes,
+            text_shapes=text_shapes,
+            source=source,
+        ),
+        failure=_check_failure,
+    )
 
+
+def _check_failure(check: dict[str, Any]) -> str:
+    return (
+        f"onnxruntime and PyTorch disagree beyond the tolerance {check['tolerance']}: max abs difference "
+        f"{check['max_abs_diff']:.3g}, min cosine {check['min_cosine']:.6f}"
+    )
+
+
+def staged_export(
+    output_dir: str | os.PathLike[str],
+    build: Callable[[Path, Path], dict[str, Any]],
+    *,
+    failure: Callable[[dict[str, Any]], str],
+) -> dict[str, Any]:
+    """Run ``build(stage, final)`` (it writes every file of an export into the staging folder ``stage`` and
+    returns the report, whose ``check`` is None or has ``passed``), then move the export into place: into
+    ``output_dir`` when the check passed, else into ``NAME.check-failed`` and raise :class:`OnnxCheckError`
+    with ``failure(check)``. On any error nothing of it stays and an existing ``output_dir`` is untouched.
+    Shared by the encoder and the detector exports."""
+    final, created = _prepare_dir(output_dir)
+    stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.export-", dir=final.parent))
+    failed = final.with_name(f"{final.name}{CHECK_FAILED_SUFFIX}")
+    try:
+        report = build(stage, final)
+        passed = report["check"] is None or report["check"]["passed"]
+        if not passed:
+            shutil.rmtree(failed, ignore_errors=True)
+        _publish(stage, final if passed else failed)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+    if not passed:
+        raise OnnxCheckError(
+            f"{failure(report['check'])}; {final} was left as it was (the export and its report are in {failed})"
+        )
+    return report
+
+
+def _export_into(
+    model: ChineseCLIP,
+    directory: Path,
+    final: Path,
+    *,
+    opset: int,
+    fp16: bool,
+    check: bool,
+    image_batch_sizes: Sequence[int],
+    text_shapes: Sequence[tuple[int, int]],
+    source: str | None,
+) -> dict[str, Any]:
+    """Every file of the export written into the staging ``directory``; the report names ``final``."""
+    from cnclip_vision.data.tokenizer import DEFAULT_CONTEXT_LENGTH, get_tokenizer
+
+    max_len = model.config.text.max_position_embeddings
     config = model.config
     size, dtype = config.vision.image_size, torch.float16 if fp16 else torch.float32
     dtype_name = "float16" if fp16 else "float32"
@@ -331,7 +399,7 @@ def export_onnx(
 
     with _eval_mode(model):
         target = copy.deepcopy(model).half() if fp16 else model
-        logger.info("exporting the image encoder (%s, opset %d) to %s", dtype_name, opset, directory)
+        logger.info("exporting the image encoder (%s, opset %d) to %s", dtype_name, opset, final)
         with _native_image_size(target.visual):
             image_info = _export_one(
                 _ImageEncoder(target).eval(),
@@ -410,7 +478,7 @@ def export_onnx(
     _write_json(directory / ONNX_CONFIG_NAME, onnx_config)
 
     report: dict[str, Any] = {
-        "output_dir": str(directory),
+        "output_dir": str(final),
         "source": source,
         "dtype": dtype_name,
         "opset_requested": opset,
@@ -438,26 +506,48 @@ def export_onnx(
             model, directory, fp16=fp16, image_batch_sizes=image_batch_sizes, text_shapes=text_shapes
         )
     _write_json(directory / REPORT_NAME, report)
-    if check and not report["check"]["passed"]:
-        c = report["check"]
-        raise OnnxCheckError(
-            f"onnxruntime and PyTorch disagree beyond the tolerance {c['tolerance']}: max abs difference "
-            f"{c['max_abs_diff']:.3g}, min cosine {c['min_cosine']:.6f} (details in {directory / REPORT_NAME})"
-        )
     return report
 
 
-def _prepare_dir(output_dir: str | os.PathLike[str]) -> Path:
-    directory = Path(output_dir)
+def _prepare_dir(output_dir: str | os.PathLike[str]) -> tuple[Path, Path | None]:
+    """The absolute output folder (not created) and the first of its parents this call created (None: its
+    parent existed), which a failed export removes again."""
+    directory = Path(output_dir).absolute()
     if directory.exists() and not directory.is_dir():
-        raise ValueError(f"output {directory} exists and is not a directory")
+        raise ValueError(f"output {output_dir} exists and is not a directory")
+    created = next((p for p in reversed(directory.parents) if not p.exists()), None)
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ValueError(f"cannot create the output directory {directory}: {e.strerror or e}") from e
-    if not os.access(directory, os.W_OK):
-        raise ValueError(f"output directory {directory} is not writable")
-    return directory.resolve()
+        raise ValueError(f"cannot create the output directory {output_dir}: {e.strerror or e}") from e
+    if not os.access(directory.parent, os.W_OK) or (directory.is_dir() and not os.access(directory, os.W_OK)):
+        raise ValueError(f"output directory {output_dir} is not writable")
+    return directory.resolve(), created
+
+
+def _publish(stage: Path, final: Path) -> None:
+    """Move the finished export from ``stage`` to ``final``: a rename when ``final`` does not exist or is
+    empty, else file by file (weights before the graphs, the report last) into the existing folder, whose
+    other files stay; the weights of an earlier, larger export (``*.onnx.data`` no longer written) go."""
+    mode = 0o777 & ~_umask()
+    for path in stage.iterdir():
+        os.chmod(path, _FILE_MODE)
+    os.chmod(stage, mode)
+    try:
+        os.rename(stage, final)  # POSIX replaces an empty folder
+        return
+    except OSError:
+        if not final.is_dir():
+            raise
+    order = {".data": 0, ".onnx": 1, ".json": 3}
+    files = sorted(stage.iterdir(), key=lambda p: (p.name == REPORT_NAME, order.get(p.suffix, 2), p.name))
+    names = {p.name for p in files}
+    for path in files:
+        os.replace(path, final / path.name)
+    for name in names:
+        if name.endswith(".onnx") and f"{name}.data" not in names:  # a graph that now holds its own weights
+            (final / f"{name}.data").unlink(missing_ok=True)
+    shutil.rmtree(stage, ignore_errors=True)
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -466,15 +556,8 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def _write_preprocessing(processor: Any, directory: Path) -> None:
-    """vocab.txt, tokenizer_config.json, preprocessor_config.json: written aside, then renamed into place."""
-    stage = Path(tempfile.mkdtemp(prefix=".preprocessing.", dir=directory))
-    try:
-        processor.save_pretrained(stage)
-        for path in stage.iterdir():
-            os.chmod(path, _FILE_MODE)
-            os.replace(path, directory / path.name)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+    """vocab.txt, tokenizer_config.json, preprocessor_config.json (the Hugging Face format)."""
+    processor.save_pretrained(directory)
 
 
 def _versions() -> dict[str, str | None]:

@@ -57,11 +57,13 @@ __all__ = [
     "exact_topk",
     "load_ann_index",
     "parse_memory",
+    "parse_search_params",
     "read_ann_info",
     "recall_at",
 ]
 
 ANN_JSON = "ann.json"
+SEARCH_PARAMS = ("efSearch", "nprobe", "quantizer_efSearch")  # what set_params accepts (integers >= 1)
 _PQ_BYTES = (256, 128, 64, 48, 32, 24, 16, 8, 4)
 _EF_GRID = (8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
 _NPROBE_GRID = (
@@ -101,6 +103,37 @@ def _faiss() -> Any:
             "FAISS indexes need FAISS: pip install faiss-cpu (or faiss-gpu-cu12 on a GPU machine)"
         ) from None
     return faiss
+
+
+def _params_of(index_key: str) -> tuple[str, ...]:
+    """The search parameters of an index of this factory key."""
+    if "IVF" in index_key:
+        return ("nprobe", "quantizer_efSearch") if "_HNSW" in index_key else ("nprobe",)
+    return ("efSearch",) if re.search(r"(^|,)HNSW", index_key) else ()
+
+
+def parse_search_params(params: str, index_key: str | None = None) -> dict[str, int]:
+    """``"nprobe=64,quantizer_efSearch=128"`` as ``{name: value}``: comma-separated ``NAME=INTEGER`` pairs with
+    names in :data:`SEARCH_PARAMS` (those of ``index_key`` when given) and values >= 1. ValueError otherwise
+    (FAISS itself accepts ``nprobe=-3`` as 2**64 - 3 and ``nprobe=2.5`` as 2)."""
+    accepted = SEARCH_PARAMS if index_key is None else _params_of(index_key)
+    parsed: dict[str, int] = {}
+    for item in params.split(","):
+        name, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or not name:
+            raise ValueError(f"search parameters {params!r}: {item.strip()!r} is not NAME=VALUE (e.g. nprobe=64)")
+        if name not in accepted:
+            if index_key is not None and name in SEARCH_PARAMS:
+                takes = f"it takes {', '.join(accepted)}" if accepted else "it has no search parameters"
+                raise ValueError(f"search parameter {name} does not apply to a {index_key} index; {takes}")
+            raise ValueError(f"unknown search parameter {name!r}; expected {', '.join(accepted)}")
+        try:
+            parsed[name] = int(value)
+        except ValueError:
+            raise ValueError(f"search parameter {name} must be an integer >= 1, got {value!r}") from None
+        if parsed[name] < 1:
+            raise ValueError(f"search parameter {name} must be an integer >= 1, got {parsed[name]}")
+    return parsed
 
 
 def parse_memory(value: str | int | float) -> int:
@@ -244,6 +277,7 @@ class AnnIndex:
     def set_params(self, params: str | None) -> None:
         """Search parameters as FAISS's ``ParameterSpace`` string (``"efSearch=64"``, ``"nprobe=16"``)."""
         if params:
+            parse_search_params(params, self.index_key)
             try:
                 _faiss().ParameterSpace().set_index_parameters(self.index, params)
             except RuntimeError as e:
@@ -481,6 +515,40 @@ def _train(index: Any, directory: Path, n: int, rng: np.random.Generator, train_
     return size
 
 
+def _training_points_needed(index: Any) -> tuple[int, str, str]:
+    """The fewest training vectors FAISS accepts for ``index`` (k-means needs a point per centroid), why, and
+    which part needs them (``"ivf"``, ``"pq"``)."""
+    faiss = _faiss()
+    need, what, part_kind = 1, "none", ""
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        ivf = None
+    if ivf is not None:
+        need, what, part_kind = ivf.nlist, f"one per IVF cluster: {ivf.nlist:,} clusters", "ivf"
+    parts = [index, ivf, index.index if isinstance(index, faiss.IndexPreTransform) else None]
+    for part in parts:
+        pq = getattr(faiss.downcast_index(part), "pq", None) if part is not None else None
+        if pq is not None and pq.ksub > need:
+            need, what, part_kind = pq.ksub, f"one per product-quantizer centroid: {pq.ksub:,} centroids", "pq"
+    if isinstance(index, faiss.IndexPreTransform) and need < 256:
+        for t in range(index.chain.size()):
+            if isinstance(faiss.downcast_VectorTransform(index.chain.at(t)), faiss.OPQMatrix):
+                need, what, part_kind = 256, "OPQ trains a product quantizer of 256 centroids", "pq"
+    return need, what, part_kind
+
+
+def _smaller_key_hint(key: str, n: int, part_kind: str = "ivf") -> str:
+    """What to do when ``key`` needs more training vectors than the ``n`` there are."""
+    flat = "leave out --index-key (the automatic choice is Flat below 1,000 vectors, HNSW below 10,000)"
+    if part_kind == "pq":
+        return f"use a key without PQ/OPQ (e.g. HNSW32 or Flat) or {flat}"
+    if m := re.search(r"IVF(\d+)", key):
+        fitting = 2 ** max(0, int(math.log2(max(1, n // 39))))  # FAISS warns below 39 points per cluster
+        return f"give fewer clusters (e.g. --index-key {key.replace(m[0], f'IVF{fitting}', 1)}) or {flat}"
+    return flat
+
+
 def build_ann_index(
     directory: str | os.PathLike[str],
     *,
@@ -550,7 +618,25 @@ def build_ann_index(
 
     trained = 0
     if not index.is_trained:
-        trained = _train(index, directory, n, rng, train_size, use_gpu)
+        need, what, part_kind = _training_points_needed(index)
+        available = min(train_size, n) if train_size else n
+        if available < need:
+            source = (
+                f"--train-size {train_size}" if train_size and train_size < n else f"{directory} holds {n:,} vectors"
+            )
+            raise ValueError(
+                f"index {key!r} needs at least {need:,} training vectors ({what}); {source}: "
+                + ("raise --train-size" if train_size and train_size < n else _smaller_key_hint(key, n, part_kind))
+            )
+        try:
+            trained = _train(index, directory, n, rng, train_size, use_gpu)
+        except RuntimeError as e:  # a requirement _training_points_needed does not know: FAISS's words, one line
+            if m := re.search(r"Number of training points \((\d+)\).*number of clusters \((\d+)\)", str(e)):
+                raise ValueError(
+                    f"index {key!r} needs at least {int(m[2]):,} training vectors, got {int(m[1]):,}: "
+                    + _smaller_key_hint(key, n)
+                ) from None
+            raise
     logger.info("adding %d vectors shard by shard", n - len(held))
     with tqdm(total=n, desc=f"index {key}", unit="vec", disable=None if progress else True, leave=False) as bar:
         offset = 0

@@ -119,8 +119,9 @@ class EmbeddingIndex:
         ``ann=None`` uses the directory's FAISS index when it exists and matches the embeddings (a stale one
         is ignored with a warning), else exact search over the embeddings loaded into memory; ``ann=True``
         requires the index, ``ann=False`` always searches exactly. ``ann_params`` overrides the tuned
-        search parameters (e.g. ``"efSearch=256"``, ``"nprobe=64"``); ``mmap`` memory-maps the index
-        where FAISS can. ``kwargs`` go to the exact constructor."""
+        search parameters (e.g. ``"efSearch=256"``, ``"nprobe=64"``; ValueError when no FAISS index is used or
+        they do not apply to it, see :func:`~cnclip_vision.retrieval.ann.parse_search_params`); ``mmap``
+        memory-maps the index where FAISS can. ``kwargs`` go to the exact constructor."""
         from cnclip_vision.retrieval.ann import load_ann_index
 
         directory = Path(directory)
@@ -129,6 +130,11 @@ class EmbeddingIndex:
             approx = load_ann_index(directory, manifest=manifest, mmap=mmap, params=ann_params, required=bool(ann))
             if approx is not None:
                 return cls._approximate(approx, directory, manifest)
+        if ann_params:  # never silently ignored
+            raise ValueError(
+                f"ann_params {ann_params!r} apply to a FAISS index, and {directory} is searched exactly "
+                f"({'ann=False' if ann is False else 'it has no current FAISS index'})"
+            )
         ids, emb = store.load_embeddings(directory)
         return cls(emb, ids, manifest=manifest, **kwargs)
 

@@ -252,6 +252,10 @@ class ClipTask(TrainingTask):
         from cnclip_vision.data.tokenizer import get_tokenizer
 
         self.config = config
+        if not isinstance(config.train_data, dict):  # a missing file or folder fails before the model loads
+            from cnclip_vision.data.datasets import check_dataset_path
+
+            check_dataset_path(config.train_data, split=config.split)
         self.model: ChineseCLIP = _build_model(config, env.device)
         dataset = _build_dataset(config, self.model.image_size)
         self.dataset = dataset

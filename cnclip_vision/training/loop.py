@@ -417,10 +417,10 @@ def run_training(
         raise TrainingError("fp16 training needs a GPU; use precision bf16 on the CPU")
     out = Path(settings.output_dir)
     checkpoint_path = out / CHECKPOINT_NAME
+    torch.manual_seed(settings.seed)
+    task = make_task(env)  # reads the data and loads the model: bad input fails before output_dir is made
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(settings.seed)
-    task = make_task(env)
     n = dataset_length(task.dataset)
     steps_per_epoch = n // settings.batch_size
     if steps_per_epoch == 0:
