@@ -200,6 +200,11 @@ def export_detector_onnx(
         raise ValueError(f"export_detector_onnx needs a float32 detector and CLIP, got {sorted(map(str, dtypes))}")
     mode: VLMMode = detector.config.vlm_mode if vlm_mode is None else vlm_mode
     check_vlm_mode(mode)
+    if mode == "dense" and detector.config.dense_mode == "naclip":
+        raise ValueError(
+            "dense_mode 'naclip' cannot be exported yet: its neighbourhood bias depends on the patch grid, which "
+            "a traced graph would fix at the example's size; export with another dense_mode (e.g. maskclip)"
+        )
     check_thresholds(score_threshold, nms_threshold, max_detections)
     if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_DETECTOR_OPSET:
         raise ValueError(f"opset must be an int >= {MIN_DETECTOR_OPSET} (antialiased Resize), got {opset!r}")

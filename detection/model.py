@@ -99,9 +99,10 @@ class DetectorConfig:
     crop_margin: float = 0.1  # context around a crop, per side, as a fraction of the box's long side
     crop_batch_size: int = 64
     dense_pool: int = 3  # RoIAlign grid (averaged) on the stride-16 dense embeddings in "dense" mode
-    # the last block's variant whose tokens the "dense" branch pools (cnclip_vision.backbones.dense); the
-    # pyramid always takes the raw tokens it was trained on
-    dense_mode: DenseMode = "raw"
+    # the last block's variant whose tokens the "dense" branch pools (cnclip_vision.backbones.dense; the pyramid
+    # always takes the raw tokens it was trained on). maskclip: on the toy world dense novel AP50 0.509 against
+    # raw 0.101, naclip 0.298, sclip 0.132, clearclip 0.113 (README, detection)
+    dense_mode: DenseMode = "maskclip"
     templates: tuple[str, ...] | str = "default"  # prompt templates ({} = the label), or a named set
     seen_categories: tuple[str, ...] = ()  # label names the region head was trained on
     temperature_init: float = 0.02  # initial region-text temperature (learned)

@@ -224,3 +224,10 @@ def test_full_size_vit_b16_dense(tmp_path):
     check = report["check"]
     assert check["passed"] and check["detections_compared"] == 300  # 3 images x max_detections
     assert {tuple(c["image"]) for c in check["cases"] if "image" in c} == {(485, 640), (640, 403), (800, 720)}
+
+
+def test_naclip_dense_export_is_refused(tmp_path):
+    detector = OpenVocabDetector.from_pretrained("toy-detector", dense_mode="naclip")
+    with pytest.raises(ValueError, match="naclip"):
+        export_detector_onnx(detector, tmp_path / "n", vlm_mode="dense")
+    assert not (tmp_path / "n").exists()

@@ -21,11 +21,11 @@ norm as usual; project it with the visual projection for the joint image-text sp
 from __future__ import annotations
 
 import functools
-from typing import Literal, get_args
+from typing import Literal, cast, get_args
 
 import torch
-from timm.models.vision_transformer import VisionTransformer
-from torch import nn
+from timm.layers import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
 
 __all__ = ["DENSE_MODES", "NACLIP_STD", "DenseMode", "check_dense_mode", "dense_tokens", "tokens_with_dense"]
 
@@ -35,9 +35,10 @@ NACLIP_STD = 5.0  # NACLIP's default neighbourhood (in patches)
 
 
 def check_dense_mode(mode: str) -> DenseMode:
+    """``mode`` if it is one of :data:`DENSE_MODES`, else ValueError."""
     if mode not in DENSE_MODES:
         raise ValueError(f"dense_mode={mode!r}; allowed values: {', '.join(map(repr, DENSE_MODES))}")
-    return mode  # type: ignore[return-value]
+    return mode
 
 
 def _before_last_block(tower: VisionTransformer, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -46,7 +47,7 @@ def _before_last_block(tower: VisionTransformer, x: torch.Tensor) -> tuple[torch
     x = tower.patch_embed(x)
     if x.ndim != 4:  # dynamic_img_size keeps the grid: [N, h, w, C]
         raise ValueError("dense modes need a tower built with dynamic_img_size=True (patch tokens as a grid)")
-    grid = (int(x.shape[1]), int(x.shape[2]))
+    grid = (x.shape[1], x.shape[2])  # not int(): an ONNX trace keeps them symbolic
     x = tower.norm_pre(tower.patch_drop(tower._pos_embed(x)))
     for block in tower.blocks[:-1]:
         x = block(x)
@@ -61,7 +62,9 @@ def _neighbourhood(grid: tuple[int, int], std: float) -> torch.Tensor:
     return torch.exp(-torch.cdist(points, points).pow(2) / (2 * std**2))
 
 
-def _variant_attention(attn: nn.Module, x: torch.Tensor, mode: DenseMode, grid: tuple[int, int], prefix: int):
+def _variant_attention(
+    attn: Attention, x: torch.Tensor, mode: DenseMode, grid: tuple[int, int], prefix: int
+) -> torch.Tensor:
     """A timm ``Attention`` module's output with the attention weights of ``mode`` (not ``"raw"``)."""
     if getattr(attn, "gate", None) is not None:
         raise ValueError("dense modes do not support gated attention")
@@ -85,17 +88,17 @@ def _variant_attention(attn: nn.Module, x: torch.Tensor, mode: DenseMode, grid: 
             weights = softmax(q, q)
         else:  # naclip
             bias = torch.zeros(n, n, dtype=q.dtype, device=q.device)
-            bias[prefix:, prefix:] = _neighbourhood(grid, NACLIP_STD).to(bias)
+            bias[prefix:, prefix:] = _neighbourhood((int(grid[0]), int(grid[1])), NACLIP_STD).to(bias)
             weights = softmax(k, k, bias)
         out = weights @ v
     out = out.transpose(1, 2).reshape(batch, n, heads * head_dim)
     return attn.proj(attn.norm(out))
 
 
-def _last_block(block: nn.Module, x: torch.Tensor, mode: DenseMode, grid: tuple[int, int], prefix: int):
+def _last_block(block: Block, x: torch.Tensor, mode: DenseMode, grid: tuple[int, int], prefix: int) -> torch.Tensor:
     if mode == "raw":
         return block(x)
-    attended = _variant_attention(block.attn, block.norm1(x), mode, grid, prefix)
+    attended = _variant_attention(cast(Attention, block.attn), block.norm1(x), mode, grid, prefix)
     if mode != "sclip":  # MaskCLIP, ClearCLIP, NACLIP: no residual, no MLP
         return attended
     x = x + block.ls1(attended)
@@ -112,7 +115,8 @@ def dense_tokens(tower: VisionTransformer, x: torch.Tensor, mode: DenseMode = "r
     """The last block's patch tokens under ``mode``, after the final norm: ``[N, width, H/p, W/p]``."""
     check_dense_mode(mode)
     tokens, grid = _before_last_block(tower, x)
-    return _as_map(tower, _last_block(tower.blocks[-1], tokens, mode, grid, tower.num_prefix_tokens), grid)
+    last = cast(Block, tower.blocks[-1])
+    return _as_map(tower, _last_block(last, tokens, mode, grid, tower.num_prefix_tokens), grid)
 
 
 def tokens_with_dense(tower: VisionTransformer, x: torch.Tensor, mode: DenseMode) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,6 +124,6 @@ def tokens_with_dense(tower: VisionTransformer, x: torch.Tensor, mode: DenseMode
     twice when ``mode`` is not ``"raw"``: one block's cost)."""
     check_dense_mode(mode)
     tokens, grid = _before_last_block(tower, x)
-    last, prefix = tower.blocks[-1], tower.num_prefix_tokens
+    last, prefix = cast(Block, tower.blocks[-1]), tower.num_prefix_tokens
     raw = _as_map(tower, last(tokens), grid)
     return raw, raw if mode == "raw" else _as_map(tower, _last_block(last, tokens, mode, grid, prefix), grid)

@@ -144,7 +144,7 @@ def _detect(args: argparse.Namespace) -> int:
     if score_threshold is None:  # COCO AP wants the long tail of low scores; pictures and lists do not
         score_threshold = EVAL_SCORE_THRESHOLD if targets is not None else 0.3
     pictures = _picture_paths(images, args.draw)
-    overrides = {"vlm_mode": args.vlm_mode} if args.vlm_mode else {}
+    overrides = {k: v for k, v in (("vlm_mode", args.vlm_mode), ("dense_mode", args.dense_mode)) if v}
     detector = OpenVocabDetector.from_pretrained(args.detector, device=resolve_device(args.device), **overrides)
     predictor = DetectionPredictor(
         detector,
@@ -214,7 +214,7 @@ def _heatmap(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"image {args.image} does not exist or is not a file")
     image = load_image(args.image)
     model = load_model(args)
-    maps = similarity_map(model, image, labels, size=args.size, templates=args.templates)
+    maps = similarity_map(model, image, labels, size=args.size, templates=args.templates, dense_mode=args.dense_mode)
     paths = (
         [out]
         if len(labels) == 1
@@ -291,7 +291,9 @@ def _toy_detector_eval(args: argparse.Namespace) -> int:
     if annotations is None:
         annotations = write_toy_detection_data(args.data_dir, n_train=0, n_val=args.n, val_seed=args.seed)["val"]
     detector = OpenVocabDetector.from_pretrained(args.detector, device=resolve_device(args.device))
-    report = evaluate_toy_detector(detector, annotations, progress=not args.quiet)
+    report = evaluate_toy_detector(
+        detector, annotations, progress=not args.quiet, dense_modes=args.dense_modes, dense_seed=args.seed
+    )
     report = {"detector": args.detector, "annotations": str(annotations), **report}
     write_records(args, [report], document=report)
     if args.check and not report.get("passes", False):
@@ -323,6 +325,30 @@ def _add_detector_options(parser: argparse.ArgumentParser, *, batch_size: bool =
         )
     if precision:
         add_detector_precision(group, "auto")
+
+
+def _dense_modes(text: str) -> tuple[str, ...]:
+    allowed = ("raw", "maskclip", "sclip", "clearclip", "naclip")
+    modes = allowed if text == "all" else tuple(m.strip() for m in text.split(",") if m.strip())
+    bad = [m for m in modes if m not in allowed]
+    if bad or not modes:
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated list of {', '.join(allowed)} (or all), got {text!r}"
+        )
+    return modes
+
+
+def _add_dense_mode(parser: argparse.ArgumentParser, text: str, default: str | None = None) -> None:
+    """``--dense-mode`` (cnclip_vision.backbones.dense.DENSE_MODES; listed here so --help imports nothing)."""
+    parser.add_argument(
+        "--dense-mode",
+        choices=("raw", "maskclip", "sclip", "clearclip", "naclip"),
+        default=default,
+        help=f"{text}: raw (the last block as trained), or the training-free maskclip, sclip, clearclip, naclip "
+        "(default: %(default)s)"
+        if default
+        else f"{text} (default: the detector's)",
+    )
 
 
 def add_detector_precision(group: Any, default: str, *, prefix: str = "") -> None:
@@ -383,6 +409,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--vlm-mode", choices=("crops", "dense", "off"), default=None, help="override the detector's VLM branch"
     )
+    _add_dense_mode(p, "with --vlm-mode dense: the last block's variant whose tokens the VLM branch pools")
     p.add_argument(
         "--annotations",
         default=None,
@@ -414,6 +441,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         default="default",
         help="prompt templates (default: %(default)s)",
     )
+    _add_dense_mode(p, "the last block's variant whose patch tokens are compared", default="raw")
     add_model_options(p)
     add_output_options(p)
     p.set_defaults(func=_heatmap)
@@ -447,6 +475,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n", type=number(int, 1, 100_000), default=500, help="generated scenes (default: %(default)s)")
     p.add_argument("--seed", type=seed, default=777, help="seed of the generated scenes (default: %(default)s)")
     p.add_argument("--check", action="store_true", help="exit with status 2 when a quality bar is missed")
+    p.add_argument(
+        "--dense-modes",
+        type=_dense_modes,
+        default=(),
+        metavar="MODES",
+        help="also evaluate the dense branch with each of these last-block variants (comma-separated: raw, "
+        "maskclip, sclip, clearclip, naclip, or all), with the patch-level accuracy of the CLIP's dense tokens "
+        "on fresh scenes (argmax over the 64 classes of the patches inside each object's mask)",
+    )
     add_output_options(p, csv_ok=False)
     p.set_defaults(func=_toy_detector_eval, format="json")
 

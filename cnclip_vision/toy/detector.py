@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from cnclip_vision.backbones.dense import DenseMode
 from cnclip_vision.detection.model import OpenVocabDetector
 from cnclip_vision.detection.vocabulary import VLM_MODES, VLMMode, Vocabulary
 from cnclip_vision.models.configs import TOY_DETECTOR_DIR
@@ -63,9 +65,14 @@ def evaluate_toy_detector(
     modes: tuple[VLMMode, ...] = VLM_MODES,
     random_novel: bool = True,
     progress: bool = False,
+    dense_modes: Sequence[DenseMode] = (),
+    dense_seed: int = 777,
 ) -> dict[str, Any]:
     """AP50 base / novel / all for each VLM mode, and with the novel text embeddings replaced by random
-    vectors (default mode): novel AP50 must collapse if novel detection comes from the text encoder."""
+    vectors (default mode): novel AP50 must collapse if novel detection comes from the text encoder. With
+    ``dense_modes``, also the ``dense`` branch with each last-block variant (``report["dense_modes"]``), with
+    the patch-level accuracy of the CLIP's dense tokens on 100 fresh scenes of ``dense_seed``
+    (:func:`~cnclip_vision.toy.dense.evaluate_dense_alignment`)."""
     from cnclip_vision.detection.evaluation import evaluate_coco
     from cnclip_vision.detection.inference import detect_coco
 
@@ -87,6 +94,24 @@ def evaluate_toy_detector(
         metrics = evaluate_coco(dataset.coco, results)
         report["random_novel_embeddings"] = {k: metrics[k] for k in keys}
         logger.info("toy detector, random novel text embeddings: %s", report["random_novel_embeddings"])
+    if dense_modes:
+        from cnclip_vision.toy.dense import evaluate_dense_alignment
+
+        alignment = evaluate_dense_alignment(detector.clip, modes=dense_modes, seed=dense_seed)["modes"]
+        report["dense_modes"] = {}
+        configured = detector.config.dense_mode
+        try:
+            for dense_mode in dense_modes:
+                detector.config.dense_mode = dense_mode  # an inference option, restored below
+                results, dataset = detect_coco(detector, annotation_file, vlm_mode="dense", progress=progress)
+                metrics = evaluate_coco(dataset.coco, results)
+                report["dense_modes"][dense_mode] = {
+                    **{k: metrics[k] for k in keys},
+                    "patch_accuracy": alignment[dense_mode]["patch_accuracy"],
+                }
+                logger.info("toy detector, dense mode %s: %s", dense_mode, report["dense_modes"][dense_mode])
+        finally:
+            detector.config.dense_mode = configured
     default = report["modes"].get(detector.config.vlm_mode)
     if default is not None:
         report["passes"] = all(default[k] >= v for k, v in DETECTOR_QUALITY_BARS.items())
