@@ -9,14 +9,13 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cnclip_vision.data.transforms import ImageSource, load_image
+from cnclip_vision.data.transforms import ImageSource, as_image_list, load_image
 from cnclip_vision.detection.vocabulary import ImageQuery, Label, VLMMode, Vocabulary, check_thresholds, check_vlm_mode
 from cnclip_vision.errors import CNClipError
 
@@ -154,10 +153,7 @@ class DetectionPredictor:
             raise ValueError(f"batch_size={batch_size!r}; expected a positive int")
         self._options(overrides)  # validate before any work
         vocab = self.set_vocabulary(labels) if labels is not None else self._require_vocabulary()
-        if isinstance(images, Sequence) and not isinstance(images, (str, bytes, bytearray, memoryview, os.PathLike)):
-            batch: Sequence[ImageSource] = images
-        else:  # one image
-            batch = [cast("ImageSource", images)]
+        batch = as_image_list(images)
         out: list[dict[str, Any]] = []
         device = self.detector.device
         for start in range(0, len(batch), batch_size):

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
+from typing import Any
 
 from cnclip_vision.cli.common import number, out_folder, seed
 
@@ -37,28 +39,58 @@ _OVERRIDES = {  # option -> (type or tuple of choices, help)
 }
 
 
-def _train(args: argparse.Namespace) -> int:
-    from cnclip_vision.training.clip import TrainConfig, train
+_CLIPSELF_OVERRIDES = {  # option -> (type or tuple of choices, help)
+    "output_dir": (out_folder, "folder for checkpoint.pt, metrics.jsonl and the distilled model/ directory"),
+    "train_data": (str, "a folder of images (searched recursively); no labels or captions needed"),
+    "model": (str, "the teacher and the student's starting point: a name or a path"),
+    "image_size": (number(int, 16, 4096), "the student's input side in pixels (CLIPSelf: 1024)"),
+    "max_split": (number(int, 1, 32), "grid cells per side drawn from 1..N per image"),
+    "trainable_layers": (number(int, 1), "train only the last N tower blocks (default: the whole tower)"),
+    **{k: _OVERRIDES[k] for k in ("epochs", "max_steps", "batch_size", "accum_steps", "lr", "weight_decay")},
+    **{k: _OVERRIDES[k] for k in ("warmup", "precision", "seed", "num_workers", "save_every", "log_every")},
+    "device": _OVERRIDES["device"],
+}
 
-    overrides = {name: getattr(args, name) for name in _OVERRIDES}
-    for flag in ("lock_image", "grad_checkpointing"):
-        if getattr(args, flag):
-            overrides[flag] = True
+
+def _run(args: argparse.Namespace, options: dict[str, Any], config_type: Any, run: Any, fixed: dict[str, Any]) -> int:
+    """Build the run's config from ``--config`` and the flags (flags win), run it, print the JSON summary."""
+    overrides = {name: getattr(args, name) for name in options} | fixed
     overrides["progress"] = not args.quiet
     if args.config:
-        config = TrainConfig.from_file(args.config, **overrides)
+        config = config_type.from_file(args.config, **overrides)
     else:
         missing = [f"--{n.replace('_', '-')}" for n in ("output_dir", "train_data") if overrides[n] is None]
         if missing:
             raise ValueError(f"give --config RECIPE.json or at least {' and '.join(missing)}")
-        config = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
-    summary = train(config, resume=args.resume)
-    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        config = config_type(**{k: v for k, v in overrides.items() if v is not None})
+    summary = run(config, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
         json.dump(
             {"config": dataclasses.asdict(config), **summary}, sys.stdout, ensure_ascii=False, indent=2, default=list
         )
         sys.stdout.write("\n")
     return 0
+
+
+def _clipself(args: argparse.Namespace) -> int:
+    from cnclip_vision.training.clipself import CLIPSelfConfig, train_clipself
+
+    return _run(args, _CLIPSELF_OVERRIDES, CLIPSelfConfig, train_clipself, {})
+
+
+def _train(args: argparse.Namespace) -> int:
+    from cnclip_vision.training.clip import TrainConfig, train
+
+    fixed = {flag: True for flag in ("lock_image", "grad_checkpointing") if getattr(args, flag)}
+    return _run(args, _OVERRIDES, TrainConfig, train, fixed)
+
+
+def _add_overrides(parser: argparse.ArgumentParser, options: dict[str, Any]) -> None:
+    parser.add_argument("--config", help="JSON recipe with any of the options below (e.g. recipes/toy-tiny.json)")
+    parser.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt if it exists")
+    for name, (kind, text) in options.items():
+        parse = {"choices": kind} if isinstance(kind, tuple) else {"type": kind}
+        parser.add_argument("--" + name.replace("_", "-"), **parse, default=None, help=text)
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -70,11 +102,19 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "data-parallel training (gloo on CPU, nccl on GPU). Progress and logs go to stderr, metrics to "
         "OUTPUT_DIR/metrics.jsonl, the final model to OUTPUT_DIR/model; a JSON summary is printed at the end.",
     )
-    p.add_argument("--config", help="JSON recipe with any of the options below (e.g. recipes/toy-tiny.json)")
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt if it exists")
-    for name, (kind, text) in _OVERRIDES.items():
-        parse = {"choices": kind} if isinstance(kind, tuple) else {"type": kind}
-        p.add_argument("--" + name.replace("_", "-"), **parse, default=None, help=text)
+    _add_overrides(p, _OVERRIDES)
     p.add_argument("--lock-image", action="store_true", help="freeze the image tower (locked-image tuning)")
     p.add_argument("--grad-checkpointing", action="store_true", help="trade compute for memory in both towers")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser(
+        "clipself",
+        help="CLIPSelf: distil the image tower's dense features from its own crops (images only, no labels)",
+        description="Self-distillation of dense features (Wu et al., ICLR 2024): the student's patch embeddings, "
+        "RoI-aligned over a random grid of cells, are pulled to the frozen teacher's pooled embeddings of the same "
+        "cells cropped and re-encoded; the text tower is untouched. Same loop as train (torchrun, exact resume). "
+        "Recipes: recipes/toy-clipself.json, recipes/clipself-vit-b-16-coco.json. The distilled model goes to "
+        "OUTPUT_DIR/model; a JSON summary is printed at the end.",
+    )
+    _add_overrides(p, _CLIPSELF_OVERRIDES)
+    p.set_defaults(func=_clipself)

@@ -15,7 +15,7 @@ import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import numpy as np
 import torch
@@ -139,6 +139,13 @@ def _to_rgb(image: Image.Image, what: str) -> Image.Image:
         return image.convert("RGB")
     except (ValueError, OSError) as exc:
         raise ImageLoadError(f"{what}: cannot convert PIL mode {mode!r} to RGB") from exc
+
+
+def as_image_list(images: ImageSource | Sequence[ImageSource]) -> list[ImageSource]:
+    """One image source or a sequence of them, as a list (a str, bytes or path is one image, not a sequence)."""
+    if isinstance(images, Sequence) and not isinstance(images, (str, bytes, bytearray, memoryview, os.PathLike)):
+        return list(images)
+    return [cast("ImageSource", images)]
 
 
 def load_image(source: ImageSource) -> Image.Image:

@@ -1,0 +1,274 @@
+"""CLIPSelf self-distillation (Wu et al., ICLR 2024) as a task of the training loop: dense features that
+localise, trained from images alone.
+
+The student is a copy of the CLIP; its image tower's dense embeddings (the last block's projected patch
+tokens, :func:`~cnclip_vision.backbones.pyramid.dense_image_embeddings`) are RoI-aligned over the cells of a
+random ``m x n`` grid (``m, n`` drawn from 1..``max_split`` per image, the paper's patch-level variant) and
+pulled, by cosine, to the frozen teacher's pooled embeddings of the same cells cropped and re-encoded at the
+teacher's input size. No labels; the text tower is untouched (the student's text weights are the
+teacher's), so the distilled model keeps the text side exactly. Everything else — data order, DDP, AdamW,
+warmup + cosine, accumulation, autocast, checkpoints and exact resume — is the shared loop's
+(:mod:`cnclip_vision.training.loop`).
+
+>>> summary = train_clipself(CLIPSelfConfig.from_file("recipes/toy-clipself.json"))
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from cnclip_vision.models.clip import ChineseCLIP
+from cnclip_vision.training.loop import (
+    Distributed,
+    StepContext,
+    StepOutput,
+    TrainingError,
+    TrainingTask,
+    check_settings,
+    read_recipe,
+    run_training,
+)
+
+__all__ = ["CLIPSelfConfig", "CLIPSelfTask", "grid_boxes", "train_clipself"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CLIPSelfConfig:
+    """A CLIPSelf run; ``CLIPSelfConfig.from_file(json)`` reads a recipe (recipes/toy-clipself.json,
+    recipes/clipself-vit-b-16-coco.json)."""
+
+    output_dir: str
+    train_data: str | dict[str, Any]  # a folder of images (searched recursively), or {"toyworld": {...}}
+    model: str = "ViT-B-16"  # the teacher, and the student's starting point
+    image_size: int = 1024  # the student's input side (square); the teacher sees crops at its own size
+    max_split: int = 6  # grid of m x n cells, m and n uniform in 1..max_split per image
+    trainable_layers: int | None = None  # train the last N blocks of the tower (None: the whole tower)
+    epochs: int = 6
+    max_steps: int | None = None
+    batch_size: int = 16  # global
+    accum_steps: int = 1
+    lr: float = 1e-5
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup: float = 0.05
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float | None = None
+    precision: str = "fp32"
+    seed: int = 0
+    num_workers: int = 2
+    save_every: int = 500
+    keep_checkpoints: bool = False
+    log_every: int = 10
+    device: str | None = None
+    progress: bool = True
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str], **overrides: Any) -> CLIPSelfConfig:
+        return read_recipe(cls, path, overrides, tuples=("betas",), kind="CLIPSelf")
+
+    def validate(self, world_size: int) -> None:
+        check_settings(self, world_size)
+        for name in ("image_size", "max_split"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise TrainingError(f"{name}={value!r}; expected a positive int")
+        if self.trainable_layers is not None and (
+            isinstance(self.trainable_layers, bool) or not isinstance(self.trainable_layers, int)
+        ):
+            raise TrainingError(f"trainable_layers={self.trainable_layers!r}; expected an int or null")
+
+
+def grid_boxes(height: int, width: int, rows: int, cols: int) -> torch.Tensor:
+    """``[rows * cols, 4]`` xyxy boxes of the cells of a ``rows x cols`` grid over a ``height x width`` image."""
+    ys = torch.linspace(0, height, rows + 1)
+    xs = torch.linspace(0, width, cols + 1)
+    return torch.tensor(
+        [[xs[c], ys[r], xs[c + 1], ys[r + 1]] for r in range(rows) for c in range(cols)], dtype=torch.float32
+    )
+
+
+class _Images(Dataset):
+    """Square float images in 0..1 at ``size`` (``[3, size, size]``) from a folder or the toy world."""
+
+    def __init__(self, spec: str | dict[str, Any], size: int) -> None:
+        self.size = size
+        if isinstance(spec, dict):
+            if set(spec) != {"toyworld"}:
+                raise TrainingError(f"train_data must be a folder or {{'toyworld': {{...}}}}, got keys {sorted(spec)}")
+            from cnclip_vision.toy import world
+
+            options = {"n_images": 1000, "seed": 0, "image_size": size, **spec["toyworld"]}
+            scenes = world.detection_scenes(options.pop("n_images"), options.pop("seed"), **options)
+            self.arrays: list[np.ndarray] | None = [world.render_array(s) for s in scenes]
+            self.paths: list[str] = []
+        else:
+            from cnclip_vision.data.images import list_images
+
+            root = Path(spec)
+            if not root.is_dir():
+                raise TrainingError(f"train_data {spec} is not a folder of images")
+            self.paths = [str(p) for p in list_images(root)]  # none: CNClipError naming the folder
+            self.arrays = None
+
+    def __len__(self) -> int:
+        return len(self.arrays) if self.arrays is not None else len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor | None:
+        """The image, or None (logged) when it cannot be read: the step trains on the others."""
+        from PIL import Image
+
+        from cnclip_vision.data.transforms import load_image
+        from cnclip_vision.errors import ImageLoadError
+
+        if self.arrays is not None:
+            picture = Image.fromarray(self.arrays[index])
+        else:
+            try:
+                picture = load_image(self.paths[index])
+            except (ImageLoadError, OSError) as e:
+                logger.warning("skipped unreadable image %s: %s", self.paths[index], e)
+                return None
+        if picture.size != (self.size, self.size):
+            picture = picture.resize((self.size, self.size), Image.Resampling.BICUBIC)
+        return torch.from_numpy(np.array(picture, dtype=np.float32)).permute(2, 0, 1) / 255
+
+
+class _DenseStudent(nn.Module):
+    """``pixels`` (CLIP-normalised) → the student's dense embeddings ``[N, D, h, w]``: the module DDP wraps."""
+
+    def __init__(self, clip: ChineseCLIP) -> None:
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        from cnclip_vision.backbones.pyramid import dense_image_embeddings
+
+        return dense_image_embeddings(self.clip, pixels, normalize=False)
+
+
+def _normalise(images: torch.Tensor) -> torch.Tensor:
+    from cnclip_vision.data.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    mean = torch.tensor(OPENAI_CLIP_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_CLIP_STD, device=images.device).view(1, 3, 1, 1)
+    return (images - mean) / std
+
+
+class CLIPSelfTask(TrainingTask):
+    """CLIPSelf distillation of a :class:`ChineseCLIP`'s image tower as a task of the loop."""
+
+    label = "clipself"
+
+    def __init__(self, config: CLIPSelfConfig, env: Distributed) -> None:
+        from cnclip_vision.models.factory import load
+
+        self.config = config
+        self.dataset = _Images(config.train_data, config.image_size)  # bad data fails before the model loads
+        self.collate_fn = _stack_readable
+        teacher = load(config.model, device=env.device).eval()
+        if teacher.config.vision.kind != "vit":
+            raise TrainingError("CLIPSelf needs a ViT image tower; RN50 has no patch tokens")
+        patch = teacher.config.vision.patch_size
+        if config.image_size % patch:
+            raise TrainingError(f"image_size={config.image_size} must be a multiple of the patch size {patch}")
+        teacher.requires_grad_(False)
+        self.teacher = teacher
+        student = copy.deepcopy(teacher)
+        layers = teacher.config.vision.layers
+        depth = layers if isinstance(layers, int) else len(layers)
+        n = depth if config.trainable_layers is None else min(config.trainable_layers, depth)
+        for name, p in student.named_parameters():
+            p.requires_grad = name.startswith("visual.") and (
+                config.trainable_layers is None or _in_last_blocks(name, depth, n)
+            )
+        self.student = student.train()
+        self.skipped = 0  # unreadable images so far (this process)
+        self.model = _DenseStudent(student)
+
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def _targets(self, images: torch.Tensor, boxes: list[torch.Tensor]) -> torch.Tensor:
+        """The teacher's normalised pooled embeddings of every box cropped and resized to its input size."""
+        from torchvision.ops import roi_align
+
+        rois = torch.cat([torch.cat([torch.full((len(b), 1), float(i)), b], 1) for i, b in enumerate(boxes)])
+        size = self.teacher.image_size
+        crops = roi_align(images, rois.to(images), output_size=size, spatial_scale=1.0, sampling_ratio=2, aligned=True)
+        return torch.cat([self.teacher.encode_image(c, normalize=True).float() for c in crops.split(256)])
+
+    def train_step(self, micro_batches: list[Any], ctx: StepContext) -> StepOutput | None:
+        from torchvision.ops import roi_align
+
+        self.skipped += sum(skipped for _, skipped in micro_batches)
+        if all(images is None for images, _ in micro_batches):
+            return None  # nothing readable in the step (counted as skipped by the loop)
+        total = 0.0
+        for a, (images, _) in enumerate(micro_batches):
+            if images is None:
+                continue
+            images = _normalise(images.to(ctx.env.device, non_blocking=True))
+            size = images.shape[-1]
+            splits = torch.randint(1, self.config.max_split + 1, (len(images), 2))  # the loop's RNG: resumable
+            boxes = [grid_boxes(size, size, int(r), int(c)) for r, c in splits]
+            targets = self._targets(images, boxes)
+            with ctx.micro_batch(a), ctx.autocast():
+                dense = ctx.model(images)
+                stride = size / dense.shape[-1]
+                pooled = roi_align(
+                    dense.float(), [b.to(images) for b in boxes], output_size=1, spatial_scale=1 / stride,
+                    sampling_ratio=2, aligned=True,
+                ).flatten(1)  # fmt: skip
+                loss = (1 - F.cosine_similarity(pooled, targets, dim=-1)).mean() / len(micro_batches)
+                ctx.backward(loss)
+            total += float(loss.detach())
+        output = StepOutput(total, samples=self.config.batch_size)
+        output.values["skipped_images"] = self.skipped
+        return output
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.student.state_dict(), "model_config": json.dumps(self.student.config.to_dict())}
+
+    def load_state_dict(self, state: dict[str, Any], path: Path) -> None:
+        self.student.load_state_dict(state["model"])
+
+    def save(self, output_dir: Path) -> None:
+        self.student.save_pretrained(output_dir / "model")
+        logger.info("distilled model written to %s", output_dir / "model")
+
+
+def _stack_readable(items: list[torch.Tensor | None]) -> tuple[torch.Tensor | None, int]:
+    """The readable images of a micro-batch stacked (None when there is none) and how many were not."""
+    readable = [x for x in items if x is not None]
+    return (torch.stack(readable) if readable else None), len(items) - len(readable)
+
+
+def _in_last_blocks(name: str, depth: int, n: int) -> bool:
+    """Whether parameter ``name`` of the student belongs to the last ``n`` tower blocks or what follows them."""
+    parts = name.split(".")
+    if len(parts) > 2 and parts[1] == "blocks":
+        return int(parts[2]) >= depth - n
+    return parts[1] in ("norm", "head")
+
+
+def train_clipself(config: CLIPSelfConfig, *, resume: bool = False) -> dict[str, Any]:
+    """Run (or resume) a CLIPSelf run; returns a summary with the distilled model's directory."""
+    result = run_training(config, lambda env: CLIPSelfTask(config, env), resume=resume)
+    out = Path(config.output_dir)
+    return {"steps": result.steps, "model_dir": str(out / "model"), "checkpoint": str(result.checkpoint)}

@@ -1,0 +1,133 @@
+"""CLIPSelf on the shared training loop: grid boxes, the text tower untouched, exact resume, the command line,
+and (slow) that distillation aligns the toy model's dense tokens on fresh scenes while zero-shot holds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import cnclip_vision
+from cnclip_vision.cli import main
+from cnclip_vision.errors import CNClipError
+from cnclip_vision.training.clipself import CLIPSelfConfig, grid_boxes, train_clipself
+from cnclip_vision.training.loop import TrainingError
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "toy-clipself.json"
+
+
+def _config(out: Path, **overrides) -> CLIPSelfConfig:
+    options = {
+        "train_data": {"toyworld": {"n_images": 48, "seed": 0, "image_size": 64}},
+        "image_size": 64,
+        "max_steps": 8,
+        "batch_size": 8,
+        "save_every": 3,
+        "log_every": 1,
+        "progress": False,
+        **overrides,
+    }
+    return CLIPSelfConfig.from_file(RECIPE, output_dir=str(out), **options)
+
+
+def test_grid_boxes_tile_the_image():
+    boxes = grid_boxes(60, 90, 2, 3)
+    assert boxes.shape == (6, 4)
+    torch.testing.assert_close(boxes[0], torch.tensor([0.0, 0.0, 30.0, 30.0]))
+    torch.testing.assert_close(boxes[-1], torch.tensor([60.0, 30.0, 90.0, 60.0]))
+    area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).sum()
+    assert float(area) == pytest.approx(60 * 90)
+
+
+def test_only_the_image_tower_changes_and_resume_is_exact(tmp_path, monkeypatch):
+    import cnclip_vision.training.clipself as module
+
+    full = train_clipself(_config(tmp_path / "a"))
+    teacher = cnclip_vision.load("toy-tiny").state_dict()
+    student = cnclip_vision.load(full["model_dir"]).state_dict()
+    changed = {k for k in teacher if not torch.equal(teacher[k], student[k])}
+    assert changed and all(k.startswith("visual.") for k in changed)  # the text tower is the teacher's
+    assert any(".blocks." in k for k in changed)
+
+    config = _config(tmp_path / "b")
+    real, calls = module.F.cosine_similarity, {"n": 0}
+
+    def killed_at_step_5(*args, **kwargs):  # dies in step 5; checkpoint.pt holds step 3
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module.F, "cosine_similarity", killed_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train_clipself(config)
+    monkeypatch.setattr(module.F, "cosine_similarity", real)
+    resumed = train_clipself(config, resume=True)
+    assert resumed["steps"] == full["steps"] == 8
+    b = cnclip_vision.load(resumed["model_dir"]).state_dict()
+    assert max((student[k] - b[k]).abs().max().item() for k in student) == 0.0  # bit-identical on the CPU
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    resumed_losses = [json.loads(x)["loss"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert resumed_losses == losses
+
+
+def test_bad_inputs_fail_before_the_model_loads(tmp_path, capsys):
+    with pytest.raises(TrainingError, match="not a folder"):
+        train_clipself(_config(tmp_path / "x", train_data=str(tmp_path / "missing")))
+    with pytest.raises(CNClipError, match="no images"):
+        train_clipself(_config(tmp_path / "x", train_data=str(tmp_path)))
+    with pytest.raises(TrainingError, match="patch size"):
+        train_clipself(_config(tmp_path / "x", image_size=60))
+    assert main(["clipself", "--train-data", str(tmp_path / "missing"), "--output-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "missing" in err and "Traceback" not in err
+    assert main(["clipself", "--config", str(RECIPE), "--max-split", "0"]) == 2
+    assert "--max-split" in capsys.readouterr().err
+
+
+def test_cli_runs_a_recipe(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(
+        ["-q", "clipself", "--config", str(RECIPE), "--output-dir", str(out), "--max-steps", "2",
+         "--image-size", "64", "--batch-size", "4"]
+    )  # fmt: skip
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["steps"] == 2 and Path(summary["model_dir"]).is_dir()
+    assert summary["config"]["model"] == "toy-tiny"
+
+
+@pytest.mark.slow
+def test_distillation_aligns_dense_tokens_and_keeps_zero_shot(tmp_path):
+    """300 steps of the toy recipe; measured on scenes and classification sets of seeds training never saw."""
+    from cnclip_vision.toy.dense import evaluate_dense_alignment
+    from cnclip_vision.toy.model import evaluate_toy_model
+
+    summary = train_clipself(CLIPSelfConfig.from_file(RECIPE, output_dir=str(tmp_path), max_steps=300, progress=False))
+    teacher, student = cnclip_vision.load("toy-tiny"), cnclip_vision.load(summary["model_dir"])
+    before = evaluate_dense_alignment(teacher, modes=("raw",), n_images=60, seed=2027)["modes"]["raw"]
+    after = evaluate_dense_alignment(student, modes=("raw",), n_images=60, seed=2027)["modes"]["raw"]
+    assert after["patch_accuracy"] > 3 * before["patch_accuracy"], (before, after)
+    zs_teacher = evaluate_toy_model(teacher, seed=9191, n_per_class=10, n_retrieval=200)["zeroshot_top1"]
+    zs_student = evaluate_toy_model(student, seed=9191, n_per_class=10, n_retrieval=200)["zeroshot_top1"]
+    assert zs_student >= zs_teacher - 0.05, (zs_teacher, zs_student)
+
+
+def test_a_folder_with_a_corrupt_image_trains_and_counts_it(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from cnclip_vision.toy import world
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, scene in enumerate(world.detection_scenes(3, 11, image_size=64)):
+        Image.fromarray(world.render_array(scene)).save(folder / f"{i}.png")
+    (folder / "broken.jpg").write_bytes(b"not a jpeg at all")
+    summary = train_clipself(_config(tmp_path / "run", train_data=str(folder), max_steps=4, batch_size=2))
+    assert summary["steps"] == 4 and Path(summary["model_dir"]).is_dir()
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r.get("skipped_images", 0) for r in records) >= 1
+    assert np.isfinite([r["loss"] for r in records if "loss" in r]).all()
