@@ -13,11 +13,17 @@ __all__ = [
     "UnknownModelError",
     "UnreadableFolderError",
     "WeightsNotFoundError",
+    "WorkError",
 ]
 
 
 class CNClipError(Exception):
     """Base class of the errors this library raises for bad input."""
+
+
+class WorkError(CNClipError):
+    """The work ran on valid input and did not succeed (the CLI exits 1, not 2): e.g. an export whose
+    numeric check failed, or an exporter that cannot translate an operator."""
 
 
 class CheckpointError(CNClipError, ValueError):

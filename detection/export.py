@@ -49,7 +49,7 @@ from torch import nn
 
 from cnclip_vision.data.transforms import ImageSource
 from cnclip_vision.detection.vocabulary import VLMMode, Vocabulary, check_thresholds, check_vlm_mode
-from cnclip_vision.errors import CNClipError
+from cnclip_vision.errors import CNClipError, WorkError
 
 if TYPE_CHECKING:
     from cnclip_vision.detection.model import OpenVocabDetector
@@ -340,7 +340,7 @@ def _export_detector(graph: _DetectorGraph, example: tuple[Any, ...], directory:
             )
         except Exception as e:  # the exporter raises many types; one line that says what failed
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CNClipError(f"ONNX export of the detector failed ({type(e).__name__}): {reason}") from e
+            raise WorkError(f"ONNX export of the detector failed ({type(e).__name__}): {reason}") from e
     seconds = time.perf_counter() - start
     written = [p for p in directory.iterdir() if p.name.startswith(DETECTOR_NAME)]
     import onnx

@@ -42,7 +42,7 @@ from cnclip_vision.data.transforms import ImageSource, load_image
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FONT_ENV_VAR", "draw_detections", "find_cjk_font", "heatmap_overlay", "label_color"]
+__all__ = ["FONT_ENV_VAR", "draw_detections", "find_cjk_font", "heatmap_overlay", "label_color", "segmentation_overlay"]
 
 FONT_ENV_VAR = "CNCLIP_FONT"
 
@@ -520,4 +520,62 @@ def _with_colorbar(
     draw.rectangle((x0, top, x0 + bar - 1, bottom - 1), outline=(0, 0, 0))
     for text, y in zip(labels, (top, (top + bottom) // 2, bottom)):
         draw.text((x0 + bar + margin, y), text, font=font, fill=(0, 0, 0), anchor="lm")
+    return out
+
+
+def segmentation_overlay(
+    image: ImageSource,
+    label_map: ArrayLike,
+    labels: Sequence[str],
+    *,
+    alpha: float = 0.5,
+    font_size: int | None = None,
+    min_side: int = 512,
+    legend: bool = True,
+    note: str | None = None,
+) -> Image.Image:
+    """Blend a label map (``[H, W]`` indices into ``labels``, -1 = background, left as it is) over ``image``,
+    one stable colour per label (:func:`label_color`), with a legend on the right: a swatch, the (Chinese)
+    name and the share of the picture of every label present, largest first. ``note`` (e.g. a warning that
+    the dense features are not aligned) is written under the legend. Returns a new RGB image."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
+    indices = _as_array(label_map, "label_map")
+    if indices.ndim != 2 or 0 in indices.shape:
+        raise ValueError(f"label_map must be a non-empty 2-D (H, W) map, got shape {indices.shape}")
+    if indices.max() >= len(labels) or indices.min() < -1:
+        raise ValueError(f"label_map holds indices outside -1..{len(labels) - 1}")
+    picture, _, _ = _canvas(image, min_side)
+    resized = Image.fromarray(indices.astype(np.int32)).resize(picture.size, Image.Resampling.NEAREST)
+    indices = np.asarray(resized).astype(np.int64)
+    palette = np.array([label_color(name) for name in labels] + [(0, 0, 0)], dtype=np.float64)  # -1 -> last
+    colours = palette[indices]
+    covered = (indices >= 0)[..., None]
+    base = np.asarray(picture, dtype=np.float64)
+    blended = np.where(covered, (1.0 - alpha) * base + alpha * colours, base)
+    picture = Image.fromarray(np.round(blended).astype(np.uint8))
+    if not legend:
+        return picture
+    font = find_cjk_font(font_size if font_size is not None else max(14, round(min(picture.size) * 0.035)))
+    counts = np.bincount(indices[indices >= 0].ravel(), minlength=len(labels))
+    present = [i for i in np.argsort(-counts, kind="stable") if counts[i] > 0]
+    rows = [(labels[i], f"{labels[i]} {100 * counts[i] / indices.size:.1f}%") for i in present]
+    lines = [note] if note else []
+    ascent, descent = font.getmetrics()
+    row_h = ascent + descent + max(4, font.size // 3)
+    swatch = ascent
+    margin = max(6, font.size // 2)
+    text_w = max([round(font.getlength(t)) for _, t in rows] + [round(font.getlength(t)) for t in lines] + [1])
+    height = int(max(picture.height, margin * 2 + row_h * (len(rows) + len(lines))))
+    out = Image.new("RGB", (int(picture.width + 3 * margin + swatch + text_w), height), (255, 255, 255))
+    out.paste(picture, (0, 0))
+    draw = ImageDraw.Draw(out)
+    x0, y = picture.width + margin, margin
+    for name, text in rows:
+        draw.rectangle((x0, y, x0 + swatch - 1, y + swatch - 1), fill=label_color(name), outline=(0, 0, 0))
+        draw.text((x0 + swatch + margin, y), text, font=font, fill=(0, 0, 0), anchor="la")
+        y += row_h
+    for text in lines:
+        draw.text((x0, y), text, font=font, fill=(170, 0, 0), anchor="la")
+        y += row_h
     return out

@@ -206,8 +206,8 @@ def test_export_onnx_failure_leaves_no_partial_folder(world, capsys, monkeypatch
     (world / "ox").mkdir()
     (world / "ox" / "image_encoder.onnx").write_bytes(b"earlier export")
     before = _tree(world)
-    assert main(["export-onnx", *M, "-o", "ox"]) == 2
-    assert main(["export-onnx", *M, "-o", "new/sub"]) == 2  # parents it created go too
+    assert main(["export-onnx", *M, "-o", "ox"]) == 1  # the work failed (valid input): exit 1
+    assert main(["export-onnx", *M, "-o", "new/sub"]) == 1  # parents it created go too
     err = capsys.readouterr().err
     assert "ONNX export of text_encoder.onnx failed (RuntimeError): unsupported operator" in err
     assert _tree(world) == before
@@ -225,8 +225,8 @@ def test_export_onnx_check_failure_keeps_the_earlier_export(world, capsys, monke
     (world / "ox").mkdir()
     (world / "ox" / "image_encoder.onnx").write_bytes(b"earlier export")
     before = _tree(world / "ox")
-    assert main(["export-onnx", *M, "-o", "ox"]) == 2
-    lines = [ln for ln in capsys.readouterr().err.splitlines() if ": error: " in ln]
+    assert main(["export-onnx", *M, "-o", "ox"]) == 1
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ": failed: " in ln]
     assert len(lines) == 1 and "ox was left as it was" in lines[0] and "ox.check-failed" in lines[0], lines
     assert _tree(world / "ox") == before
     report = json.loads((world / "ox.check-failed" / "export_report.json").read_text(encoding="utf-8"))

@@ -12,7 +12,7 @@ from typing import NoReturn
 
 from cnclip_vision.cli import coco, convert, detect, onnx, retrieval, serve, toy, train, zeroshot
 from cnclip_vision.cli.common import check_output_file
-from cnclip_vision.errors import CNClipError
+from cnclip_vision.errors import CNClipError, WorkError
 
 __all__ = ["build_parser", "main"]
 
@@ -95,6 +95,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "output_is_file", False) and args.output not in (None, "-"):
             check_output_file(args.output)
         return int(args.func(args) or 0)
+    except WorkError as e:  # valid input, and the work did not succeed (an export's check, ...)
+        logger.debug("traceback", exc_info=True)
+        message = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"cnclip {args.command}: failed: {message}", file=sys.stderr)
+        return 1
     except (CNClipError, ValueError, TypeError, OSError) as e:  # bad input: files, arguments, permissions
         if isinstance(e, OSError) and e.filename is not None and e.strerror:
             message = f"{e.filename}: {e.strerror}"

@@ -62,6 +62,25 @@ _FORMAT_HELP = {
 }
 
 
+def add_label_options(parser: argparse.ArgumentParser, *, file_only: bool = False) -> Any:
+    """``--labels``, ``--labels-file`` and ``--templates`` in a "labels and prompts" group (returned, for more)."""
+    group = parser.add_argument_group("labels and prompts")
+    if not file_only:
+        group.add_argument("--labels", help="comma-separated Chinese class names, e.g. 猫,狗,兔子")
+    group.add_argument(
+        "--labels-file",
+        help="file with one class name per line" + (" (default: DATASET/label_cn.txt)" if file_only else ""),
+    )
+    group.add_argument(
+        "--templates",
+        choices=("default", "single", "none"),
+        default="default",
+        help="prompt templates: our 25 Chinese templates, one ('一张{}的照片。'), or the bare name "
+        "(default: %(default)s)",
+    )
+    return group
+
+
 def add_output_options(
     parser: argparse.ArgumentParser, *, csv_ok: bool = True, formats: Sequence[str] = ("json", "jsonl", "csv")
 ) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cnclip_vision.cli.common import (
+    add_label_options,
     add_model_options,
     add_output_options,
     number,
@@ -215,6 +216,7 @@ def _heatmap(args: argparse.Namespace) -> int:
     image = load_image(args.image)
     model = load_model(args)
     maps = similarity_map(model, image, labels, size=args.size, templates=args.templates, dense_mode=args.dense_mode)
+    note = _alignment_note(args)
     paths = (
         [out]
         if len(labels) == 1
@@ -222,7 +224,8 @@ def _heatmap(args: argparse.Namespace) -> int:
     )
     records = []
     for label, heat, path in zip(labels, maps, paths):
-        _save_picture(heatmap_overlay(image, heat, caption=label, colorbar=True), path)
+        caption = f"{label} ({note_short(note)})" if note else label
+        _save_picture(heatmap_overlay(image, heat, caption=caption, colorbar=True), path)
         peak = int(heat.flatten().argmax())
         records.append(
             {
@@ -233,6 +236,62 @@ def _heatmap(args: argparse.Namespace) -> int:
                 "peak_cell": [peak // heat.shape[1], peak % heat.shape[1]],
             }
         )
+    write_records(args, records)
+    return 0
+
+
+def _alignment_note(args: argparse.Namespace) -> str | None:
+    """Logged once: whether the model's dense tokens in ``--dense-mode`` are known to be poorly aligned."""
+    from cnclip_vision.toy.dense import alignment_note
+
+    note = alignment_note(str(args.model), args.dense_mode)
+    if note:
+        logger.warning("%s", note)
+    return note
+
+
+def note_short(note: str) -> str:
+    """The picture's version of an alignment note (the log has the full line)."""
+    return "稠密特征未对齐, 仅供参考" if "noise" in note else "raw 特征, 建议 --dense-mode naclip"
+
+
+def _segment(args: argparse.Namespace) -> int:
+    from cnclip_vision.cli.common import load_model
+    from cnclip_vision.data.transforms import load_image
+    from cnclip_vision.detection.visualize import segmentation_overlay
+    from cnclip_vision.errors import ImageLoadError
+    from cnclip_vision.segmentation import segment
+
+    _check_not_a_picture(args)
+    images = _input_images(args.images)
+    labels = read_labels(args.labels, args.labels_file)
+    pictures = _picture_paths(images, args.draw)
+    model = load_model(args)
+    note = _alignment_note(args)
+    records, failed = [], 0
+    for path, picture_path in zip(images, pictures):
+        try:
+            image = load_image(path)
+        except (ImageLoadError, OSError) as e:
+            logger.warning("skipped %s: %s", path, e)
+            failed += 1
+            continue
+        (result,) = segment(
+            model, [image], labels, templates=args.templates, dense_mode=args.dense_mode,
+            long_side=args.long_side, background_threshold=args.background_threshold,
+        )  # fmt: skip
+        areas = result.areas()
+        record = {"image": path, "width": image.width, "height": image.height}
+        record["background"] = round(1 - sum(areas.values()), 6)
+        records.append(record | {f"area_{k}": v for k, v in areas.items()})  # flat columns (CSV)
+        if picture_path is not None:
+            overlay = segmentation_overlay(image, result.label_map, labels, note=note_short(note) if note else None)
+            _save_picture(overlay, picture_path)
+            logger.info("%s: picture %s", path, picture_path)
+    if failed == len(images):
+        raise CNClipError(f"none of the {failed} images could be read")
+    if failed:
+        logger.warning("%d of %d images could not be read and were skipped", failed, len(images))
     write_records(args, records)
     return 0
 
@@ -429,22 +488,43 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "summary (peak cell and cosine per label) goes to stdout or -o.",
     )
     p.add_argument("image", help="image file")
-    p.add_argument("--labels", help="comma-separated labels")
-    p.add_argument("--labels-file", help="a file with one label per line")
+    add_label_options(p)
     p.add_argument("--draw", required=True, metavar="PICTURE", help="the heat map picture (.png, .jpg, .webp)")
     p.add_argument(
         "--size", type=number(int, 32, 4096), default=None, help="input side in pixels (default: the model's)"
-    )
-    p.add_argument(
-        "--templates",
-        choices=("default", "single", "none"),
-        default="default",
-        help="prompt templates (default: %(default)s)",
     )
     _add_dense_mode(p, "the last block's variant whose patch tokens are compared", default="raw")
     add_model_options(p)
     add_output_options(p)
     p.set_defaults(func=_heatmap)
+
+    p = sub.add_parser(
+        "segment",
+        help="open-vocabulary segmentation with Chinese labels (dense CLIP features, training-free)",
+        description="Label every pixel with the best of --labels by cosine of its patch's dense embedding (the "
+        "last block as --dense-mode says) to each label's text embedding, upsampled to the image. --draw writes "
+        "coloured masks with a Chinese legend (a picture for one image, else a folder); the areas per label go "
+        "to stdout or -o (json, jsonl or csv).",
+    )
+    p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    add_label_options(p)
+    p.add_argument("--draw", default=None, metavar="PICTURE_OR_FOLDER", help="coloured masks with a legend")
+    _add_dense_mode(p, "the last block's variant whose patch tokens are labelled", default="naclip")
+    p.add_argument(
+        "--long-side",
+        type=number(int, 16, 4096),
+        default=None,
+        help="network input's long side (default: the image's, at most 672)",
+    )
+    p.add_argument(
+        "--background-threshold",
+        type=unit_interval,
+        default=0.0,
+        help="pixels whose best label probability is below this are background (default: %(default)s, none)",
+    )
+    add_model_options(p)
+    add_output_options(p)
+    p.set_defaults(func=_segment)
 
     p = sub.add_parser(
         "train-detector",

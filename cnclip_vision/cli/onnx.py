@@ -91,7 +91,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "unnormalised features of encode_image / encode_text, with a dynamic batch axis and text length, plus "
         "onnx_config.json (preprocessing, tokenizer, sizes), vocab.txt and export_report.json into --output. "
         "Unless --no-check, onnxruntime runs both at new batch sizes and lengths and is compared with PyTorch "
-        "(max abs difference <= 1e-4 in fp32, cosine >= 0.999 with --fp16); a failed check exits with status 2 and "
+        "(max abs difference <= 1e-4 in fp32, cosine >= 0.999 with --fp16); a failed check exits with status 1 and "
         "leaves --output as it was, the export and its report going to OUTPUT.check-failed for inspection. "
         "Prints the report as JSON. With --detector, the open-vocabulary detector instead: detector.onnx with "
         "the class embeddings as an input (new labels need no new export), text_encoder.onnx to encode them, "

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from cnclip_vision.cli.common import (
+    add_label_options,
     add_model_options,
     add_output_options,
     load_model,
@@ -136,20 +137,7 @@ def _eval_zeroshot(args: argparse.Namespace) -> int:
 
 
 def _add_label_options(parser: argparse.ArgumentParser, *, file_only: bool = False) -> None:
-    group = parser.add_argument_group("labels and prompts")
-    if not file_only:
-        group.add_argument("--labels", help="comma-separated Chinese class names, e.g. 猫,狗,兔子")
-    group.add_argument(
-        "--labels-file",
-        help="file with one class name per line" + (" (default: DATASET/label_cn.txt)" if file_only else ""),
-    )
-    group.add_argument(
-        "--templates",
-        choices=("default", "single", "none"),
-        default="default",
-        help="prompt templates: our 25 Chinese templates, one ('一张{}的照片。'), or the bare name "
-        "(default: %(default)s)",
-    )
+    group = add_label_options(parser, file_only=file_only)
     group.add_argument("--template-file", help="your own templates, one per line, each with a {} placeholder")
     group.add_argument(
         "--classifier-cache",

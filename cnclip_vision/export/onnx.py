@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cnclip_vision.errors import CNClipError
+from cnclip_vision.errors import CNClipError, WorkError
 from cnclip_vision.io import _umask, atomic_write
 
 if TYPE_CHECKING:
@@ -82,7 +82,7 @@ class OnnxDependencyError(CNClipError, ImportError):
     """onnx, onnxscript or onnxruntime is missing (names the pip extra)."""
 
 
-class OnnxCheckError(CNClipError):
+class OnnxCheckError(WorkError):
     """onnxruntime's outputs differ from PyTorch's by more than the tolerance (the report says how much)."""
 
 
@@ -229,7 +229,7 @@ def _export_one(
             )
         except Exception as e:  # torch.export / onnxscript raise many types; say which encoder failed
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CNClipError(f"ONNX export of {destination.name} failed ({type(e).__name__}): {reason}") from e
+            raise WorkError(f"ONNX export of {destination.name} failed ({type(e).__name__}): {reason}") from e
     if program is None:  # only the legacy (dynamo=False) exporter returns None
         raise CNClipError(f"ONNX export of {destination.name} returned no program")
     export_seconds = time.perf_counter() - start

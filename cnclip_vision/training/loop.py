@@ -438,8 +438,11 @@ def run_training(
         step = _restore(checkpoint_path, task, optimizer, scheduler, scaler, env, steps_per_epoch)
         if env.is_main:
             _truncate_metrics(out / METRICS_NAME, step)
-    elif resume:
-        logger.info("no checkpoint in %s: starting from scratch", out)
+    else:
+        if resume:
+            logger.info("no checkpoint in %s: starting from scratch", out)
+        if env.is_main:  # records of an earlier run killed before its first checkpoint, or replaced
+            _truncate_metrics(out / METRICS_NAME, 0)
     model = _data_parallel(task.model, named) if env.world_size > 1 else task.model
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.precision)
     eval_every = task.eval_every or steps_per_epoch
