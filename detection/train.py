@@ -141,6 +141,10 @@ class DetectorTask(TrainingTask):
         self.config, self.device = config, env.device
         probe_config = DetectorConfig(clip=config.clip, **config.detector)
         self.dataset = build_dataset(config, probe_config.image_size)  # bad training data fails before the load
+        if config.eval_data:  # not only at the end of the run, after the training time is spent
+            from cnclip_vision.detection.coco import read_coco
+
+            read_coco(config.eval_data)
         clip = load(config.clip, device=env.device)
         names = list(self.dataset.category_names)
         detector_config = dataclasses.replace(probe_config, seen_categories=tuple(names))

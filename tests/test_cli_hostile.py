@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -438,3 +439,16 @@ def test_hub_name_from_the_cache_when_the_hub_is_unreachable(hub_unreachable):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     assert cnclip_vision.load("ViT-B-16").config.vision.width == model.config.vision.width
+
+
+def test_train_detector_checks_eval_data_before_training(tmp_path, capsys):
+    """A missing --eval-data used to fail only after the last step, losing the run's final detector."""
+    from cnclip_vision.toy.detector import write_toy_detection_data
+
+    train = write_toy_detection_data(tmp_path / "d", n_train=8, n_val=0)["train"]
+    recipe = str(Path(__file__).resolve().parents[1] / "recipes" / "toy-detector.json")
+    code = main(["train-detector", "--config", recipe, "--train-data", str(train),
+                 "--output-dir", str(tmp_path / "run"), "--eval-data", str(tmp_path / "missing.json")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "missing.json does not exist" in err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -101,15 +101,15 @@ def test_cli_runs_a_recipe(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_distillation_aligns_dense_tokens_and_keeps_zero_shot(tmp_path):
-    """300 steps of the toy recipe; measured on scenes and classification sets of seeds training never saw."""
+    """200 steps of the toy recipe; measured on scenes and classification sets of seeds training never saw."""
     from cnclip_vision.toy.dense import evaluate_dense_alignment
     from cnclip_vision.toy.model import evaluate_toy_model
 
-    summary = train_clipself(CLIPSelfConfig.from_file(RECIPE, output_dir=str(tmp_path), max_steps=300, progress=False))
+    summary = train_clipself(CLIPSelfConfig.from_file(RECIPE, output_dir=str(tmp_path), max_steps=200, progress=False))
     teacher, student = cnclip_vision.load("toy-tiny"), cnclip_vision.load(summary["model_dir"])
     before = evaluate_dense_alignment(teacher, modes=("raw",), n_images=60, seed=2027)["modes"]["raw"]
     after = evaluate_dense_alignment(student, modes=("raw",), n_images=60, seed=2027)["modes"]["raw"]
-    assert after["patch_accuracy"] > 3 * before["patch_accuracy"], (before, after)
+    assert after["patch_accuracy"] > 2.5 * before["patch_accuracy"], (before, after)
     zs_teacher = evaluate_toy_model(teacher, seed=9191, n_per_class=10, n_retrieval=200)["zeroshot_top1"]
     zs_student = evaluate_toy_model(student, seed=9191, n_per_class=10, n_retrieval=200)["zeroshot_top1"]
     assert zs_student >= zs_teacher - 0.05, (zs_teacher, zs_student)
