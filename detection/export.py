@@ -346,24 +346,20 @@ def _export_detector(graph: _DetectorGraph, example: tuple[Any, ...], directory:
     import onnx
 
     model = onnx.load(str(directory / DETECTOR_NAME), load_external_data=False)
-    present = [i.name for i in model.graph.input]
+    present = {i.name for i in model.graph.input}
+    embed_dim = graph.detector.embed_dim
+    specs: list[dict[str, Any]] = [
+        {"name": "image", "shape": [3, "height", "width"], "dtype": "float32"},
+        {"name": "class_embeddings", "shape": ["classes", embed_dim], "dtype": "float32"},
+        {"name": "class_seen", "shape": ["classes"], "dtype": "bool"},
+        {"name": "score_threshold", "shape": [], "dtype": "float32"},
+    ]
     return {
         "file": DETECTOR_NAME,
         "external_data": [p.name for p in written if p.name != DETECTOR_NAME],
         "bytes": sum((directory / p.name).stat().st_size for p in written),
         "export_seconds": round(seconds, 2),
-        "inputs": [
-            {"name": "image", "shape": [3, "height", "width"], "dtype": "float32"},
-            {"name": "class_embeddings", "shape": ["classes", graph.detector.embed_dim], "dtype": "float32"},
-            {"name": "class_seen", "shape": ["classes"], "dtype": "bool"},
-            {"name": "score_threshold", "shape": [], "dtype": "float32"},
-        ]
-        if "class_seen" in present
-        else [
-            {"name": "image", "shape": [3, "height", "width"], "dtype": "float32"},
-            {"name": "class_embeddings", "shape": ["classes", graph.detector.embed_dim], "dtype": "float32"},
-            {"name": "score_threshold", "shape": [], "dtype": "float32"},
-        ],
+        "inputs": [spec for spec in specs if spec["name"] in present],  # "off" never reads class_seen
         "outputs": [
             {"name": "boxes", "shape": ["detections", 4], "dtype": "float32"},
             {"name": "scores", "shape": ["detections"], "dtype": "float32"},

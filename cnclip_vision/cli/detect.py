@@ -224,7 +224,7 @@ def _heatmap(args: argparse.Namespace) -> int:
     )
     records = []
     for label, heat, path in zip(labels, maps, paths):
-        caption = f"{label} ({note_short(note)})" if note else label
+        caption = f"{label} ({note})" if note else label
         _save_picture(heatmap_overlay(image, heat, caption=caption, colorbar=True), path)
         peak = int(heat.flatten().argmax())
         records.append(
@@ -241,18 +241,15 @@ def _heatmap(args: argparse.Namespace) -> int:
 
 
 def _alignment_note(args: argparse.Namespace) -> str | None:
-    """Logged once: whether the model's dense tokens in ``--dense-mode`` are known to be poorly aligned."""
+    """Logged once when the model's dense tokens in ``--dense-mode`` are known to be poorly aligned; returns the
+    short line the pictures carry (None: nothing to say)."""
     from cnclip_vision.toy.dense import alignment_note
 
     note = alignment_note(str(args.model), args.dense_mode)
-    if note:
-        logger.warning("%s", note)
-    return note
-
-
-def note_short(note: str) -> str:
-    """The picture's version of an alignment note (the log has the full line)."""
-    return "稠密特征未对齐, 仅供参考" if "noise" in note else "raw 特征, 建议 --dense-mode naclip"
+    if note is None:
+        return None
+    logger.warning("%s", note[0])
+    return note[1]
 
 
 def _segment(args: argparse.Namespace) -> int:
@@ -285,7 +282,7 @@ def _segment(args: argparse.Namespace) -> int:
         record["background"] = round(1 - sum(areas.values()), 6)
         records.append(record | {f"area_{k}": v for k, v in areas.items()})  # flat columns (CSV)
         if picture_path is not None:
-            overlay = segmentation_overlay(image, result.label_map, labels, note=note_short(note) if note else None)
+            overlay = segmentation_overlay(image, result.label_map, labels, note=note)
             _save_picture(overlay, picture_path)
             logger.info("%s: picture %s", path, picture_path)
     if failed == len(images):

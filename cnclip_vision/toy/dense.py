@@ -168,15 +168,20 @@ MEASURED_PATCH_ACCURACY: dict[str, dict[str, float]] = {
 }
 
 
-def alignment_note(model_name: str, dense_mode: str) -> str | None:
-    """A one-line warning when ``model_name``'s dense tokens in ``dense_mode`` are known to be poorly aligned
-    with text (measured below 50% patch accuracy), or when raw tokens of another model are asked for."""
+def alignment_note(model_name: str, dense_mode: str) -> tuple[str, str] | None:
+    """``(log line, short Chinese line for pictures)`` when ``model_name``'s dense tokens in ``dense_mode`` are
+    known to be poorly aligned with text (measured below 50% patch accuracy), or when raw tokens of another
+    model are asked for; None otherwise."""
     measured = MEASURED_PATCH_ACCURACY.get(str(model_name), {}).get(dense_mode)
     if measured is not None and measured < 0.5:
         return (
             f"{model_name}'s dense tokens ({dense_mode}) name the right class for {measured:.0%} of patches on the "
-            "toy world (chance 1.6%): this map is mostly noise"
+            "toy world (chance 1.6%): this map is mostly noise",
+            "稠密特征未对齐, 仅供参考",
         )
     if measured is None and dense_mode == "raw":
-        return "raw last-block tokens of CLIP ViTs are poorly aligned with text; --dense-mode naclip localises better"
+        return (
+            "raw last-block tokens of CLIP ViTs are poorly aligned with text; --dense-mode naclip localises better",
+            "raw 特征, 建议 --dense-mode naclip",
+        )
     return None
