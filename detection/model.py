@@ -61,7 +61,7 @@ from cnclip_vision.detection.vocabulary import (
 from cnclip_vision.errors import CheckpointError, CNClipError
 from cnclip_vision.io import atomic_write, write_json
 from cnclip_vision.models.clip import ChineseCLIP
-from cnclip_vision.models.configs import TOY_DETECTOR_DIR
+from cnclip_vision.models.configs import ASSETS_DIR, TOY_DETECTORS
 from cnclip_vision.zeroshot import class_embeddings
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ __all__ = ["DetectorConfig", "ImageQuery", "OpenVocabDetector", "Vocabulary", "V
 CONFIG_NAME = "detector_config.json"
 WEIGHTS_NAME = "detector.safetensors"
 CLIP_SUBDIR = "clip"
-SHIPPED = {"toy-detector": TOY_DETECTOR_DIR}  # package data (cnclip_vision/assets/)
+SHIPPED = {name: ASSETS_DIR / name for name in TOY_DETECTORS.values()}  # package data (cnclip_vision/assets/)
 
 
 @dataclass
@@ -106,6 +106,11 @@ class DetectorConfig:
     templates: tuple[str, ...] | str = "default"  # prompt templates ({} = the label), or a named set
     seen_categories: tuple[str, ...] = ()  # label names the region head was trained on
     temperature_init: float = 0.02  # initial region-text temperature (learned)
+    # ViLD-image distillation (Gu et al., ICLR 2022) in training: the region embeddings of the top RPN proposals
+    # of each image (unlabelled novel objects included) are pulled (L1) to the frozen CLIP's pooled embeddings of
+    # the same boxes cropped as in "crops" mode; 0 turns it off
+    distill_weight: float = 0.0
+    distill_proposals: int = 16  # proposals per image distilled (the top ones by objectness)
 
     def __post_init__(self) -> None:
         self.rpn_pre_nms_top_n = _train_test(self.rpn_pre_nms_top_n, "rpn_pre_nms_top_n")  # JSON gives lists
@@ -115,7 +120,7 @@ class DetectorConfig:
             self.templates = tuple(self.templates)
         check_vlm_mode(self.vlm_mode)
         check_dense_mode(self.dense_mode)
-        for name in ("alpha_seen", "alpha_unseen", "crop_margin", "background_weight"):
+        for name in ("alpha_seen", "alpha_unseen", "crop_margin", "background_weight", "distill_weight"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0 <= value <= (1 if name.startswith("alpha") else 10):
                 raise ValueError(f"DetectorConfig.{name}={value!r} is out of range")
@@ -126,6 +131,7 @@ class DetectorConfig:
             "crop_top_k",
             "crop_batch_size",
             "dense_pool",
+            "distill_proposals",
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -333,6 +339,8 @@ class OpenVocabDetector(nn.Module):
             for k in features:
                 features[k] = features[k].float()
             proposals, rpn_losses = self.rpn(batch, features, targets)
+            if targets is not None and self.config.distill_weight > 0:
+                rpn_losses["loss_distill"] = self._distill_loss(batch, features, proposals)
             if targets is not None:
                 proposals, _, labels, regression_targets = self.roi_heads.select_training_samples(proposals, targets)
             embeddings, deltas = self.region_head(self.roi_heads.box_roi_pool(features, proposals, batch.image_sizes))
@@ -380,6 +388,20 @@ class OpenVocabDetector(nn.Module):
             deltas[positive], torch.cat(regression_targets)[positive], beta=1 / 9, reduction="sum"
         ) / max(labels_all.numel(), 1)
         return {"loss_classifier": loss_classifier, "loss_box_reg": loss_box}
+
+    def _distill_loss(
+        self, batch: Any, features: dict[str, torch.Tensor], proposals: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """ViLD-image: ``distill_weight`` x the mean over regions of the L1 distance between the region embeddings
+        of each image's top ``distill_proposals`` proposals (the RPN's, ordered by objectness, detached) and the
+        frozen CLIP's embeddings of their crops (both unit vectors)."""
+        top = [p[: self.config.distill_proposals].detach() for p in proposals]
+        with torch.no_grad():
+            teacher = torch.cat(self._crop_embeddings(batch.tensors, top))
+        student, _ = self.region_head(self.roi_heads.box_roi_pool(features, top, batch.image_sizes))
+        if not len(student):
+            return student.sum()
+        return self.config.distill_weight * (student - teacher.to(student)).abs().sum(-1).mean()
 
     def _det_logits(self, embeddings: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """``[R, 1 + C]`` region-text logits, column 0 the learned background."""
@@ -476,7 +498,8 @@ class OpenVocabDetector(nn.Module):
         **overrides: Any,
     ) -> OpenVocabDetector:
         """Load a detector written by :meth:`save_pretrained` (or ``"toy-detector"``, the shipped detector of the
-        toy world). ``clip`` overrides the referenced CLIP model; ``overrides`` change inference options of
+        toy world; ``"toy-detector-held-out-shapes"`` / ``"-colours"`` for the attribute-held-out protocols).
+        ``clip`` overrides the referenced CLIP model; ``overrides`` change inference options of
         the config (e.g. ``vlm_mode="dense"``)."""
         from safetensors.torch import load_file
 

@@ -671,3 +671,29 @@ def test_toy_detector_eval(capsys, trained, tmp_path):
     assert set(report["modes"]) == {"crops", "dense", "off"}
     for metrics in [*report["modes"].values(), report["random_novel_embeddings"]]:
         assert all(-1 <= metrics[k] <= 1 for k in ("AP50", "AP50_base", "AP50_novel"))
+
+
+def test_toy_detector_eval_refuses_a_protocol_the_detector_saw_boxes_of(capsys, tmp_path):
+    """The shipped detector was trained on boxes of compositional-base categories, among them every colour of the
+    held-out shapes: evaluating it as if they were novel would report transfer that never happened."""
+    args = ("toy-detector-eval", "--n", "2", "--data-dir", tmp_path / "d", "--protocol", "held-out-shapes")
+    code, _, err = run(capsys, "-q", *args)
+    assert code == 2
+    assert "marks novel" in error_line(err, "toy-detector-eval")
+    code, out, _ = run(
+        capsys, "-q", "toy-data", "detection", tmp_path / "c", "--n", "2", "--protocol", "held-out-colours"
+    )
+    assert code == 0 and json.loads(out)[0]["protocol"] == "held-out-colours"
+    annotations = tmp_path / "c" / "annotations.json"
+    code, _, err = run(capsys, "-q", "toy-detector-eval", "--annotations", annotations, "--protocol", "compositional")
+    assert code == 2
+    assert "'held-out-colours'" in error_line(err, "toy-detector-eval")
+
+
+def test_protocol_choices_are_the_worlds():
+    """The CLI lists the protocols without importing the toy world (fast --help); the lists must agree."""
+    parser = cnclip_vision.cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices
+    for command in ("toy-data", "toy-detector-eval"):
+        action = next(a for a in sub[command]._actions if a.dest == "protocol")
+        assert tuple(action.choices) == tuple(toyworld.PROTOCOLS), command

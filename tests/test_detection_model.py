@@ -107,6 +107,8 @@ def check_result(r: dict, width: int, height: int, labels, *, threshold=THRESHOL
         (dict(crop_margin=-1.0), "crop_margin"),
         (dict(out_channels=2.5), "out_channels"),
         (dict(crop_top_k=0), "crop_top_k"),
+        (dict(distill_weight=-0.5), "distill_weight"),
+        (dict(distill_proposals=0), "distill_proposals"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, match):
@@ -786,3 +788,44 @@ def test_predictor_bf16_runs_the_backbone_in_bf16_and_keeps_the_detections(clip,
         assert DetectionPredictor(det, precision="auto").precision == expected
     with pytest.raises(ValueError, match="precision"):
         DetectionPredictor(det, precision="int8")
+
+
+def _training_batch(n: int = 2) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    coco = toyworld.detection_scenes(n, seed=11)
+    images, targets = [], []
+    for scene in coco:
+        images.append(torch.from_numpy(np.array(toyworld.render(scene))).permute(2, 0, 1).float() / 255)
+        boxes = torch.tensor([o.box for o in scene.objects], dtype=torch.float32)
+        targets.append({"boxes": boxes, "labels": torch.zeros(len(boxes), dtype=torch.long)})
+    return images, targets
+
+
+def test_vild_distillation_loss(clip):
+    """``distill_weight`` adds ``loss_distill`` in training (linear in the weight), its gradient reaches the region
+    head and never the frozen CLIP, and optimising it pulls the region embeddings to the CLIP's crop embeddings."""
+    images, targets = _training_batch()
+    torch.manual_seed(0)
+    plain = OpenVocabDetector(clip, small_config()).train()
+    vocab = plain.encode_vocabulary(LABELS[:1])
+    assert "loss_distill" not in plain(images, vocab, targets)
+    distilled = OpenVocabDetector(clip, small_config(distill_weight=1.0, distill_proposals=8))
+    distilled.load_state_dict(plain.state_dict())
+    distilled.train()
+    torch.manual_seed(0)
+    loss = distilled(images, vocab, targets)["loss_distill"]
+    half = copy.deepcopy(distilled)
+    half.config = dataclasses.replace(distilled.config, distill_weight=0.5)
+    torch.manual_seed(0)
+    torch.testing.assert_close(half(images, vocab, targets)["loss_distill"], loss / 2)
+    assert 0 < float(loss.detach()) <= 2 * math.sqrt(clip.config.embed_dim)  # L1 of two unit vectors <= 2 sqrt(D)
+    loss.backward()
+    assert distilled.region_head.embed.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in clip.parameters())
+    head = [p for n, p in distilled.trainable_named_parameters() if n.startswith("region_head.")]
+    optimizer = torch.optim.Adam(head, lr=3e-3)
+    for _ in range(25):
+        optimizer.zero_grad()
+        distilled(images, vocab, targets)["loss_distill"].backward()
+        optimizer.step()
+    after = float(distilled(images, vocab, targets)["loss_distill"])
+    assert after < 0.5 * float(loss.detach()), (float(loss.detach()), after)

@@ -321,3 +321,30 @@ def test_coco_base_only_and_unannotated_novel() -> None:
     scenes = tw.detection_scenes(20, 1)
     drawn = sum(len(s.objects) for s in scenes)
     assert len(mixed["annotations"]) == sum(o.category_id in base_ids for s in scenes for o in s.objects) < drawn
+
+
+@pytest.mark.parametrize("protocol", ["held-out-shapes", "held-out-colours"])
+def test_attribute_held_out_protocols_withhold_whole_attributes(protocol: str) -> None:
+    base, novel = tw.protocol_split(protocol)
+    assert len(novel) == 16 and len(base) == 48 and set(base) | set(novel) == set(tw.CATEGORIES)
+    attribute = "shape" if protocol == "held-out-shapes" else "colour"
+    held = tw.HELD_OUT_SHAPES if attribute == "shape" else tw.HELD_OUT_COLOURS
+    # every category of the held-out attribute values is novel, none of them appears in a base category
+    assert {getattr(c, attribute) for c in novel} == set(held)
+    assert not {getattr(c, attribute) for c in base} & set(held)
+    other = "colour" if attribute == "shape" else "shape"
+    assert {getattr(c, other) for c in novel} == {getattr(c, other) for c in tw.CATEGORIES}
+    # training files of the protocol: base boxes only, novel objects drawn but unlabelled, splits recorded
+    coco = tw.detection_set(30, 5, annotate=base, novel=novel)
+    novel_ids = {c.id for c in novel}
+    assert {c["id"] for c in coco["categories"] if c["split"] == "novel"} == novel_ids
+    assert not {a["category_id"] for a in coco["annotations"]} & novel_ids
+    assert any(o.category_id in novel_ids for s in tw.detection_scenes(30, 5) for o in s.objects)
+
+
+def test_compositional_protocol_is_the_default_split() -> None:
+    assert tw.protocol_split("compositional") == (tw.BASE_CATEGORIES, tw.NOVEL_CATEGORIES)
+    coco = tw.detection_set(2, 0)
+    assert {c["id"] for c in coco["categories"] if c["split"] == "novel"} == {c.id for c in tw.NOVEL_CATEGORIES}
+    with pytest.raises(ValueError, match="held-out-shapes"):
+        tw.protocol_split("held-out-sizes")

@@ -341,16 +341,32 @@ def _train_detector(args: argparse.Namespace) -> int:
 
 def _toy_detector_eval(args: argparse.Namespace) -> int:
     from cnclip_vision.detection import OpenVocabDetector
-    from cnclip_vision.toy.detector import DETECTOR_QUALITY_BARS, evaluate_toy_detector, write_toy_detection_data
+    from cnclip_vision.models.configs import TOY_DETECTORS
+    from cnclip_vision.toy.detector import (
+        DETECTOR_QUALITY_BARS,
+        evaluate_toy_detector,
+        novel_split,
+        protocol_of,
+        write_toy_detection_data,
+    )
 
     annotations = args.annotations
     if annotations is None:
-        annotations = write_toy_detection_data(args.data_dir, n_train=0, n_val=args.n, val_seed=args.seed)["val"]
-    detector = OpenVocabDetector.from_pretrained(args.detector, device=resolve_device(args.device))
+        annotations = write_toy_detection_data(
+            args.data_dir, n_train=0, n_val=args.n, val_seed=args.seed, protocol=args.protocol or "compositional"
+        )["val"]
+    elif args.protocol and protocol_of(novel_split(annotations)) != args.protocol:
+        raise ValueError(
+            f"--protocol {args.protocol}: {annotations} marks the novel categories of the "
+            f"{protocol_of(novel_split(annotations))!r} protocol"
+        )
+    protocol = args.protocol or (protocol_of(novel_split(annotations)) if args.annotations else "compositional")
+    name = args.detector or TOY_DETECTORS.get(protocol, "toy-detector")  # the shipped detector of the protocol
+    detector = OpenVocabDetector.from_pretrained(name, device=resolve_device(args.device))
     report = evaluate_toy_detector(
         detector, annotations, progress=not args.quiet, dense_modes=args.dense_modes, dense_seed=args.seed
     )
-    report = {"detector": args.detector, "annotations": str(annotations), **report}
+    report = {"detector": name, "annotations": str(annotations), **report}
     write_records(args, [report], document=report)
     if args.check and not report.get("passes", False):
         raise CNClipError(f"the toy detector misses the quality bars {DETECTOR_QUALITY_BARS}: {report['modes']}")
@@ -364,15 +380,22 @@ def _toy_detector_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_detector_options(parser: argparse.ArgumentParser, *, batch_size: bool = True, precision: bool = True) -> None:
+def _add_detector_options(
+    parser: argparse.ArgumentParser,
+    *,
+    batch_size: bool = True,
+    precision: bool = True,
+    default: str | None = "toy-detector",
+    default_help: str = "%(default)s, the toy world's",
+) -> None:
     """The model options of the detector commands: ``--model`` is the detector (its CLIP comes with it)."""
     group = parser.add_argument_group("model")
     group.add_argument(
         "--model",
         "--detector",
         dest="detector",
-        default="toy-detector",
-        help="detector directory; it names the CLIP it sits on (default: %(default)s, the toy world's)",
+        default=default,
+        help=f"detector directory; it names the CLIP it sits on (default: {default_help})",
     )
     group.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda (default: cuda if available)")
     if batch_size:
@@ -546,11 +569,26 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "scored together: AP50 base / novel / all for each VLM mode and with random text "
         "embeddings for the novel categories.",
     )
-    _add_detector_options(p, batch_size=False, precision=False)
+    _add_detector_options(
+        p,
+        batch_size=False,
+        precision=False,
+        default=None,
+        default_help="the shipped detector of the protocol: toy-detector, toy-detector-held-out-shapes or "
+        "toy-detector-held-out-colours",
+    )
     p.add_argument("--annotations", default=None, help="an existing toy COCO file (default: generate one)")
     p.add_argument("--data-dir", type=out_folder, default="build/toy-detector-eval", help="where generated scenes go")
     p.add_argument("--n", type=number(int, 1, 100_000), default=500, help="generated scenes (default: %(default)s)")
     p.add_argument("--seed", type=seed, default=777, help="seed of the generated scenes (default: %(default)s)")
+    p.add_argument(
+        "--protocol",
+        choices=("compositional", "held-out-shapes", "held-out-colours"),
+        default=None,
+        help="which categories the generated scenes mark novel (see toy-data detection --protocol; default: "
+        "compositional, the shipped detector's); with --annotations, a check of the file's split. The detector "
+        "must have been trained for it: one trained on boxes of a novel category is refused",
+    )
     p.add_argument("--check", action="store_true", help="exit with status 2 when a quality bar is missed")
     p.add_argument(
         "--dense-modes",

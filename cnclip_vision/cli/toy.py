@@ -19,9 +19,19 @@ def _toy_data(args: argparse.Namespace) -> int:
     elif args.kind == "pairs":
         toyworld.write_pairs_jsonl(args.out, args.n, args.seed, image_size=args.image_size)
     else:
-        annotate = toyworld.BASE_CATEGORIES if args.base_only else None
-        toyworld.write_detection_set(args.out, args.n, args.seed, image_size=args.image_size, annotate=annotate)
-    write_records(args, [{"kind": args.kind, "out": args.out, "n": args.n, "seed": args.seed}])
+        base, novel = toyworld.protocol_split(args.protocol)
+        toyworld.write_detection_set(
+            args.out,
+            args.n,
+            args.seed,
+            image_size=args.image_size,
+            annotate=base if args.base_only else None,
+            novel=novel,
+        )
+    record = {"kind": args.kind, "out": args.out, "n": args.n, "seed": args.seed}
+    if args.kind == "detection":
+        record.update(protocol=args.protocol, base_only=args.base_only)
+    write_records(args, [record])
     return 0
 
 
@@ -78,7 +88,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--base-only",
         action="store_true",
-        help="detection: annotate only the 48 base categories (novel objects stay unlabelled, as OV-COCO)",
+        help="detection: annotate only the protocol's 48 base categories (novel objects stay unlabelled, as OV-COCO)",
+    )
+    p.add_argument(
+        "--protocol",
+        choices=("compositional", "held-out-shapes", "held-out-colours"),
+        default="compositional",
+        help="detection: which 16 categories are novel: compositional (colour x shape pairs whose colour and shape "
+        "base categories also carry), held-out-shapes (every colour of 五角星 and 心形), held-out-colours (every "
+        "shape in 青色 and 紫色); sets each category's split (default: %(default)s)",
     )
     add_output_options(p)
     p.set_defaults(func=_toy_data)

@@ -26,6 +26,7 @@ __all__ = [
     "ASSETS_DIR",
     "TOY_CONFIG",
     "TOY_DETECTOR_DIR",
+    "TOY_DETECTORS",
     "TOY_MODEL_DIR",
 ]
 
@@ -244,6 +245,12 @@ for _info in (
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 TOY_MODEL_DIR = ASSETS_DIR / "toy-tiny"
 TOY_DETECTOR_DIR = ASSETS_DIR / "toy-detector"
+# the toy detector of each detection protocol (cnclip_vision.toy.world.PROTOCOLS), by shipped name
+TOY_DETECTORS = {
+    "compositional": "toy-detector",
+    "held-out-shapes": "toy-detector-held-out-shapes",
+    "held-out-colours": "toy-detector-held-out-colours",
+}
 # ViT 128 x 4 layers, patch 8 at 48 px (36 patches); BERT 128 x 2 layers with the real 21128-token
 # vocabulary. Sized for fp32 on a 2-core CPU without bf16 matmul units (bf16 runs ~60x slower there).
 TOY_CONFIG = CLIPConfig(

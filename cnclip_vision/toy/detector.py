@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from cnclip_vision.backbones.dense import DenseMode
 from cnclip_vision.detection.model import OpenVocabDetector
 from cnclip_vision.detection.vocabulary import VLM_MODES, VLMMode, Vocabulary
-from cnclip_vision.models.configs import TOY_DETECTOR_DIR
+from cnclip_vision.models.configs import ASSETS_DIR, TOY_DETECTOR_DIR, TOY_DETECTORS
 from cnclip_vision.toy import world as toyworld
 
 logger = logging.getLogger(__name__)
@@ -28,6 +28,9 @@ __all__ = [
     "TOY_DETECTOR_DIR",
     "DETECTOR_QUALITY_BARS",
     "write_toy_detection_data",
+    "novel_split",
+    "protocol_of",
+    "protocol_of_detector",
     "evaluate_toy_detector",
     "export_toy_detector",
 ]
@@ -36,16 +39,24 @@ DETECTOR_QUALITY_BARS = {"AP50_base": 0.7, "AP50_novel": 0.4}
 
 
 def write_toy_detection_data(
-    root: str | os.PathLike[str], *, n_train: int = 4000, n_val: int = 500, seed: int = 0, val_seed: int = 777
+    root: str | os.PathLike[str],
+    *,
+    n_train: int = 4000,
+    n_val: int = 500,
+    seed: int = 0,
+    val_seed: int = 777,
+    protocol: str = "compositional",
 ) -> dict[str, Path]:
-    """``root/train`` (base categories annotated) and ``root/val`` (all 64, another seed); COCO files (a
-    count of 0 skips that split)."""
+    """``root/train`` (the protocol's base categories annotated, novel objects unlabelled) and ``root/val``
+    (all 64, another seed), with each category's ``"split"`` from ``protocol``
+    (:func:`~cnclip_vision.toy.world.protocol_split`); COCO files (a count of 0 skips that split)."""
+    base, novel = toyworld.protocol_split(protocol)
     root = Path(root)
     out = {}
     if n_train:
-        out["train"] = toyworld.write_detection_set(root / "train", n_train, seed, annotate=toyworld.BASE_CATEGORIES)
+        out["train"] = toyworld.write_detection_set(root / "train", n_train, seed, annotate=base, novel=novel)
     if n_val:
-        out["val"] = toyworld.write_detection_set(root / "val", n_val, val_seed)
+        out["val"] = toyworld.write_detection_set(root / "val", n_val, val_seed, novel=novel)
     return out
 
 
@@ -56,6 +67,22 @@ def random_novel_vocabulary(vocabulary: Vocabulary, novel: set[str], seed: int =
     rows = [i for i, n in enumerate(vocabulary.names) if n in novel]
     embeddings[rows] = F.normalize(torch.randn(len(rows), embeddings.shape[1], generator=g), dim=-1).to(embeddings)
     return Vocabulary(list(vocabulary.names), embeddings, vocabulary.seen.clone())
+
+
+def novel_split(annotation_file: str | os.PathLike[str]) -> set[str]:
+    """Names of the categories a toy COCO file marks ``"split": "novel"`` (an error if there are none)."""
+    from cnclip_vision.detection.coco import read_coco
+
+    categories = read_coco(annotation_file).get("categories", [])
+    novel = {c["name"] for c in categories if c.get("split") == "novel"}
+    if not novel:
+        raise ValueError(f'{annotation_file}: no category has "split": "novel"; write it with toy-data detection')
+    return novel
+
+
+def protocol_of(novel: set[str]) -> str:
+    """The :data:`~cnclip_vision.toy.world.PROTOCOLS` entry whose novel categories are ``novel``, else ``"custom"``."""
+    return next((k for k, v in toyworld.PROTOCOLS.items() if {c.name for c in v} == novel), "custom")
 
 
 def evaluate_toy_detector(
@@ -69,14 +96,29 @@ def evaluate_toy_detector(
     dense_seed: int = 777,
 ) -> dict[str, Any]:
     """AP50 base / novel / all for each VLM mode, and with the novel text embeddings replaced by random
-    vectors (default mode): novel AP50 must collapse if novel detection comes from the text encoder. With
+    vectors (default mode): novel AP50 must collapse if novel detection comes from the text encoder. The
+    split is the file's (``"split"`` of each category: the protocol it was written for); a detector trained on
+    boxes of a novel category is refused. With
     ``dense_modes``, also the ``dense`` branch with each last-block variant (``report["dense_modes"]``), with
     the patch-level accuracy of the CLIP's dense tokens on 100 fresh scenes of ``dense_seed``
     (:func:`~cnclip_vision.toy.dense.evaluate_dense_alignment`)."""
     from cnclip_vision.detection.evaluation import evaluate_coco
     from cnclip_vision.detection.inference import detect_coco
 
-    report: dict[str, Any] = {"default_mode": detector.config.vlm_mode, "modes": {}}
+    novel = novel_split(annotation_file)
+    leaked = sorted(novel & set(detector.config.seen_categories))
+    if leaked:
+        raise ValueError(
+            f"the detector was trained on boxes of {len(leaked)} categories that {annotation_file} marks novel "
+            f"({', '.join(leaked[:4])}{', ...' if len(leaked) > 4 else ''}): its novel AP50 would measure nothing; "
+            "evaluate it on data of the protocol it was trained for"
+        )
+    report: dict[str, Any] = {
+        "protocol": protocol_of(novel),
+        "novel_categories": sorted(novel),
+        "default_mode": detector.config.vlm_mode,
+        "modes": {},
+    }
     keys = ("AP", "AP50", "AP50_base", "AP50_novel", "AP50_all")
     for mode in modes:
         results, dataset = detect_coco(detector, annotation_file, vlm_mode=mode, progress=progress)
@@ -84,7 +126,6 @@ def evaluate_toy_detector(
         report["modes"][mode] = {k: metrics[k] for k in keys}
         logger.info("toy detector, VLM %s: %s", mode, report["modes"][mode])
     if random_novel:
-        novel = {c.name for c in toyworld.NOVEL_CATEGORIES}
         results, dataset = detect_coco(
             detector,
             annotation_file,
@@ -119,12 +160,25 @@ def evaluate_toy_detector(
     return report
 
 
+def protocol_of_detector(detector: OpenVocabDetector) -> str | None:
+    """The protocol whose base categories are exactly the detector's seen categories, else None."""
+    seen = set(detector.config.seen_categories)
+    return next((k for k in toyworld.PROTOCOLS if {c.name for c in toyworld.protocol_split(k)[0]} == seen), None)
+
+
 def export_toy_detector(directory: str | os.PathLike[str], destination: str | os.PathLike[str] | None = None) -> Path:
-    """Store a trained toy detector (half-precision weights, ``clip`` = ``toy-tiny``) in the package."""
+    """Store a trained toy detector (half-precision weights, ``clip`` = ``toy-tiny``) in the package, as the
+    shipped detector of the protocol it was trained for (``TOY_DETECTORS``, found from its seen categories)."""
     detector = OpenVocabDetector.from_pretrained(directory)
     if detector.config.clip != "toy-tiny":
         raise ValueError(f"{directory} sits on {detector.config.clip!r}, not on the toy model 'toy-tiny'")
-    out = Path(destination) if destination else TOY_DETECTOR_DIR
+    protocol = protocol_of_detector(detector)
+    if destination is None and protocol is None:
+        raise ValueError(
+            f"{directory} was trained on {len(detector.config.seen_categories)} categories that are the base "
+            f"categories of no protocol ({', '.join(toyworld.PROTOCOLS)}); give a destination"
+        )
+    out = Path(destination) if destination else ASSETS_DIR / TOY_DETECTORS[protocol or "compositional"]
     detector.save_pretrained(out, half=True)
     logger.info("exported the toy detector to %s", out)
     return out

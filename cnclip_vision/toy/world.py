@@ -50,8 +50,11 @@ __all__ = [
     "COUNT_WORDS",
     "DEFAULT_OBJECT_MIX",
     "HELD_OUT_COMBOS",
+    "HELD_OUT_COLOURS",
+    "HELD_OUT_SHAPES",
     "NOVEL_CATEGORIES",
     "POSITIONS",
+    "PROTOCOLS",
     "SHAPES",
     "ZERO_SHOT_TEMPLATES",
     "object_map",
@@ -156,6 +159,27 @@ _BY_NAME = {c.name: c for c in CATEGORIES}
 NOVEL_CATEGORIES: tuple[Category, ...] = tuple(c for c in CATEGORIES if (c.shape_index - c.colour_index) % 8 in (1, 4))
 BASE_CATEGORIES: tuple[Category, ...] = tuple(c for c in CATEGORIES if c not in NOVEL_CATEGORIES)
 HELD_OUT_COMBOS: tuple[Category, ...] = tuple(c for c in CATEGORIES if (c.shape_index - c.colour_index) % 8 == 6)
+
+# Attribute-held-out detection protocols: every category of two whole shapes (or two whole colours) is novel,
+# so only the frozen CLIP has seen those shapes (colours); the compositional split above recombines a colour
+# and a shape that base categories also carry. Each has 16 novel and 48 base categories, as the compositional.
+HELD_OUT_SHAPES: tuple[str, ...] = ("五角星", "心形")
+HELD_OUT_COLOURS: tuple[str, ...] = ("青色", "紫色")
+PROTOCOLS: dict[str, tuple[Category, ...]] = {
+    "compositional": NOVEL_CATEGORIES,
+    "held-out-shapes": tuple(c for c in CATEGORIES if c.shape in HELD_OUT_SHAPES),
+    "held-out-colours": tuple(c for c in CATEGORIES if c.colour in HELD_OUT_COLOURS),
+}
+
+
+def protocol_split(protocol: str) -> tuple[tuple[Category, ...], tuple[Category, ...]]:
+    """``(base, novel)`` categories of a detection protocol (:data:`PROTOCOLS`): ``"compositional"``
+    (:data:`NOVEL_CATEGORIES`), ``"held-out-shapes"`` or ``"held-out-colours"``."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown toy detection protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}")
+    novel = PROTOCOLS[protocol]
+    return tuple(c for c in CATEGORIES if c not in novel), novel
+
 
 CategoryLike = Category | int | str
 
@@ -863,13 +887,15 @@ def coco_from_scenes(
     *,
     categories: Iterable[CategoryLike] | None = None,
     annotate: Iterable[CategoryLike] | None = None,
+    novel: Iterable[CategoryLike] | None = None,
 ) -> dict[str, Any]:
     """COCO detection dict of ``scenes``. ``categories`` lists the classes (global ids 1..64, so a subset
     such as BASE_CATEGORIES keeps its ids); objects of categories outside ``annotate`` (default: all listed)
-    stay unannotated, as novel objects in OV-COCO training images."""
+    stay unannotated, as novel objects in OV-COCO training images. ``novel`` (default
+    :data:`NOVEL_CATEGORIES`) sets each category record's ``"split"``."""
     cats = _resolve(categories)
     keep = {c.id for c in (cats if annotate is None else _resolve(annotate))} & {c.id for c in cats}
-    novel = {c.id for c in NOVEL_CATEGORIES}
+    novel_ids = {c.id for c in (NOVEL_CATEGORIES if novel is None else _resolve(novel))}
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
     for image_id, (scene, name) in enumerate(zip(scenes, file_names, strict=True), start=1):
@@ -907,7 +933,7 @@ def coco_from_scenes(
                 "supercategory": c.shape,
                 "colour": c.colour,
                 "shape": c.shape,
-                "split": "novel" if c.id in novel else "base",
+                "split": "novel" if c.id in novel_ids else "base",
             }
             for c in cats
         ],
@@ -922,6 +948,7 @@ def detection_set(
     objects: tuple[int, int] = (3, 6),
     categories: Iterable[CategoryLike] | None = None,
     annotate: Iterable[CategoryLike] | None = None,
+    novel: Iterable[CategoryLike] | None = None,
     radius: tuple[float, float] = (10, 20),
     image_format: str = "png",
 ) -> dict[str, Any]:
@@ -930,7 +957,9 @@ def detection_set(
     scenes = detection_scenes(
         n_images, seed, image_size=image_size, objects=objects, categories=categories, radius=radius
     )
-    return coco_from_scenes(scenes, _file_names(n_images, image_format), categories=categories, annotate=annotate)
+    return coco_from_scenes(
+        scenes, _file_names(n_images, image_format), categories=categories, annotate=annotate, novel=novel
+    )
 
 
 def _file_names(n: int, image_format: str) -> list[str]:
@@ -1050,6 +1079,7 @@ def write_detection_set(
     objects: tuple[int, int] = (3, 6),
     categories: Iterable[CategoryLike] | None = None,
     annotate: Iterable[CategoryLike] | None = None,
+    novel: Iterable[CategoryLike] | None = None,
     radius: tuple[float, float] = (10, 20),
     image_format: str = "png",
     annotation_file: str = "annotations.json",
@@ -1064,7 +1094,7 @@ def write_detection_set(
     (root / "images").mkdir(parents=True, exist_ok=True)
     for scene, name in zip(scenes, names):
         _save(render_array(scene), root / "images" / name)
-    coco = coco_from_scenes(scenes, names, categories=categories, annotate=annotate)
+    coco = coco_from_scenes(scenes, names, categories=categories, annotate=annotate, novel=novel)
     path = root / annotation_file
     _write_text(path, json.dumps(coco, ensure_ascii=False))
     return path
