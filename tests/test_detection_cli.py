@@ -677,7 +677,7 @@ def test_toy_detector_eval_refuses_a_protocol_the_detector_saw_boxes_of(capsys, 
     """The shipped detector was trained on boxes of compositional-base categories, among them every colour of the
     held-out shapes: evaluating it as if they were novel would report transfer that never happened."""
     args = ("toy-detector-eval", "--n", "2", "--data-dir", tmp_path / "d", "--protocol", "held-out-shapes")
-    code, _, err = run(capsys, "-q", *args)
+    code, _, err = run(capsys, "-q", *args, "--detector", "toy-detector")
     assert code == 2
     assert "marks novel" in error_line(err, "toy-detector-eval")
     code, out, _ = run(
