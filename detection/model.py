@@ -339,14 +339,15 @@ class OpenVocabDetector(nn.Module):
             for k in features:
                 features[k] = features[k].float()
             proposals, rpn_losses = self.rpn(batch, features, targets)
+            distill = {}
             if targets is not None and self.config.distill_weight > 0:
-                rpn_losses["loss_distill"] = self._distill_loss(batch, features, proposals)
+                distill["loss_distill"] = self._distill_loss(batch, features, proposals)
             if targets is not None:
                 proposals, _, labels, regression_targets = self.roi_heads.select_training_samples(proposals, targets)
             embeddings, deltas = self.region_head(self.roi_heads.box_roi_pool(features, proposals, batch.image_sizes))
             logits = self._det_logits(embeddings, vocab.embeddings)
         if targets is not None:
-            return {**self._losses(logits, deltas, labels, regression_targets), **rpn_losses}
+            return {**self._losses(logits, deltas, labels, regression_targets), **rpn_losses, **distill}
         boxes = self.roi_heads.box_coder.decode(deltas, proposals)[:, 0]  # class-agnostic: one box per proposal
         counts = [len(x) for x in proposals]
         per_image = []

@@ -54,6 +54,9 @@ def add_model_options(
     )
 
 
+# cnclip_vision.toy.world.PROTOCOLS, listed here so that --help imports nothing (a test keeps them equal)
+TOY_PROTOCOLS = ("compositional", "held-out-shapes", "held-out-colours")
+
 _FORMAT_HELP = {
     "json": "json (one document)",
     "jsonl": "jsonl (one record per line)",

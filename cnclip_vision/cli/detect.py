@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cnclip_vision.cli.common import (
+    TOY_PROTOCOLS,
     add_label_options,
     add_model_options,
     add_output_options,
@@ -352,15 +353,14 @@ def _toy_detector_eval(args: argparse.Namespace) -> int:
 
     annotations = args.annotations
     if annotations is None:
+        protocol = args.protocol or "compositional"
         annotations = write_toy_detection_data(
-            args.data_dir, n_train=0, n_val=args.n, val_seed=args.seed, protocol=args.protocol or "compositional"
+            args.data_dir, n_train=0, n_val=args.n, val_seed=args.seed, protocol=protocol
         )["val"]
-    elif args.protocol and protocol_of(novel_split(annotations)) != args.protocol:
-        raise ValueError(
-            f"--protocol {args.protocol}: {annotations} marks the novel categories of the "
-            f"{protocol_of(novel_split(annotations))!r} protocol"
-        )
-    protocol = args.protocol or (protocol_of(novel_split(annotations)) if args.annotations else "compositional")
+    else:
+        protocol = protocol_of(novel_split(annotations))
+        if args.protocol and protocol != args.protocol:
+            raise ValueError(f"--protocol {args.protocol}: {annotations} marks the novel categories of {protocol!r}")
     name = args.detector or TOY_DETECTORS.get(protocol, "toy-detector")  # the shipped detector of the protocol
     detector = OpenVocabDetector.from_pretrained(name, device=resolve_device(args.device))
     report = evaluate_toy_detector(
@@ -583,7 +583,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=seed, default=777, help="seed of the generated scenes (default: %(default)s)")
     p.add_argument(
         "--protocol",
-        choices=("compositional", "held-out-shapes", "held-out-colours"),
+        choices=TOY_PROTOCOLS,
         default=None,
         help="which categories the generated scenes mark novel (see toy-data detection --protocol; default: "
         "compositional, the shipped detector's); with --annotations, a check of the file's split. The detector "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from cnclip_vision.cli.common import add_output_options, number, out_folder, seed, write_records
+from cnclip_vision.cli.common import TOY_PROTOCOLS, add_output_options, number, out_folder, seed, write_records
 from cnclip_vision.errors import CNClipError
 
 logger = logging.getLogger("cnclip_vision.cli")
@@ -92,7 +92,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--protocol",
-        choices=("compositional", "held-out-shapes", "held-out-colours"),
+        choices=TOY_PROTOCOLS,
         default="compositional",
         help="detection: which 16 categories are novel: compositional (colour x shape pairs whose colour and shape "
         "base categories also carry), held-out-shapes (every colour of 五角星 and 心形), held-out-colours (every "

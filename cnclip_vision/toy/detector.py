@@ -163,7 +163,9 @@ def evaluate_toy_detector(
 def protocol_of_detector(detector: OpenVocabDetector) -> str | None:
     """The protocol whose base categories are exactly the detector's seen categories, else None."""
     seen = set(detector.config.seen_categories)
-    return next((k for k in toyworld.PROTOCOLS if {c.name for c in toyworld.protocol_split(k)[0]} == seen), None)
+    names = {c.name for c in toyworld.CATEGORIES}
+    protocol = protocol_of(names - seen) if seen <= names else "custom"
+    return None if protocol == "custom" else protocol
 
 
 def export_toy_detector(directory: str | os.PathLike[str], destination: str | os.PathLike[str] | None = None) -> Path:
