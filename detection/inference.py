@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision.ops import box_convert
 
+from cnclip_vision.backbones.dense import DenseMode
 from cnclip_vision.detection.model import OpenVocabDetector
 from cnclip_vision.detection.predictor import DetectionPredictor
 from cnclip_vision.detection.vocabulary import VLMMode, Vocabulary
@@ -37,6 +38,7 @@ def detect_coco(
     score_threshold: float = EVAL_SCORE_THRESHOLD,
     max_detections: int = 100,
     vlm_mode: VLMMode | None = None,
+    dense_mode: DenseMode | None = None,
     vocabulary_transform: Callable[[Vocabulary], Vocabulary] | None = None,
     progress: bool = True,
     precision: str = "fp32",
@@ -46,7 +48,8 @@ def detect_coco(
     dataset. Images that fail to load are reported and skipped, and listed in the dataset's ``skipped_images``
     (``{"missing": [ids], "unreadable": [ids]}``; counted in ``dataset.report`` too) so that no AP is computed
     over them unnoticed (:func:`evaluation_image_ids`). ``vocabulary_transform`` may replace the encoded
-    vocabulary (ablations, e.g. random embeddings for some classes). ``precision``: as
+    vocabulary (ablations, e.g. random embeddings for some classes); ``vlm_mode`` / ``dense_mode`` override the
+    detector's. ``precision``: as
     :class:`~cnclip_vision.detection.predictor.DetectionPredictor`'s."""
     from tqdm.auto import tqdm
 
@@ -68,7 +71,7 @@ def detect_coco(
             continue
         evaluated.update(image_ids)
         xs = [im.as_subclass(torch.Tensor).to(device).float().div_(255) for im in images]
-        for image_id, r in zip(image_ids, predictor.detect(xs)):
+        for image_id, r in zip(image_ids, predictor.detect(xs, dense_mode=dense_mode)):
             results += coco_results(r, image_id, dataset.category_ids)
     skipped: dict[str, list[int]] = {"missing": [], "unreadable": []}
     for index, image_id in enumerate(dataset.image_ids):

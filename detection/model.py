@@ -302,6 +302,7 @@ class OpenVocabDetector(nn.Module):
         targets: list[dict[str, torch.Tensor]] | None = None,
         *,
         vlm_mode: VLMMode | None = None,
+        dense_mode: DenseMode | None = None,
         score_threshold: float = 0.05,
         nms_threshold: float = 0.5,
         max_detections: int = 100,
@@ -312,7 +313,8 @@ class OpenVocabDetector(nn.Module):
         Training mode (``targets`` required): the loss dict (``loss_classifier``, ``loss_box_reg``, ``loss_objectness``,
         ``loss_rpn_box_reg``). Eval mode: per image ``boxes`` (xyxy pixels of the input image), ``scores``,
         ``labels`` (vocabulary indices) and ``embeddings`` (the region embeddings ``[K, embed_dim]``), with the
-        VLM branch ``vlm_mode`` (default ``config.vlm_mode``) ensembled in.
+        VLM branch ``vlm_mode`` (default ``config.vlm_mode``) ensembled in; ``dense`` pools the tokens of the last
+        block's variant ``dense_mode`` (default ``config.dense_mode``).
         """
         vocab = self.check_vocabulary(vocabulary)
         if self.training:
@@ -327,12 +329,11 @@ class OpenVocabDetector(nn.Module):
             mode = self.config.vlm_mode if vlm_mode is None else vlm_mode
             check_vlm_mode(mode)
             check_thresholds(score_threshold, nms_threshold, max_detections)
+        dense_mode = check_dense_mode(self.config.dense_mode if dense_mode is None else dense_mode)
         original_sizes = [(im.shape[-2], im.shape[-1]) for im in images]  # traced, not constants, in an export
         batch, targets = self.transform(images, targets)
         if mode == "dense":
-            features, dense = self.backbone.forward_with_dense(
-                batch.tensors, normalize=False, dense_mode=self.config.dense_mode
-            )
+            features, dense = self.backbone.forward_with_dense(batch.tensors, normalize=False, dense_mode=dense_mode)
         else:
             features, dense = self.backbone(batch.tensors), None
         with _fp32_heads(features):  # under bf16 autocast only the backbone runs in bf16 (heads: box precision)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from cnclip_vision.backbones.dense import check_dense_mode
 from cnclip_vision.data.transforms import ImageSource, as_image_list, load_image
 from cnclip_vision.detection.vocabulary import ImageQuery, Label, VLMMode, Vocabulary, check_thresholds, check_vlm_mode
 from cnclip_vision.errors import CNClipError
@@ -115,7 +116,8 @@ class DetectionPredictor:
     def detect(self, images: list[torch.Tensor], **overrides: Any) -> list[dict[str, torch.Tensor]]:
         """Detections of float ``[3, H, W]`` images in 0..1 (on the detector's device) with the current
         vocabulary: per image ``boxes`` (xyxy pixels), ``scores``, ``labels``, ``embeddings``. ``overrides``:
-        ``score_threshold``, ``nms_threshold``, ``max_detections``, ``vlm_mode``, ``agnostic_nms`` (an IoU: a
+        ``score_threshold``, ``nms_threshold``, ``max_detections``, ``vlm_mode``, ``dense_mode`` (the last block's
+        variant ``dense`` pools), ``agnostic_nms`` (an IoU: a
         class-agnostic NMS after the per-class one, for vocabularies whose labels overlap) for this call."""
         options = self._options(overrides)
         agnostic = options.pop("agnostic_nms")
@@ -165,7 +167,7 @@ class DetectionPredictor:
         return out
 
     def _options(self, overrides: dict[str, Any]) -> dict[str, Any]:
-        known = {"score_threshold", "nms_threshold", "max_detections", "vlm_mode", "agnostic_nms"}
+        known = {"score_threshold", "nms_threshold", "max_detections", "vlm_mode", "dense_mode", "agnostic_nms"}
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise TypeError(f"unknown detection options {unknown}; known: {sorted(known | {'batch_size'})}")
@@ -174,6 +176,7 @@ class DetectionPredictor:
             "nms_threshold": self.nms_threshold,
             "max_detections": self.max_detections,
             "vlm_mode": self.vlm_mode,
+            "dense_mode": None,  # the detector's config.dense_mode
             "agnostic_nms": self.agnostic_nms,
             **overrides,
         }
@@ -181,6 +184,8 @@ class DetectionPredictor:
         check_thresholds(options["score_threshold"], options["nms_threshold"], options["max_detections"])
         if options["vlm_mode"] is not None:
             check_vlm_mode(options["vlm_mode"])
+        if options["dense_mode"] is not None:
+            check_dense_mode(options["dense_mode"])
         return options
 
 

@@ -131,3 +131,91 @@ def test_a_folder_with_a_corrupt_image_trains_and_counts_it(tmp_path):
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert max(r.get("skipped_images", 0) for r in records) >= 1
     assert np.isfinite([r["loss"] for r in records if "loss" in r]).all()
+
+
+def test_proposal_crops_are_squares_with_context():
+    from cnclip_vision.training.clipself import _square
+
+    square = _square(torch.tensor([[10.0, 20.0, 30.0, 30.0], [0.0, 0.0, 8.0, 8.0]]), 0.5)
+    # centres (20, 25) and (4, 4); long sides 20 and 8, doubled by a margin of 0.5 per side
+    torch.testing.assert_close(square, torch.tensor([[0.0, 5.0, 40.0, 45.0], [-4.0, -4.0, 12.0, 12.0]]))
+
+
+def test_toyworld_proposals_are_the_objects_boxes_at_the_training_size():
+    from cnclip_vision.toy import world
+    from cnclip_vision.training.clipself import _Images
+
+    data = _Images({"toyworld": {"n_images": 3, "seed": 5, "image_size": 128}}, 64, "toyworld")
+    scenes = world.detection_scenes(3, 5, image_size=128)
+    for i, scene in enumerate(scenes):
+        image, boxes = data[i]
+        assert image.shape == (3, 64, 64)
+        expected = torch.tensor([o.box for o in scene.objects], dtype=torch.float32) / 2
+        torch.testing.assert_close(boxes, expected)
+    assert _Images({"toyworld": {"n_images": 1}}, 64)[0][1].shape == (0, 4)  # grid only
+
+
+def test_coco_proposals_for_a_folder_train_and_bad_files_are_named(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from cnclip_vision.training.clipself import _Images
+
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    names = ["a.png", "sub/b.png", "c.png"]
+    for i, name in enumerate(names):
+        Image.fromarray(np.full((40, 80, 3), 40 * i, np.uint8)).save(folder / name)  # 80 wide, 40 high
+    coco = {
+        "images": [{"id": 1, "file_name": "a.png"}, {"id": 2, "file_name": "sub/b.png"}],
+        "annotations": [
+            {"image_id": 1, "bbox": [8, 4, 16, 12], "category_id": 99},
+            {"image_id": 2, "bbox": [0, 0, 40, 20], "category_id": 7},
+            {"image_id": 2, "bbox": [5, 5, 0, 10], "category_id": 7},  # empty: dropped
+        ],
+    }
+    file = tmp_path / "proposals.json"
+    file.write_text(json.dumps(coco))
+    data = _Images(str(folder), 32, str(file))
+    by_name = {Path(p).relative_to(folder).as_posix(): i for i, p in enumerate(data.paths)}
+    # 80 x 40 resized to 32 x 32: x scaled by 0.4, y by 0.8
+    torch.testing.assert_close(data[by_name["a.png"]][1], torch.tensor([[3.2, 3.2, 9.6, 12.8]]))
+    torch.testing.assert_close(data[by_name["sub/b.png"]][1], torch.tensor([[0.0, 0.0, 16.0, 16.0]]))
+    assert data[by_name["c.png"]][1].shape == (0, 4)
+
+    summary = train_clipself(
+        _config(tmp_path / "run", train_data=str(folder), proposals=str(file), max_steps=2, batch_size=3)
+    )
+    assert summary["steps"] == 2
+
+    with pytest.raises(TrainingError, match="missing.json"):
+        _Images(str(folder), 32, str(tmp_path / "missing.json"))
+    file.write_text(json.dumps({"images": [{"id": 1, "file_name": "elsewhere.png"}], "annotations": []}))
+    with pytest.raises(TrainingError, match="none of its file_name"):
+        _Images(str(folder), 32, str(file))
+    with pytest.raises(TrainingError, match="toyworld"):
+        train_clipself(_config(tmp_path / "x", train_data=str(folder), proposals="toyworld"))
+
+
+def test_the_shipped_dense_model_localises_and_keeps_the_text_tower():
+    """``toy-tiny-dense`` (`make toy-tiny-dense`) against its teacher ``toy-tiny`` on scenes and classification
+    sets of seeds the distillation never saw (README: CLIPSelf)."""
+    from cnclip_vision.toy.dense import evaluate_dense_alignment, evaluate_segmentation
+    from cnclip_vision.toy.model import evaluate_toy_model
+
+    teacher, dense = cnclip_vision.load("toy-tiny"), cnclip_vision.load("toy-tiny-dense")
+    t, d = teacher.state_dict(), dense.state_dict()
+    assert all(torch.equal(t[k], d[k]) for k in t if not k.startswith("visual."))  # the text side is the teacher's
+
+    def patch_accuracy(model):
+        return evaluate_dense_alignment(model, modes=("raw",), n_images=40, seed=6061)["modes"]["raw"]["patch_accuracy"]
+
+    def miou(model):
+        return evaluate_segmentation(model, modes=("raw",), n_images=20, seed=6062)["modes"]["raw"]["mIoU"]
+
+    before, after = patch_accuracy(teacher), patch_accuracy(dense)
+    assert after > max(0.35, 5 * before), (before, after)
+    seg_before, seg_after = miou(teacher), miou(dense)
+    assert seg_after > max(0.1, 5 * seg_before), (seg_before, seg_after)
+    zs = [evaluate_toy_model(m, seed=6063, n_per_class=10, n_retrieval=200)["zeroshot_top1"] for m in (teacher, dense)]
+    assert zs[1] >= zs[0] - 0.03, zs

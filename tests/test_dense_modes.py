@@ -95,6 +95,13 @@ def test_heatmap_and_detector_take_the_mode(model):
         off = detector.predict([image], labels, vlm_mode="off", score_threshold=0.05)[0]
         dense = detector.predict([image], labels, vlm_mode="dense", score_threshold=0.05)[0]
         outputs[mode] = (off, dense)
+    # a per-call dense_mode is the configured one, and the config is left as it was
+    per_call = detector.predict([image], labels, vlm_mode="dense", dense_mode="raw", score_threshold=0.05)[0]
+    torch.testing.assert_close(per_call["scores"], outputs["raw"][1]["scores"])
+    torch.testing.assert_close(per_call["boxes"], outputs["raw"][1]["boxes"])
+    assert detector.config.dense_mode == "naclip"
+    with pytest.raises(ValueError, match="dense_mode"):
+        detector.predict([image], labels, vlm_mode="dense", dense_mode="gem")
     # the pyramid always sees the raw tokens: "off" does not depend on the dense mode; "dense" does
     torch.testing.assert_close(outputs["raw"][0]["scores"], outputs["naclip"][0]["scores"])
     a, b = outputs["raw"][1]["scores"], outputs["naclip"][1]["scores"]

@@ -636,6 +636,10 @@ def test_toy_detector_export(capsys, trained, api_detector, tmp_path):
     assert exported.config.clip == "toy-tiny" and exported.config.seen_categories == tuple(BASE_NAMES)
     for k, v in api_detector.head_state_dict().items():
         torch.testing.assert_close(exported.head_state_dict()[k], v, atol=2e-3, rtol=2e-3)
+    assert exported.config.vlm_mode == api_detector.config.vlm_mode  # as trained
+    other_mode = next(m for m in ("crops", "off") if m != api_detector.config.vlm_mode)
+    code, _, _ = run(capsys, "toy-detector-export", trained["dir"], "--dst", dst, "--vlm-mode", other_mode)
+    assert code == 0 and OpenVocabDetector.from_pretrained(dst).config.vlm_mode == other_mode
 
     other = tmp_path / "on-a-copied-clip"
     api_detector.save_pretrained(other, include_clip=True)  # sits on "clip", not on toy-tiny

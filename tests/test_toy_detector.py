@@ -112,7 +112,8 @@ def test_attribute_held_out_detectors(protocol, best, tmp_path):
     """The shipped detectors of the attribute-held-out protocols (`make toy-detectors-held-out`): trained on the
     protocol's base boxes only, they find the withheld shapes / colours on fresh scenes through the text encoder
     (random text embeddings for the novel names collapse novel AP50). Withheld shapes are carried best by the
-    CLIP's crops, withheld colours by the region head (README: the two protocols)."""
+    CLIP's crops, withheld colours by the region head (README: the two protocols), and each detector's default
+    VLM branch is that one."""
     from cnclip_vision.models.configs import TOY_DETECTORS
     from cnclip_vision.toy.detector import protocol_of_detector, write_toy_detection_data
 
@@ -127,4 +128,5 @@ def test_attribute_held_out_detectors(protocol, best, tmp_path):
     assert off["AP50_base"] >= 0.9 and crops["AP50_base"] >= 0.9, report["modes"]
     worse = crops if best == "off" else off
     assert report["modes"][best]["AP50_novel"] >= max(0.75, worse["AP50_novel"]), report["modes"]
+    assert detector.config.vlm_mode == best  # each ships with the branch that carries its novel categories
     assert control["AP50_novel"] < 0.25 * off["AP50_novel"], (control, off)

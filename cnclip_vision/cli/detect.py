@@ -376,7 +376,8 @@ def _toy_detector_eval(args: argparse.Namespace) -> int:
 def _toy_detector_export(args: argparse.Namespace) -> int:
     from cnclip_vision.toy.detector import export_toy_detector
 
-    write_records(args, [{"source": args.src, "exported": str(export_toy_detector(args.src, args.dst))}])
+    exported = export_toy_detector(args.src, args.dst, vlm_mode=args.vlm_mode)
+    write_records(args, [{"source": args.src, "exported": str(exported)}])
     return 0
 
 
@@ -611,7 +612,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("src", help="trained detector directory (OUTPUT_DIR/detector of train-detector)")
     p.add_argument(
-        "--dst", type=out_folder, default=None, help="destination (default: the package's assets/toy-detector)"
+        "--dst", type=out_folder, default=None, help="destination (default: the package's asset of its protocol)"
     )
+    p.add_argument(
+        "--vlm-mode", choices=("crops", "dense", "off"), default=None,
+        help="the exported detector's default VLM branch (an inference setting; default: as trained)",
+    )  # fmt: skip
     add_output_options(p)
     p.set_defaults(func=_toy_detector_export)

@@ -46,6 +46,14 @@ _CLIPSELF_OVERRIDES = {  # option -> (type or tuple of choices, help)
     "image_size": (number(int, 16, 4096), "the student's input side in pixels (CLIPSelf: 1024)"),
     "max_split": (number(int, 1, 32), "grid cells per side drawn from 1..N per image"),
     "trainable_layers": (number(int, 1), "train only the last N tower blocks (default: the whole tower)"),
+    "proposals": (
+        str,
+        "region-level CLIPSelf: a COCO json of boxes (file_name relative to --train-data; "
+        "categories unread), or 'toyworld' for toy scenes' object boxes",
+    ),
+    "max_proposals": (number(int, 0), "proposals distilled per image and step (a random subset)"),
+    "proposal_margin": (number(float, 0.0), "context around a proposal's teacher crop, per side, x long side"),
+    "region_bins": (number(int, 1, 16), "each region's features in N x N bins, each pulled to its target (paper: 1)"),
     **{k: _OVERRIDES[k] for k in ("epochs", "max_steps", "batch_size", "accum_steps", "lr", "weight_decay")},
     **{k: _OVERRIDES[k] for k in ("warmup", "precision", "seed", "num_workers", "save_every", "log_every")},
     "device": _OVERRIDES["device"],

@@ -25,6 +25,7 @@ __all__ = [
     "register_model_info",
     "ASSETS_DIR",
     "TOY_CONFIG",
+    "TOY_DENSE_MODEL_DIR",
     "TOY_DETECTOR_DIR",
     "TOY_DETECTORS",
     "TOY_MODEL_DIR",
@@ -244,6 +245,7 @@ for _info in (
 # Models shipped inside the package (cnclip_vision/assets/): the toy world's tiny CLIP and its detector.
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 TOY_MODEL_DIR = ASSETS_DIR / "toy-tiny"
+TOY_DENSE_MODEL_DIR = ASSETS_DIR / "toy-tiny-dense"
 TOY_DETECTOR_DIR = ASSETS_DIR / "toy-detector"
 # the toy detector of each detection protocol (cnclip_vision.toy.world.PROTOCOLS), by shipped name
 TOY_DETECTORS = {
@@ -265,6 +267,15 @@ register_model_info(
         local_path=str(TOY_MODEL_DIR),
         description="tiny model of the synthetic toy world (coloured shapes), shipped with the package; "
         "not a model of real images",
+    )
+)
+register_model_info(
+    ModelInfo(
+        "toy-tiny-dense",
+        TOY_CONFIG,
+        local_path=str(TOY_DENSE_MODEL_DIR),
+        description="toy-tiny with CLIPSelf-distilled dense tokens (recipes/toy-clipself.json; text tower "
+        "unchanged), shipped with the package",
     )
 )
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from cnclip_vision.backbones.dense import DenseMode
 from cnclip_vision.detection.model import OpenVocabDetector
-from cnclip_vision.detection.vocabulary import VLM_MODES, VLMMode, Vocabulary
+from cnclip_vision.detection.vocabulary import VLM_MODES, VLMMode, Vocabulary, check_vlm_mode
 from cnclip_vision.models.configs import ASSETS_DIR, TOY_DETECTOR_DIR, TOY_DETECTORS
 from cnclip_vision.toy import world as toyworld
 
@@ -140,19 +140,16 @@ def evaluate_toy_detector(
 
         alignment = evaluate_dense_alignment(detector.clip, modes=dense_modes, seed=dense_seed)["modes"]
         report["dense_modes"] = {}
-        configured = detector.config.dense_mode
-        try:
-            for dense_mode in dense_modes:
-                detector.config.dense_mode = dense_mode  # an inference option, restored below
-                results, dataset = detect_coco(detector, annotation_file, vlm_mode="dense", progress=progress)
-                metrics = evaluate_coco(dataset.coco, results)
-                report["dense_modes"][dense_mode] = {
-                    **{k: metrics[k] for k in keys},
-                    "patch_accuracy": alignment[dense_mode]["patch_accuracy"],
-                }
-                logger.info("toy detector, dense mode %s: %s", dense_mode, report["dense_modes"][dense_mode])
-        finally:
-            detector.config.dense_mode = configured
+        for dense_mode in dense_modes:
+            results, dataset = detect_coco(
+                detector, annotation_file, vlm_mode="dense", dense_mode=dense_mode, progress=progress
+            )
+            metrics = evaluate_coco(dataset.coco, results)
+            report["dense_modes"][dense_mode] = {
+                **{k: metrics[k] for k in keys},
+                "patch_accuracy": alignment[dense_mode]["patch_accuracy"],
+            }
+            logger.info("toy detector, dense mode %s: %s", dense_mode, report["dense_modes"][dense_mode])
     default = report["modes"].get(detector.config.vlm_mode)
     if default is not None:
         report["passes"] = all(default[k] >= v for k, v in DETECTOR_QUALITY_BARS.items())
@@ -168,10 +165,19 @@ def protocol_of_detector(detector: OpenVocabDetector) -> str | None:
     return None if protocol == "custom" else protocol
 
 
-def export_toy_detector(directory: str | os.PathLike[str], destination: str | os.PathLike[str] | None = None) -> Path:
+def export_toy_detector(
+    directory: str | os.PathLike[str],
+    destination: str | os.PathLike[str] | None = None,
+    *,
+    vlm_mode: VLMMode | None = None,
+) -> Path:
     """Store a trained toy detector (half-precision weights, ``clip`` = ``toy-tiny``) in the package, as the
-    shipped detector of the protocol it was trained for (``TOY_DETECTORS``, found from its seen categories)."""
+    shipped detector of the protocol it was trained for (``TOY_DETECTORS``, found from its seen categories);
+    ``vlm_mode`` replaces its default VLM branch (an inference setting, chosen from its evaluation)."""
     detector = OpenVocabDetector.from_pretrained(directory)
+    if vlm_mode is not None:
+        check_vlm_mode(vlm_mode)
+        detector.config.vlm_mode = vlm_mode
     if detector.config.clip != "toy-tiny":
         raise ValueError(f"{directory} sits on {detector.config.clip!r}, not on the toy model 'toy-tiny'")
     protocol = protocol_of_detector(detector)

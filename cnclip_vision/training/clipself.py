@@ -5,10 +5,12 @@ The student is a copy of the CLIP; its image tower's dense embeddings (the last 
 tokens, :func:`~cnclip_vision.backbones.pyramid.dense_image_embeddings`) are RoI-aligned over the cells of a
 random ``m x n`` grid (``m, n`` drawn from 1..``max_split`` per image, the paper's patch-level variant) and
 pulled, by cosine, to the frozen teacher's pooled embeddings of the same cells cropped and re-encoded at the
-teacher's input size. No labels; the text tower is untouched (the student's text weights are the
-teacher's), so the distilled model keeps the text side exactly. Everything else — data order, DDP, AdamW,
-warmup + cosine, accumulation, autocast, checkpoints and exact resume — is the shared loop's
-(:mod:`cnclip_vision.training.loop`).
+teacher's input size. With ``proposals`` (the paper's region-level variant) given boxes are distilled
+beside the cells: the student's features over each box are pulled to the teacher's embedding of a square
+crop around it with ``proposal_margin`` of context. No labels; the text tower is untouched (the student's
+text weights are the teacher's), so the distilled model keeps the text side exactly. Everything else —
+data order, DDP, AdamW, warmup + cosine, accumulation, autocast, checkpoints and exact resume — is the
+shared loop's (:mod:`cnclip_vision.training.loop`).
 
 >>> summary = train_clipself(CLIPSelfConfig.from_file("recipes/toy-clipself.json"))
 """
@@ -62,6 +64,15 @@ class CLIPSelfConfig:
     # without it the toy model's zero-shot top-1 fell from 0.98 to 0.53)
     pooled_weight: float = 1.0
     pooled_crops: int = 4
+    # region-level CLIPSelf: boxes distilled beside the grid cells, class-agnostic (no labels are read).
+    # "toyworld": every toy object's box, what a class-agnostic proposal generator gives; or a COCO json
+    # whose images' file_name are relative to train_data and whose annotations' bbox are the proposals
+    proposals: str | None = None
+    max_proposals: int = 8  # proposals distilled per image and step (a random subset of the image's)
+    proposal_margin: float = 0.4  # the teacher's square crop: the box's long side * (1 + 2 * margin)
+    # each region's student features RoI-aligned to region_bins x region_bins bins, every bin pulled to the
+    # region's target (1: the region's mean, the paper; more asks each part of a region for its embedding)
+    region_bins: int = 1
     epochs: int = 6
     max_steps: int | None = None
     batch_size: int = 16  # global
@@ -88,7 +99,7 @@ class CLIPSelfConfig:
 
     def validate(self, world_size: int) -> None:
         check_settings(self, world_size)
-        for name in ("image_size", "max_split"):
+        for name in ("image_size", "max_split", "region_bins"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise TrainingError(f"{name}={value!r}; expected a positive int")
@@ -98,8 +109,20 @@ class CLIPSelfConfig:
             or self.pooled_weight < 0
         ):
             raise TrainingError(f"pooled_weight={self.pooled_weight!r}; expected a number >= 0")
-        if isinstance(self.pooled_crops, bool) or not isinstance(self.pooled_crops, int) or self.pooled_crops < 0:
-            raise TrainingError(f"pooled_crops={self.pooled_crops!r}; expected an int >= 0")
+        for name in ("pooled_crops", "max_proposals"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise TrainingError(f"{name}={value!r}; expected an int >= 0")
+        if (
+            isinstance(self.proposal_margin, bool)
+            or not isinstance(self.proposal_margin, (int, float))
+            or self.proposal_margin < 0
+        ):
+            raise TrainingError(f"proposal_margin={self.proposal_margin!r}; expected a number >= 0")
+        if self.proposals == "toyworld" and not isinstance(self.train_data, dict):
+            raise TrainingError("proposals='toyworld' needs train_data={'toyworld': {...}}; give a COCO json instead")
+        if self.proposals is not None and not isinstance(self.proposals, str):
+            raise TrainingError(f"proposals={self.proposals!r}; expected null, 'toyworld' or a COCO json path")
         if self.trainable_layers is not None and (
             isinstance(self.trainable_layers, bool) or not isinstance(self.trainable_layers, int)
         ):
@@ -116,10 +139,12 @@ def grid_boxes(height: int, width: int, rows: int, cols: int) -> torch.Tensor:
 
 
 class _Images(Dataset):
-    """Square float images in 0..1 at ``size`` (``[3, size, size]``) from a folder or the toy world."""
+    """Square float images in 0..1 at ``size`` (``[3, size, size]``) from a folder or the toy world, each with
+    its proposals (``[K, 4]`` xyxy at ``size``; ``K = 0`` without ``proposals``)."""
 
-    def __init__(self, spec: str | dict[str, Any], size: int) -> None:
+    def __init__(self, spec: str | dict[str, Any], size: int, proposals: str | None = None) -> None:
         self.size = size
+        self.boxes: list[np.ndarray] | None = None  # per image, xyxy in the original image's pixels
         if isinstance(spec, dict):
             if set(spec) != {"toyworld"}:
                 raise TrainingError(f"train_data must be a folder or {{'toyworld': {{...}}}}, got keys {sorted(spec)}")
@@ -129,6 +154,8 @@ class _Images(Dataset):
             scenes = world.detection_scenes(options.pop("n_images"), options.pop("seed"), **options)
             self.arrays: list[np.ndarray] | None = [world.render_array(s) for s in scenes]
             self.paths: list[str] = []
+            if proposals == "toyworld":
+                self.boxes = [np.array([o.box for o in s.objects], np.float32).reshape(-1, 4) for s in scenes]
         else:
             from cnclip_vision.data.images import list_images
 
@@ -137,12 +164,15 @@ class _Images(Dataset):
                 raise TrainingError(f"train_data {spec} is not a folder of images")
             self.paths = [str(p) for p in list_images(root)]  # none: CNClipError naming the folder
             self.arrays = None
+            if proposals is not None:
+                self.boxes = _coco_proposals(proposals, root, self.paths)
 
     def __len__(self) -> int:
         return len(self.arrays) if self.arrays is not None else len(self.paths)
 
-    def __getitem__(self, index: int) -> torch.Tensor | None:
-        """The image, or None (logged) when it cannot be read: the step trains on the others."""
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The image and its proposals, or None (logged) when it cannot be read: the step trains on the
+        others."""
         from PIL import Image
 
         from cnclip_vision.data.transforms import load_image
@@ -156,9 +186,38 @@ class _Images(Dataset):
             except (ImageLoadError, OSError) as e:
                 logger.warning("skipped unreadable image %s: %s", self.paths[index], e)
                 return None
+        width, height = picture.size
         if picture.size != (self.size, self.size):
             picture = picture.resize((self.size, self.size), Image.Resampling.BICUBIC)
-        return torch.from_numpy(np.array(picture, dtype=np.float32)).permute(2, 0, 1) / 255
+        boxes = torch.zeros(0, 4)
+        if self.boxes is not None:
+            scale = torch.tensor([self.size / width, self.size / height] * 2)
+            boxes = torch.from_numpy(self.boxes[index]) * scale
+        return torch.from_numpy(np.array(picture, dtype=np.float32)).permute(2, 0, 1) / 255, boxes
+
+
+def _coco_proposals(path: str, root: Path, images: list[str]) -> list[np.ndarray]:
+    """Each image's boxes (xyxy pixels) from a COCO json's ``annotations[].bbox`` (xywh), matched on
+    ``images[].file_name`` relative to ``root``; categories are not read."""
+    file = Path(path)
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+        names = {int(im["id"]): str(im["file_name"]) for im in data["images"]}
+        by_name: dict[str, list[list[float]]] = {name: [] for name in names.values()}
+        for a in data["annotations"]:
+            x, y, w, h = (float(v) for v in a["bbox"])
+            if w > 0 and h > 0:
+                by_name[names[int(a["image_id"])]].append([x, y, x + w, y + h])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise TrainingError(
+            f"proposals {path}: expected a COCO json (images[].id/file_name, annotations[].image_id/bbox): {e!r}"
+        ) from e
+    relative = [Path(p).relative_to(root).as_posix() for p in images]
+    found = sum(name in by_name for name in relative)
+    if not found:
+        raise TrainingError(f"proposals {path}: none of its file_name values is an image under {root}")
+    logger.info("proposals %s: boxes for %d of %d images", path, found, len(images))
+    return [np.array(by_name.get(name, []), np.float32).reshape(-1, 4) for name in relative]
 
 
 class _DenseStudent(nn.Module):
@@ -196,7 +255,8 @@ class CLIPSelfTask(TrainingTask):
         from cnclip_vision.models.factory import load
 
         self.config = config
-        self.dataset = _Images(config.train_data, config.image_size)  # bad data fails before the model loads
+        # bad data fails before the model loads
+        self.dataset = _Images(config.train_data, config.image_size, config.proposals)
         self.collate_fn = _stack_readable
         teacher = load(config.model, device=env.device).eval()
         if teacher.config.vision.kind != "vit":
@@ -248,19 +308,25 @@ class CLIPSelfTask(TrainingTask):
     def train_step(self, micro_batches: list[Any], ctx: StepContext) -> StepOutput | None:
         from torchvision.ops import roi_align
 
-        self.skipped += sum(skipped for _, skipped in micro_batches)
-        if all(images is None for images, _ in micro_batches):
+        self.skipped += sum(skipped for *_, skipped in micro_batches)
+        if all(images is None for images, *_ in micro_batches):
             return None  # nothing readable in the step (counted as skipped by the loop)
         total = 0.0
-        for a, (images, _) in enumerate(micro_batches):
+        for a, (images, proposals, _) in enumerate(micro_batches):
             if images is None:
                 continue
             images = _normalise(images.to(ctx.env.device, non_blocking=True))
             size = images.shape[-1]
             splits = torch.randint(1, self.config.max_split + 1, (len(images), 2))  # the loop's RNG: resumable
             whole = torch.tensor([[0.0, 0.0, size, size]])
-            cells = [grid_boxes(size, size, int(r), int(c)) for r, c in splits]
-            boxes = [torch.cat([whole, b]) for b in cells]  # row 0 of each image: the whole image
+            grids = [grid_boxes(size, size, int(r), int(c)) for r, c in splits]
+            k = self.config.max_proposals
+            drawn = [p[torch.randperm(len(p))[:k]] if len(p) else p for p in proposals]
+            cells = [torch.cat([g, p]) for g, p in zip(grids, drawn)]  # the student's regions
+            # the teacher's crops: row 0 of each image the whole image, then the cells, then the proposals
+            # with context
+            margin = self.config.proposal_margin
+            boxes = [torch.cat([whole, g, _square(p, margin)]) for g, p in zip(grids, drawn)]
             crops = self._crops(images, boxes)
             targets = self._teacher(crops)
             keep = self._pooled_rows(boxes) if self.config.pooled_weight > 0 else None
@@ -268,11 +334,12 @@ class CLIPSelfTask(TrainingTask):
             with ctx.micro_batch(a), ctx.autocast():
                 dense, pooled = ctx.model(images, crops[keep] if keep is not None else None)
                 stride = size / dense.shape[-1]
-                regions = roi_align(
-                    dense.float(), [b.to(images) for b in cells], output_size=1, spatial_scale=1 / stride,
-                    sampling_ratio=2, aligned=True,
-                ).flatten(1)  # fmt: skip
-                loss = (1 - F.cosine_similarity(regions, targets[dense_rows], dim=-1)).mean()
+                bins = roi_align(
+                    dense.float(), [b.to(images) for b in cells], output_size=self.config.region_bins,
+                    spatial_scale=1 / stride, sampling_ratio=-1, aligned=True,
+                )  # fmt: skip
+                regions = bins.flatten(2).transpose(1, 2)  # [regions, bins * bins, D]
+                loss = (1 - F.cosine_similarity(regions, targets[dense_rows][:, None], dim=-1)).mean()
                 if pooled is not None and keep is not None:
                     kept = (1 - F.cosine_similarity(pooled.float(), targets[keep], dim=-1)).mean()
                     loss = loss + self.config.pooled_weight * kept
@@ -294,10 +361,22 @@ class CLIPSelfTask(TrainingTask):
         logger.info("distilled model written to %s", output_dir / "model")
 
 
-def _stack_readable(items: list[torch.Tensor | None]) -> tuple[torch.Tensor | None, int]:
-    """The readable images of a micro-batch stacked (None when there is none) and how many were not."""
+def _square(boxes: torch.Tensor, margin: float) -> torch.Tensor:
+    """Square xyxy boxes around ``boxes``' centres, side = long side * (1 + 2 * margin) (as the detector's
+    ``crops``)."""
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    half = (boxes[:, 2:] - boxes[:, :2]).amax(-1, keepdim=True) * (0.5 + margin)
+    return torch.cat([centre - half, centre + half], 1)
+
+
+def _stack_readable(
+    items: list[tuple[torch.Tensor, torch.Tensor] | None],
+) -> tuple[torch.Tensor | None, list[torch.Tensor], int]:
+    """The readable images of a micro-batch stacked (None when there is none), their proposals and how many
+    images were not readable."""
     readable = [x for x in items if x is not None]
-    return (torch.stack(readable) if readable else None), len(items) - len(readable)
+    images = torch.stack([image for image, _ in readable]) if readable else None
+    return images, [boxes for _, boxes in readable], len(items) - len(readable)
 
 
 def _in_last_blocks(name: str, depth: int, n: int) -> bool:
