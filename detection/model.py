@@ -47,7 +47,7 @@ from torchvision.ops import batched_nms, clip_boxes_to_image, remove_small_boxes
 
 from cnclip_vision.backbones.dense import DenseMode, check_dense_mode
 from cnclip_vision.backbones.pyramid import ViTDetBackbone, detector_kwargs, vit_fpn_backbone
-from cnclip_vision.data.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageSource, load_image
+from cnclip_vision.data.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageSource, load_image, square_boxes
 from cnclip_vision.detection.vocabulary import (
     VLM_MODES,
     ImageQuery,
@@ -425,11 +425,8 @@ class OpenVocabDetector(nn.Module):
         counts = [len(b) for b in boxes]
         if not sum(counts):
             return [images.new_zeros(0, self.embed_dim) for _ in boxes]
-        flat = torch.cat(list(boxes))
-        cx, cy = (flat[:, 0] + flat[:, 2]) / 2, (flat[:, 1] + flat[:, 3]) / 2
-        half = (flat[:, 2:] - flat[:, :2]).amax(-1) * (0.5 + self.config.crop_margin)
         owner = torch.cat([torch.full_like(b[:, 0], i) for i, b in enumerate(boxes)])  # each box's image
-        rois = torch.stack([owner, cx - half, cy - half, cx + half, cy + half], dim=1)  # [K, 5]
+        rois = torch.cat([owner[:, None], square_boxes(torch.cat(list(boxes)), self.config.crop_margin)], 1)
         size = self.clip.image_size
         out = []
         # one chunk while tracing (an ONNX export has one image and crop_top_k crops): a traced split is fixed

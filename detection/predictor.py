@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cnclip_vision.backbones.dense import check_dense_mode
+from cnclip_vision.backbones.dense import DenseMode, check_dense_mode
 from cnclip_vision.data.transforms import ImageSource, as_image_list, load_image
 from cnclip_vision.detection.vocabulary import ImageQuery, Label, VLMMode, Vocabulary, check_thresholds, check_vlm_mode
 from cnclip_vision.errors import CNClipError
@@ -46,6 +46,7 @@ class DetectionPredictor:
         nms_threshold: float = 0.5,
         max_detections: int = 100,
         vlm_mode: VLMMode | None = None,
+        dense_mode: DenseMode | None = None,
         agnostic_nms: float | None = None,
         batch_size: int = 4,
         cache_size: int = 16,
@@ -56,6 +57,8 @@ class DetectionPredictor:
         check_thresholds(score_threshold, nms_threshold, max_detections)
         if vlm_mode is not None:
             check_vlm_mode(vlm_mode)
+        if dense_mode is not None:
+            check_dense_mode(dense_mode)
         _check_agnostic_nms(agnostic_nms)
         for name, value in (("batch_size", batch_size), ("cache_size", cache_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -74,6 +77,7 @@ class DetectionPredictor:
         self.nms_threshold = nms_threshold
         self.max_detections = max_detections
         self.vlm_mode = vlm_mode
+        self.dense_mode = dense_mode
         self.agnostic_nms = agnostic_nms
         self.batch_size = batch_size
         self.cache_size = cache_size
@@ -176,7 +180,7 @@ class DetectionPredictor:
             "nms_threshold": self.nms_threshold,
             "max_detections": self.max_detections,
             "vlm_mode": self.vlm_mode,
-            "dense_mode": None,  # the detector's config.dense_mode
+            "dense_mode": self.dense_mode,  # None: the detector's config.dense_mode
             "agnostic_nms": self.agnostic_nms,
             **overrides,
         }

@@ -74,10 +74,12 @@ def test_only_the_image_tower_changes_and_resume_is_exact(tmp_path, monkeypatch)
 
 
 def test_bad_inputs_fail_before_the_model_loads(tmp_path, capsys):
+    with pytest.raises(TrainingError, match="proposals='toyworld' needs .*the folder .*'none'"):
+        train_clipself(_config(tmp_path / "x", train_data=str(tmp_path)))  # the recipe's proposals, a folder
     with pytest.raises(TrainingError, match="not a folder"):
-        train_clipself(_config(tmp_path / "x", train_data=str(tmp_path / "missing")))
+        train_clipself(_config(tmp_path / "x", train_data=str(tmp_path / "missing"), proposals="none"))
     with pytest.raises(CNClipError, match="no images"):
-        train_clipself(_config(tmp_path / "x", train_data=str(tmp_path)))
+        train_clipself(_config(tmp_path / "x", train_data=str(tmp_path), proposals="none"))
     with pytest.raises(TrainingError, match="patch size"):
         train_clipself(_config(tmp_path / "x", image_size=60))
     assert main(["clipself", "--train-data", str(tmp_path / "missing"), "--output-dir", str(tmp_path / "o")]) == 2
@@ -101,15 +103,18 @@ def test_cli_runs_a_recipe(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_distillation_aligns_dense_tokens_and_keeps_zero_shot(tmp_path):
-    """200 steps of the toy recipe; measured on scenes and classification sets of seeds training never saw."""
+    """100 steps of the toy recipe; measured on scenes and classification sets of seeds training never saw.
+
+    Measured on AMD EPYC (2 cores): patch accuracy 0.018 -> 0.371, zero-shot 0.978 -> 0.969 at 100 steps.
+    """
     from cnclip_vision.toy.dense import evaluate_dense_alignment
     from cnclip_vision.toy.model import evaluate_toy_model
 
-    summary = train_clipself(CLIPSelfConfig.from_file(RECIPE, output_dir=str(tmp_path), max_steps=200, progress=False))
+    summary = train_clipself(CLIPSelfConfig.from_file(RECIPE, output_dir=str(tmp_path), max_steps=100, progress=False))
     teacher, student = cnclip_vision.load("toy-tiny"), cnclip_vision.load(summary["model_dir"])
     before = evaluate_dense_alignment(teacher, modes=("raw",), n_images=60, seed=2027)["modes"]["raw"]
     after = evaluate_dense_alignment(student, modes=("raw",), n_images=60, seed=2027)["modes"]["raw"]
-    assert after["patch_accuracy"] > 2.5 * before["patch_accuracy"], (before, after)
+    assert after["patch_accuracy"] > max(0.15, 5 * before["patch_accuracy"]), (before, after)
     zs_teacher = evaluate_toy_model(teacher, seed=9191, n_per_class=10, n_retrieval=200)["zeroshot_top1"]
     zs_student = evaluate_toy_model(student, seed=9191, n_per_class=10, n_retrieval=200)["zeroshot_top1"]
     assert zs_student >= zs_teacher - 0.05, (zs_teacher, zs_student)
@@ -126,7 +131,9 @@ def test_a_folder_with_a_corrupt_image_trains_and_counts_it(tmp_path):
     for i, scene in enumerate(world.detection_scenes(3, 11, image_size=64)):
         Image.fromarray(world.render_array(scene)).save(folder / f"{i}.png")
     (folder / "broken.jpg").write_bytes(b"not a jpeg at all")
-    summary = train_clipself(_config(tmp_path / "run", train_data=str(folder), max_steps=4, batch_size=2))
+    summary = train_clipself(
+        _config(tmp_path / "run", train_data=str(folder), max_steps=4, batch_size=2, proposals="none")
+    )
     assert summary["steps"] == 4 and Path(summary["model_dir"]).is_dir()
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert max(r.get("skipped_images", 0) for r in records) >= 1
@@ -134,9 +141,9 @@ def test_a_folder_with_a_corrupt_image_trains_and_counts_it(tmp_path):
 
 
 def test_proposal_crops_are_squares_with_context():
-    from cnclip_vision.training.clipself import _square
+    from cnclip_vision.data.transforms import square_boxes
 
-    square = _square(torch.tensor([[10.0, 20.0, 30.0, 30.0], [0.0, 0.0, 8.0, 8.0]]), 0.5)
+    square = square_boxes(torch.tensor([[10.0, 20.0, 30.0, 30.0], [0.0, 0.0, 8.0, 8.0]]), 0.5)
     # centres (20, 25) and (4, 4); long sides 20 and 8, doubled by a margin of 0.5 per side
     torch.testing.assert_close(square, torch.tensor([[0.0, 5.0, 40.0, 45.0], [-4.0, -4.0, 12.0, 12.0]]))
 
@@ -193,8 +200,6 @@ def test_coco_proposals_for_a_folder_train_and_bad_files_are_named(tmp_path):
     file.write_text(json.dumps({"images": [{"id": 1, "file_name": "elsewhere.png"}], "annotations": []}))
     with pytest.raises(TrainingError, match="none of its file_name"):
         _Images(str(folder), 32, str(file))
-    with pytest.raises(TrainingError, match="toyworld"):
-        train_clipself(_config(tmp_path / "x", train_data=str(folder), proposals="toyworld"))
 
 
 def test_the_shipped_dense_model_localises_and_keeps_the_text_tower():

@@ -78,7 +78,7 @@ def test_dense_image_embeddings_and_errors(model):
 
 
 def test_heatmap_and_detector_take_the_mode(model):
-    from cnclip_vision.detection import OpenVocabDetector
+    from cnclip_vision.detection import DetectionPredictor, OpenVocabDetector
     from cnclip_vision.detection.heatmap import similarity_map
 
     scene = world.render(world.detection_scenes(1, 31)[0])
@@ -99,9 +99,13 @@ def test_heatmap_and_detector_take_the_mode(model):
     per_call = detector.predict([image], labels, vlm_mode="dense", dense_mode="raw", score_threshold=0.05)[0]
     torch.testing.assert_close(per_call["scores"], outputs["raw"][1]["scores"])
     torch.testing.assert_close(per_call["boxes"], outputs["raw"][1]["boxes"])
+    predictor = DetectionPredictor(detector, vlm_mode="dense", dense_mode="raw", score_threshold=0.05)
+    torch.testing.assert_close(predictor.predict([image], labels)[0]["scores"], outputs["raw"][1]["scores"])
     assert detector.config.dense_mode == "naclip"
     with pytest.raises(ValueError, match="dense_mode"):
         detector.predict([image], labels, vlm_mode="dense", dense_mode="gem")
+    with pytest.raises(ValueError, match="dense_mode"):
+        DetectionPredictor(detector, dense_mode="gem")  # type: ignore[arg-type]
     # the pyramid always sees the raw tokens: "off" does not depend on the dense mode; "dense" does
     torch.testing.assert_close(outputs["raw"][0]["scores"], outputs["naclip"][0]["scores"])
     a, b = outputs["raw"][1]["scores"], outputs["naclip"][1]["scores"]

@@ -49,7 +49,7 @@ _CLIPSELF_OVERRIDES = {  # option -> (type or tuple of choices, help)
     "proposals": (
         str,
         "region-level CLIPSelf: a COCO json of boxes (file_name relative to --train-data; "
-        "categories unread), or 'toyworld' for toy scenes' object boxes",
+        "categories unread), 'toyworld' for toy scenes' object boxes, or 'none' for grid cells only",
     ),
     "max_proposals": (number(int, 0), "proposals distilled per image and step (a random subset)"),
     "proposal_margin": (number(float, 0.0), "context around a proposal's teacher crop, per side, x long side"),

@@ -33,6 +33,7 @@ __all__ = [
     "clip_normalize",
     "image_transform",
     "load_image",
+    "square_boxes",
 ]
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -48,6 +49,15 @@ def clip_normalize(pixels: torch.Tensor) -> torch.Tensor:
 ImageSource = Image.Image | str | os.PathLike | bytes | bytearray | memoryview | IO[bytes] | np.ndarray | torch.Tensor
 
 _ALPHA_MODES = ("LA", "La", "PA", "RGBa", "RGBA")
+
+
+def square_boxes(boxes: torch.Tensor, margin: float) -> torch.Tensor:
+    """Square xyxy crop boxes ``[K, 4]`` centred on ``boxes``, side = the box's long side * (1 + 2 * margin):
+    the context a CLIP sees when a region is cropped and re-encoded (the detector's ``crops``, CLIPSelf's
+    teacher)."""
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    half = (boxes[:, 2:] - boxes[:, :2]).amax(-1, keepdim=True) * (0.5 + margin)
+    return torch.cat([centre - half, centre + half], 1)
 
 
 def _describe(source: Any) -> str:

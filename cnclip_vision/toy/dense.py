@@ -175,9 +175,10 @@ def alignment_note(model_name: str, dense_mode: str) -> tuple[str, str] | None:
     model are asked for; None otherwise."""
     measured = MEASURED_PATCH_ACCURACY.get(str(model_name), {}).get(dense_mode)
     if measured is not None and measured < 0.5:
+        verdict = "this map is mostly noise" if measured < 0.2 else "many of its pixels are wrong"
         return (
             f"{model_name}'s dense tokens ({dense_mode}) name the right class for {measured:.0%} of patches on the "
-            f"toy world (chance 1.6%): {'this map is mostly noise' if measured < 0.2 else 'many of its pixels are wrong'}",
+            f"toy world (chance 1.6%): {verdict}",
             "稠密特征未对齐, 仅供参考",
         )
     if measured is None and dense_mode == "raw":

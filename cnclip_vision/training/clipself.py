@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from cnclip_vision.data.transforms import square_boxes
 from cnclip_vision.models.clip import ChineseCLIP
 from cnclip_vision.training.loop import (
     Distributed,
@@ -66,7 +67,8 @@ class CLIPSelfConfig:
     pooled_crops: int = 4
     # region-level CLIPSelf: boxes distilled beside the grid cells, class-agnostic (no labels are read).
     # "toyworld": every toy object's box, what a class-agnostic proposal generator gives; or a COCO json
-    # whose images' file_name are relative to train_data and whose annotations' bbox are the proposals
+    # whose images' file_name are relative to train_data and whose annotations' bbox are the proposals;
+    # None or "none": grid cells only
     proposals: str | None = None
     max_proposals: int = 8  # proposals distilled per image and step (a random subset of the image's)
     proposal_margin: float = 0.4  # the teacher's square crop: the box's long side * (1 + 2 * margin)
@@ -119,10 +121,15 @@ class CLIPSelfConfig:
             or self.proposal_margin < 0
         ):
             raise TrainingError(f"proposal_margin={self.proposal_margin!r}; expected a number >= 0")
-        if self.proposals == "toyworld" and not isinstance(self.train_data, dict):
-            raise TrainingError("proposals='toyworld' needs train_data={'toyworld': {...}}; give a COCO json instead")
         if self.proposals is not None and not isinstance(self.proposals, str):
-            raise TrainingError(f"proposals={self.proposals!r}; expected null, 'toyworld' or a COCO json path")
+            raise TrainingError(f"proposals={self.proposals!r}; expected null, 'none', 'toyworld' or a COCO json path")
+        if self.proposals == "none":
+            self.proposals = None
+        if self.proposals == "toyworld" and not isinstance(self.train_data, dict):
+            raise TrainingError(
+                f"proposals='toyworld' needs train_data={{'toyworld': {{...}}}}, not the folder {self.train_data}: "
+                "give proposals (--proposals) a COCO json of boxes for its images, or 'none' for grid cells only"
+            )
         if self.trainable_layers is not None and (
             isinstance(self.trainable_layers, bool) or not isinstance(self.trainable_layers, int)
         ):
@@ -326,7 +333,7 @@ class CLIPSelfTask(TrainingTask):
             # the teacher's crops: row 0 of each image the whole image, then the cells, then the proposals
             # with context
             margin = self.config.proposal_margin
-            boxes = [torch.cat([whole, g, _square(p, margin)]) for g, p in zip(grids, drawn)]
+            boxes = [torch.cat([whole, g, square_boxes(p, margin)]) for g, p in zip(grids, drawn)]
             crops = self._crops(images, boxes)
             targets = self._teacher(crops)
             keep = self._pooled_rows(boxes) if self.config.pooled_weight > 0 else None
@@ -359,14 +366,6 @@ class CLIPSelfTask(TrainingTask):
     def save(self, output_dir: Path) -> None:
         self.student.save_pretrained(output_dir / "model")
         logger.info("distilled model written to %s", output_dir / "model")
-
-
-def _square(boxes: torch.Tensor, margin: float) -> torch.Tensor:
-    """Square xyxy boxes around ``boxes``' centres, side = long side * (1 + 2 * margin) (as the detector's
-    ``crops``)."""
-    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
-    half = (boxes[:, 2:] - boxes[:, :2]).amax(-1, keepdim=True) * (0.5 + margin)
-    return torch.cat([centre - half, centre + half], 1)
 
 
 def _stack_readable(
