@@ -89,6 +89,17 @@ def test_bad_inputs_fail_before_the_model_loads(tmp_path, capsys):
     assert "--max-split" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "expected"),
+    [("region_bins", 0, "positive int"), ("max_proposals", True, "int >= 0"), ("proposal_margin", "x", "number"),
+     ("pooled_weight", -1, "number >= 0"), ("proposals", 3, "COCO json path")],
+)  # fmt: skip
+def test_recipe_values_are_checked_by_name(tmp_path, option, value, expected):
+    config = _config(tmp_path, **{option: value})
+    with pytest.raises(TrainingError, match=f"{option}={value!r}; expected .*{expected}"):
+        config.validate(1)
+
+
 def test_cli_runs_a_recipe(tmp_path, capsys):
     out = tmp_path / "run"
     code = main(

@@ -101,26 +101,15 @@ class CLIPSelfConfig:
 
     def validate(self, world_size: int) -> None:
         check_settings(self, world_size)
-        for name in ("image_size", "max_split", "region_bins"):
+        numbers: list[tuple[str, tuple[type, ...], int, str]] = [
+            *((name, (int,), 1, "a positive int") for name in ("image_size", "max_split", "region_bins")),
+            *((name, (int,), 0, "an int >= 0") for name in ("pooled_crops", "max_proposals")),
+            *((name, (int, float), 0, "a number >= 0") for name in ("pooled_weight", "proposal_margin")),
+        ]
+        for name, types, minimum, expected in numbers:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise TrainingError(f"{name}={value!r}; expected a positive int")
-        if (
-            isinstance(self.pooled_weight, bool)
-            or not isinstance(self.pooled_weight, (int, float))
-            or self.pooled_weight < 0
-        ):
-            raise TrainingError(f"pooled_weight={self.pooled_weight!r}; expected a number >= 0")
-        for name in ("pooled_crops", "max_proposals"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise TrainingError(f"{name}={value!r}; expected an int >= 0")
-        if (
-            isinstance(self.proposal_margin, bool)
-            or not isinstance(self.proposal_margin, (int, float))
-            or self.proposal_margin < 0
-        ):
-            raise TrainingError(f"proposal_margin={self.proposal_margin!r}; expected a number >= 0")
+            if isinstance(value, bool) or not isinstance(value, types) or value < minimum:
+                raise TrainingError(f"{name}={value!r}; expected {expected}")
         if self.proposals is not None and not isinstance(self.proposals, str):
             raise TrainingError(f"proposals={self.proposals!r}; expected null, 'none', 'toyworld' or a COCO json path")
         if self.proposals == "none":
