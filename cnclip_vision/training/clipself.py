@@ -108,7 +108,8 @@ class CLIPSelfConfig:
         ]
         for name, types, minimum, expected in numbers:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, types) or value < minimum:
+            is_number = isinstance(value, types) and not isinstance(value, bool)
+            if not is_number or value < minimum:
                 raise TrainingError(f"{name}={value!r}; expected {expected}")
         if self.proposals is not None and not isinstance(self.proposals, str):
             raise TrainingError(f"proposals={self.proposals!r}; expected null, 'none', 'toyworld' or a COCO json path")
