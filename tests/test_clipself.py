@@ -76,6 +76,8 @@ def test_only_the_image_tower_changes_and_resume_is_exact(tmp_path, monkeypatch)
 def test_bad_inputs_fail_before_the_model_loads(tmp_path, capsys):
     with pytest.raises(TrainingError, match="proposals='toyworld' needs .*the folder .*'none'"):
         train_clipself(_config(tmp_path / "x", train_data=str(tmp_path)))  # the recipe's proposals, a folder
+    with pytest.raises(TrainingError, match="proposals='boxes.json' is a COCO json .* the toy world"):
+        train_clipself(_config(tmp_path / "x", proposals="boxes.json"))  # would be ignored on toy scenes
     with pytest.raises(TrainingError, match="not a folder"):
         train_clipself(_config(tmp_path / "x", train_data=str(tmp_path / "missing"), proposals="none"))
     with pytest.raises(CNClipError, match="no images"):

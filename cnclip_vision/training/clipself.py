@@ -120,6 +120,11 @@ class CLIPSelfConfig:
                 f"proposals='toyworld' needs train_data={{'toyworld': {{...}}}}, not the folder {self.train_data}: "
                 "give proposals (--proposals) a COCO json of boxes for its images, or 'none' for grid cells only"
             )
+        if self.proposals not in (None, "toyworld") and isinstance(self.train_data, dict):
+            raise TrainingError(
+                f"proposals={self.proposals!r} is a COCO json for a folder of images, but train_data is the toy "
+                "world: use proposals 'toyworld' (its objects' boxes) or 'none'"
+            )
         if self.trainable_layers is not None and (
             isinstance(self.trainable_layers, bool) or not isinstance(self.trainable_layers, int)
         ):
