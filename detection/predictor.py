@@ -54,12 +54,10 @@ class DetectionPredictor:
     ) -> None:
         if not callable(getattr(detector, "encode_vocabulary", None)):
             raise TypeError(f"detector must be an OpenVocabDetector, got {type(detector).__name__}")
-        check_thresholds(score_threshold, nms_threshold, max_detections)
-        if vlm_mode is not None:
-            check_vlm_mode(vlm_mode)
-        if dense_mode is not None:
-            check_dense_mode(dense_mode)
-        _check_agnostic_nms(agnostic_nms)
+        _check_options(  # as a per-call override is
+            dict(score_threshold=score_threshold, nms_threshold=nms_threshold, max_detections=max_detections,
+                 vlm_mode=vlm_mode, dense_mode=dense_mode, agnostic_nms=agnostic_nms)
+        )  # fmt: skip
         for name, value in (("batch_size", batch_size), ("cache_size", cache_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r}; expected a positive int")
@@ -184,13 +182,18 @@ class DetectionPredictor:
             "agnostic_nms": self.agnostic_nms,
             **overrides,
         }
-        _check_agnostic_nms(options["agnostic_nms"])
-        check_thresholds(options["score_threshold"], options["nms_threshold"], options["max_detections"])
-        if options["vlm_mode"] is not None:
-            check_vlm_mode(options["vlm_mode"])
-        if options["dense_mode"] is not None:
-            check_dense_mode(options["dense_mode"])
-        return options
+        return _check_options(options)
+
+
+def _check_options(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` (every detection option) if each value is valid, else ValueError naming it."""
+    _check_agnostic_nms(options["agnostic_nms"])
+    check_thresholds(options["score_threshold"], options["nms_threshold"], options["max_detections"])
+    if options["vlm_mode"] is not None:
+        check_vlm_mode(options["vlm_mode"])
+    if options["dense_mode"] is not None:
+        check_dense_mode(options["dense_mode"])
+    return options
 
 
 def _check_agnostic_nms(value: float | None) -> None:
