@@ -1,9 +1,9 @@
 """Image embedding throughput: ours next to transformers' ``ChineseCLIPModel`` on the same random weights.
 
 CPU suite (default): ViT-B-16 at 224, batch 32, ``encode_image`` in each of our CPU modes (``--modes``:
-fp32, int8 = dynamic int8 Linear layers, compile = fp32 + ``torch.compile``; optionally bf16) against
-``get_image_features`` of transformers in fp32 (SDPA) — target >= 3.5x — and of transformers under
-``torch.autocast("cpu", dtype=torch.bfloat16)`` — target >= 1.3x. The headline is our fastest mode whose
+fp32, int8 = dynamic int8 Linear layers, compile = fp32 + ``torch.compile``; optionally bf16) and ONNX Runtime
+(our fp32 model exported; ``--skip-onnx``) against ``get_image_features`` of transformers in fp32 (SDPA) —
+target >= 3.5x — and of transformers under ``torch.autocast("cpu", dtype=torch.bfloat16)`` — target >= 1.3x. The headline is our fastest mode whose
 embeddings keep a cosine >= 0.999 to the fp32 reference on every image. On CPUs without bf16 matrix units
 the autocast reference is several times slower than fp32: it is timed once on ``--autocast-batch`` images
 (8, after a one-image warm-up) and reported per image.
@@ -17,6 +17,7 @@ Every case is warmed up, then the cases run alternately ``--repeats`` times (med
 from __future__ import annotations
 
 import sys
+import tempfile
 import time
 
 import common
@@ -45,12 +46,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="same-precision path: also time ours with compile=True")
     parser.add_argument("--autocast-batch", type=int, default=8, help="images the autocast reference is timed on")
     parser.add_argument("--skip-autocast", action="store_true")
+    parser.add_argument("--skip-onnx", action="store_true", help="CPU suite: do not time ONNX Runtime")
     args = parser.parse_args(argv)
     return common.run_suites(parser, args, SCRIPT, cpu_suite, same_precision)
 
 
 def _images(batch: int, size: int, seed: int) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _onnx_case(model, pixels: torch.Tensor, cases: dict, notes: dict[str, str]) -> str | None:
+    """Add the case "onnxruntime fp32": ``model`` (our fp32 model, or the folder to load it from) exported to
+    ONNX (not timed) and run by onnxruntime on ``pixels``. Returns onnxruntime's version, or None (logged)
+    where the exporter or onnxruntime is missing."""
+    import cnclip_vision
+
+    if not isinstance(model, torch.nn.Module):
+        model = cnclip_vision.load(model, precision="fp32")
+    out = tempfile.TemporaryDirectory(prefix="cnclip-bench-onnx-")  # removed with the case, or at exit
+    try:
+        session, input_name, output_name, seconds, version = common.onnx_image_session(model, out.name)
+    except RuntimeError as e:
+        common.log(f"onnxruntime not timed: {e}")
+        return None
+    feed = {input_name: pixels.numpy()}
+
+    def run() -> torch.Tensor:
+        return torch.from_numpy(session.run([output_name], feed)[0]).float()
+
+    run.keep = out  # type: ignore[attr-defined]
+    cases["onnxruntime fp32"] = run
+    notes["onnx"] = f"our fp32 model exported (both encoders, {seconds:.0f} s, not timed), CPU provider"
+    return version
 
 
 def cpu_suite(args, config, directory, roofline: common.Roofline, report: common.Report) -> None:
@@ -101,6 +128,7 @@ def cpu_suite(args, config, directory, roofline: common.Roofline, report: common
     cases["transformers fp32"] = ref_run
     if bf16_fast and not args.skip_autocast:  # same batch and repeats as ours
         cases["transformers bf16 autocast"] = autocast_run
+    onnx = None if args.skip_onnx else _onnx_case(models.get("fp32") or directory, pixels, cases, notes)
     times, outputs = common.alternate(cases, repeats, log=common.log)
     ref_out = outputs["transformers fp32"]
     ref_per_s = batch / common.median(times["transformers fp32"])
@@ -142,7 +170,28 @@ def cpu_suite(args, config, directory, roofline: common.Roofline, report: common
                 repeats=repeats,
             )
         )
-    best = common.mark_headline(rows)
+    if onnx is not None:  # an fp32 path of its own: in the table, never the headline
+        rows.append(
+            report.row(
+                measure,
+                f"onnxruntime {onnx} fp32 (image_encoder.onnx)",
+                reference,
+                unit="img/s",
+                ours_value=batch / common.median(times["onnxruntime fp32"]),
+                ref_value=ref_per_s,
+                target=3.5,
+                cosine=common.cosine_min(outputs["onnxruntime fp32"], ref_out),
+                ours_roofline=roofline.items_per_s("fp32", gflop),
+                ref_roofline=roofline.items_per_s("fp32", ref_gflop),
+                ours_gflop=gflop,
+                ref_gflop=ref_gflop,
+                notes=notes["onnx"],
+                mode="onnxruntime",
+                batch=batch,
+                repeats=repeats,
+            )
+        )
+    best = common.mark_headline([r for r in rows if r.get("mode") != "onnxruntime"])
     for r in rows:
         report.emit(r)
 

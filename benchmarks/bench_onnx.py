@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import sys
 import tempfile
-import time
-from pathlib import Path
 
 import common
 import torch
@@ -34,19 +32,6 @@ def main(argv: list[str] | None = None) -> int:
     measure = f"image embedding, ONNX Runtime ({common.arch_name(config)}, batch {batch})"
     roofline = common.get_roofline("cpu", args.quick)
     report = common.Report(SCRIPT, common.machine_info(), roofline)
-    try:
-        from cnclip_vision.export.onnx import export_onnx
-    except ImportError as e:
-        report.skipped(measure, f"cnclip_vision.export.onnx.export_onnx is not available ({e})")
-        report.done()
-        return 0
-    try:
-        import onnxruntime as ort
-    except ImportError as e:
-        report.skipped(measure, f"onnxruntime is not installed ({e}); pip install 'cnclip-vision[onnx]'")
-        report.done()
-        return 0
-
     import cnclip_vision
 
     with (
@@ -54,28 +39,12 @@ def main(argv: list[str] | None = None) -> int:
         tempfile.TemporaryDirectory(prefix="cnclip-bench-onnx-") as out,
     ):
         model = cnclip_vision.load(directory, precision="fp32")
-        start = time.perf_counter()
         try:
-            export_onnx(model, out, check=False)
-        except TypeError:  # an exporter without the check switch
-            export_onnx(model, out)
-        export_seconds = time.perf_counter() - start
-        common.log(f"exported in {export_seconds:.0f} s")
-        onnx_file = Path(out) / "image_encoder.onnx"
-        if not onnx_file.is_file():
-            report.skipped(
-                measure, f"export_onnx wrote no {onnx_file.name} (files: {sorted(p.name for p in Path(out).iterdir())})"
-            )
+            session, input_name, output_name, export_seconds, version = common.onnx_image_session(model, out)
+        except RuntimeError as e:
+            report.skipped(measure, str(e))
             report.done()
             return 0
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # onnxruntime's idle threads spin after each run and would steal the cores from torch's next run
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        session = ort.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
-        input_name = session.get_inputs()[0].name
-        output_name = session.get_outputs()[0].name
         size = model.image_size
         pixels = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(args.seed))
         feed = {input_name: pixels.numpy()}
@@ -90,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report.add(
         measure,
-        f"onnxruntime {ort.__version__} fp32 ({onnx_file.name}, {input_name} -> {output_name})",
+        f"onnxruntime {version} fp32 (image_encoder.onnx, {input_name} -> {output_name})",
         "ours PyTorch fp32 (encode_image)",
         unit="img/s",
         ours_value=batch / common.median(times["onnxruntime"]),

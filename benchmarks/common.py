@@ -702,3 +702,31 @@ def run_suites(parser: Any, args: Any, script: str, cpu_suite: Any, same_precisi
             same_precision(args, config, directory, roofline, report)
     report.done()
     return 0
+
+
+def onnx_image_session(model: Any, out: str) -> tuple[Any, str, str, float, str]:
+    """Export ``model``'s encoders to ``out`` and open ``image_encoder.onnx`` in onnxruntime (CPU provider, torch's
+    thread count, spinning off: in one process ORT's idle threads would otherwise take the cores from torch's
+    next run). Returns ``(session, input name, output name, export seconds, onnxruntime version)``; raises
+    ``RuntimeError`` with the reason where the exporter or onnxruntime is missing."""
+    try:
+        from cnclip_vision.export.onnx import export_onnx
+    except ImportError as e:
+        raise RuntimeError(f"cnclip_vision.export.onnx.export_onnx is not available ({e})") from e
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise RuntimeError(f"onnxruntime is not installed ({e}); pip install 'cnclip-vision[onnx]'") from e
+    start = time.perf_counter()
+    export_onnx(model, out, check=False)
+    export_seconds = time.perf_counter() - start
+    log(f"exported in {export_seconds:.0f} s")
+    onnx_file = Path(out) / "image_encoder.onnx"
+    if not onnx_file.is_file():
+        raise RuntimeError(f"export_onnx wrote no {onnx_file.name} (files: {sorted(p.name for p in Path(out).iterdir())})")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
+    return session, session.get_inputs()[0].name, session.get_outputs()[0].name, export_seconds, ort.__version__

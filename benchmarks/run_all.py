@@ -34,7 +34,6 @@ CPU_SUITE = [
     ("text", "bench_text.py", []),
     ("zeroshot", "bench_zeroshot.py", []),
     ("memory", "bench_memory.py", []),
-    ("onnx", "bench_onnx.py", []),
     ("scaling", "bench_scaling.py", []),
 ]
 GPU_SUITE = [

@@ -132,6 +132,40 @@ def test_compile_gives_the_same_embeddings(saved):
     torch.testing.assert_close(text, ref_text, atol=1e-4, rtol=1e-4)
 
 
+def test_attention_kernel_follows_the_weights(saved):
+    """bf16 on the CPU: the explicit softmax(q kᵀ) v (faster there); fp32: the fused kernel; a cast switches."""
+    config = small_config("ViT-B-16")
+    model = cnclip_vision.load(saved, precision="bf16")
+    layers = [b.attn for b in model.visual.blocks]
+    assert not any(a.fused_attn for a in layers)
+    pixels = random_inputs(config, n_images=4)[0].to(torch.bfloat16)
+    with torch.inference_mode():
+        explicit = model.visual(pixels).float()
+        for a in layers:
+            a.fused_attn = True
+        fused = model.visual(pixels).float()
+    assert F.cosine_similarity(explicit, fused).min() >= 0.9999
+    model.float()
+    assert all(a.fused_attn for a in layers)
+    model.to(torch.bfloat16)
+    assert not any(a.fused_attn for a in layers)
+    assert all(b.attn.fused_attn for b in cnclip_vision.load(saved, precision="int8").visual.blocks)
+
+
+def test_compile_freezes_only_for_inference_on_the_cpu(saved):
+    from torch._inductor import config as inductor
+
+    from cnclip_vision.models.clip import _compile_options
+
+    model = cnclip_vision.load(saved, compile=True)
+    assert model.freeze_compiled and not cnclip_vision.load(saved).freeze_compiled
+    with torch.no_grad(), _compile_options(model):
+        assert inductor.freezing
+    with _compile_options(model):  # gradients on: a training graph, never frozen
+        assert not inductor.freezing
+    assert not inductor.freezing
+
+
 # --------------------------------------------------------------------------------------- precision="auto"
 @pytest.mark.parametrize(
     "amx, avx512_bf16, expected",

@@ -100,6 +100,7 @@ def _finish(
     if compile:
         model.visual.compile(dynamic=True)
         model.text.compile(dynamic=True)
+        model.freeze_compiled = device.type == "cpu"
     model.precision = precision
     return model
 
