@@ -3,10 +3,10 @@
 CPU suite (default): ViT-B-16 at 224, batch 32, ``encode_image`` in each of our CPU modes (``--modes``:
 fp32, int8 = dynamic int8 Linear layers, compile = fp32 + ``torch.compile``; optionally bf16) and ONNX Runtime
 (our fp32 model exported; ``--skip-onnx``) against ``get_image_features`` of transformers in fp32 (SDPA) —
-target >= 3.5x — and of transformers under ``torch.autocast("cpu", dtype=torch.bfloat16)`` — target >= 1.3x. The headline is our fastest mode whose
-embeddings keep a cosine >= 0.999 to the fp32 reference on every image. On CPUs without bf16 matrix units
-the autocast reference is several times slower than fp32: it is timed once on ``--autocast-batch`` images
-(8, after a one-image warm-up) and reported per image.
+target >= 3.5x — and of transformers under ``torch.autocast("cpu", dtype=torch.bfloat16)`` — target >= 1.3x.
+The headline is our fastest PyTorch mode whose embeddings keep a cosine >= 0.999 to the fp32 reference on
+every image. On CPUs without bf16 matrix units the autocast reference is several times slower than fp32: it
+is timed once on ``--autocast-batch`` images (8, after a one-image warm-up) and reported per image.
 
 Same-precision path (``--precision bf16|fp16|fp32``, e.g. ``--device cuda --batch-size 256 --precision
 bf16`` from gpu.sh): ours loaded in that precision against transformers with the same dtype and batch.

@@ -723,7 +723,8 @@ def onnx_image_session(model: Any, out: str) -> tuple[Any, str, str, float, str]
     log(f"exported in {export_seconds:.0f} s")
     onnx_file = Path(out) / "image_encoder.onnx"
     if not onnx_file.is_file():
-        raise RuntimeError(f"export_onnx wrote no {onnx_file.name} (files: {sorted(p.name for p in Path(out).iterdir())})")
+        files = sorted(p.name for p in Path(out).iterdir())
+        raise RuntimeError(f"export_onnx wrote no {onnx_file.name} (files: {files})")
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
