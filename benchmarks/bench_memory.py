@@ -6,8 +6,8 @@ temporary folder, removed at the end); then each load runs in a fresh subprocess
 ``VmHWM`` (the process's peak RSS, after every weight has been read once: memory-mapped weights count only
 once paged in) minus that RSS. Not ``ru_maxrss``: Linux keeps it across ``fork`` + ``exec``, so a child of
 this script (which has just built the model) would report the parent's peak. Target: ours <= 1.2x the bytes
-of the loaded parameters and buffers. transformers' ``ChineseCLIPModel.from_pretrained`` on the same
-directory is measured the same way, for reference.
+of the loaded parameters and buffers (int8: the int8 weights and scales torchao's tensors hold). transformers'
+``ChineseCLIPModel.from_pretrained`` on the same directory is measured the same way, for reference.
 Figures, never asserts.
 """
 
@@ -46,11 +46,15 @@ else:
     except TypeError:  # transformers 4.x
         model = ChineseCLIPModel.from_pretrained(directory, torch_dtype=torch.float32).eval()
 seconds = time.perf_counter() - start
+def stored(t):  # a tensor subclass (torchao's int8 weights): the plain tensors it holds
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+        return [leaf for name in t.__tensor_flatten__()[0] for leaf in stored(getattr(t, name))]
+    return [t]
+tensors = [leaf for t in list(model.parameters()) + list(model.buffers()) for leaf in stored(t)]
 with torch.no_grad():  # read every weight once: memory-mapped weights count only once they are paged in
-    for t in list(model.parameters()) + list(model.buffers()):
+    for t in tensors:
         t.sum()
 peak = rss_kb("VmHWM")  # not ru_maxrss: Linux carries it over from the parent through fork + exec
-tensors = list(model.parameters()) + list(model.buffers())
 nbytes = sum(t.numel() * t.element_size() for t in tensors)
 print("RESULT " + json.dumps({"rss_after_imports_kb": before, "peak_kb": peak, "after_load_kb": rss_kb(),
       "param_bytes": nbytes, "seconds": seconds}))
@@ -77,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = common.base_parser(__doc__)
     parser.add_argument("--arch", default="ViT-H-14")
     parser.add_argument(
-        "--precisions", default=None, help="our load precisions measured (default fp32,bf16; quick fp32)"
+        "--precisions", default=None, help="our load precisions measured (default fp32,bf16,int8; quick fp32)"
     )
     parser.add_argument("--skip-transformers", action="store_true", help="(quick skips it too)")
     parser.add_argument("--tmp-dir", default=None, help="where the ~4 GB of weights go (default: system temp)")
@@ -100,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         common.log(
             f"created and saved {common.arch_name(config)} ({disk / gb:.2f} GB) in {time.perf_counter() - start:.0f} s"
         )
-        precisions = args.precisions or ("fp32" if args.quick else "fp32,bf16")
+        precisions = args.precisions or ("fp32" if args.quick else "fp32,bf16,int8")
         results = {p: measure("ours", Path(tmp), p) for p in precisions.split(",") if p}
         hf = None if args.skip_transformers or args.quick else measure("transformers", Path(tmp), "fp32")
 

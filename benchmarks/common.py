@@ -379,16 +379,30 @@ def _median_seconds(fn: Callable[[], object], repeats: int, sync: Callable[[], N
 
 
 def measure_roofline(device: str = "cpu", quick: bool = False) -> Roofline:
-    """Median rate of square matrix products ``F.linear(a, b)`` (= a @ b.T, what Linear layers run): fp32 2048
-    and bf16 1024 on the CPU (plus a plain bf16 ``a @ b`` at 512, slow on CPUs without bf16 units), a
+    """Median rate of square matrix products ``F.linear(a, b)`` (= a @ b.T, what Linear layers run; on the CPU
+    the faster of it and oneDNN's linear): fp32 2048 and bf16 1024 on the CPU (plus a plain bf16 ``a @ b`` at
+    512, slow on CPUs without bf16 units), a
     dynamically quantised int8 ``Linear`` 2048x2048 on 2048 rows; 8192 on a GPU."""
     sync = (lambda: torch.cuda.synchronize()) if device.startswith("cuda") else (lambda: None)
 
-    def gflops(n: int, dtype: torch.dtype, repeats: int, linear: bool = True) -> float:
+    def gflops(n: int, dtype: torch.dtype, repeats: int, linear: bool = True, onednn: bool = False) -> float:
         a = torch.randn(n, n, device=device, dtype=dtype)
         b = torch.randn(n, n, device=device, dtype=dtype)
-        fn = (lambda: torch.nn.functional.linear(a, b)) if linear else (lambda: a @ b)
+        if onednn:  # what compile=True runs on the CPU (inductor freezing → oneDNN's linear)
+            fn = lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")  # noqa: E731
+        else:
+            fn = (lambda: torch.nn.functional.linear(a, b)) if linear else (lambda: a @ b)
         return 2 * n**3 / _median_seconds(fn, repeats, sync) / 1e9
+
+    def best(n: int, dtype: torch.dtype, repeats: int) -> tuple[float, str]:
+        """The faster of F.linear (MKL in fp32: on AMD CPUs it keeps to AVX2, half of oneDNN's rate on an
+        AVX-512 EPYC) and oneDNN's linear; which one is named in the roofline's line."""
+        rate, how = gflops(n, dtype, repeats), "F.linear"
+        with contextlib.suppress(Exception):  # a build without oneDNN
+            direct = gflops(n, dtype, repeats, onednn=True)
+            if direct > rate:
+                rate, how = direct, f"oneDNN linear (F.linear {rate:.0f})"
+        return rate, how
 
     if device.startswith("cuda"):
         n = 4096 if quick else 8192
@@ -405,8 +419,8 @@ def measure_roofline(device: str = "cpu", quick: bool = False) -> Roofline:
             f"{n}x{n} F.linear, median of 5-10 (fp32 without TF32)",
         )
     n32, n16 = (1024, 256) if quick else (2048, 1024)
-    fp32 = gflops(n32, torch.float32, 5)
-    bf16 = gflops(n16, torch.bfloat16, 3)
+    fp32, fp32_how = best(n32, torch.float32, 5)
+    bf16, bf16_how = best(n16, torch.bfloat16, 3)
     bf16_matmul = gflops(n16 // 2, torch.bfloat16, 3, linear=False)
     int8 = None
     with contextlib.suppress(Exception), warnings.catch_warnings():
@@ -423,7 +437,8 @@ def measure_roofline(device: str = "cpu", quick: bool = False) -> Roofline:
         bf16,
         None,
         int8,
-        f"F.linear fp32 {n32}x{n32}, bf16 {n16}x{n16} (a@b {n16 // 2}), int8 dynamic-quantised Linear {n32}, medians",
+        f"fp32 {n32}x{n32} {fp32_how}, bf16 {n16}x{n16} {bf16_how} (a@b {n16 // 2}), int8 dynamic-quantised "
+        f"Linear {n32}, medians",
         bf16_matmul,
     )
 

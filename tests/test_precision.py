@@ -132,24 +132,26 @@ def test_compile_gives_the_same_embeddings(saved):
     torch.testing.assert_close(text, ref_text, atol=1e-4, rtol=1e-4)
 
 
-def test_attention_kernel_follows_the_weights(saved):
-    """bf16 on the CPU: the explicit softmax(q kᵀ) v (faster there); fp32: the fused kernel; a cast switches."""
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_attention_kernel_is_chosen_per_call(saved, monkeypatch, precision):
+    """CPU bf16, short sequences: the explicit softmax(q kᵀ) v (faster there); fp32 or long sequences: SDPA.
+    Both give the same features."""
+    from cnclip_vision.models import attention
+
     config = small_config("ViT-B-16")
-    model = cnclip_vision.load(saved, precision="bf16")
-    layers = [b.attn for b in model.visual.blocks]
-    assert not any(a.fused_attn for a in layers)
-    pixels = random_inputs(config, n_images=4)[0].to(torch.bfloat16)
+    model = cnclip_vision.load(saved, precision=precision)
+    assert all(isinstance(b.attn, attention.CLIPAttention) for b in model.visual.blocks)
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    pixels = random_inputs(config, n_images=4)[0]
     with torch.inference_mode():
-        explicit = model.visual(pixels).float()
-        for a in layers:
-            a.fused_attn = True
-        fused = model.visual(pixels).float()
-    assert F.cosine_similarity(explicit, fused).min() >= 0.9999
-    model.float()
-    assert all(a.fused_attn for a in layers)
-    model.to(torch.bfloat16)
-    assert not any(a.fused_attn for a in layers)
-    assert all(b.attn.fused_attn for b in cnclip_vision.load(saved, precision="int8").visual.blocks)
+        chosen = model.encode_image(pixels).float()
+        assert len(calls) == (0 if precision == "bf16" else len(model.visual.blocks))
+        monkeypatch.setattr(attention, "EXPLICIT_MAX_TOKENS", 0)  # every sequence "long": SDPA
+        fused = model.encode_image(pixels).float()
+    assert len(calls) == (2 if precision == "fp32" else 1) * len(model.visual.blocks)
+    assert F.cosine_similarity(chosen, fused).min() >= 0.9999
 
 
 def test_compile_freezes_only_for_inference_on_the_cpu(saved):

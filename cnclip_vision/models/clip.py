@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnclip_vision.models.configs import CLIPConfig
-from cnclip_vision.models.towers import build_image_tower, build_text_tower, choose_attention
+from cnclip_vision.models.towers import build_image_tower, build_text_tower
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -61,11 +61,6 @@ class ChineseCLIP(nn.Module):
         self.text_projection = nn.Linear(config.text.hidden_size, config.embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         nn.init.normal_(self.text_projection.weight, std=config.text.hidden_size**-0.5)
-
-    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]  # .to(), .cuda(), .bfloat16() all end here
-        super()._apply(fn, recurse)
-        choose_attention(self.visual)  # the attention kernel follows the weights' device and dtype
-        return self
 
     @property
     def dtype(self) -> torch.dtype:

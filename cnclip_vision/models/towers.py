@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from timm.models.vision_transformer import VisionTransformer
     from transformers import BertModel
 
-__all__ = ["build_image_tower", "build_text_tower", "check_resnet", "choose_attention", "vit_kwargs"]
+__all__ = ["build_image_tower", "build_text_tower", "check_resnet", "vit_kwargs"]
 
 
 def vit_kwargs(vision: VisionConfig) -> dict[str, Any]:
@@ -57,34 +57,20 @@ def build_image_tower(vision: VisionConfig, embed_dim: int) -> VisionTransformer
     if vision.kind == "vit":
         from timm.models.vision_transformer import VisionTransformer
 
+        from cnclip_vision.models.attention import CLIPAttention
+
+        # attn_layer: timm's attention with a faster kernel for short bf16 sequences on the CPU.
         # dynamic_img_size: the same tower serves the detector's pyramid and dense embeddings at any input size;
         # at the native size timm leaves the position embedding untouched (outputs are bit-identical)
-        tower = VisionTransformer(**vit_kwargs(vision), num_classes=embed_dim, dynamic_img_size=True)
+        tower = VisionTransformer(
+            **vit_kwargs(vision), num_classes=embed_dim, dynamic_img_size=True, attn_layer=CLIPAttention
+        )
         tower.head = nn.Linear(vision.width, embed_dim, bias=False)  # visual.proj, no bias
         return tower
     from timm.models.byobnet import ByobNet, model_cfgs
 
     check_resnet(vision)
     return ByobNet(cfg=model_cfgs["resnet50_clip"], num_classes=embed_dim, img_size=vision.image_size)
-
-
-def choose_attention(tower: nn.Module) -> None:
-    """Point every timm attention layer of ``tower`` at the faster kernel for its weights' device and dtype.
-
-    On the CPU in bf16 the explicit ``softmax(q kᵀ) v`` (two oneDNN bf16 batched matmuls) beats the fused flash
-    kernel of ``F.scaled_dot_product_attention``: ViT-B-16 at 224 px, batch 32, on an AVX512-BF16 EPYC, 12 layers
-    of attention take 0.21 s against 0.38 s, and the tower runs 20.4 img/s against 15.9 at the same cosine to
-    fp32 (benchmarks/README.md). In fp32 the fused kernel is twice as fast as the explicit one, so everywhere
-    else timm's own choice (``use_fused_attn()``) stands. Layers whose weights are quantised are left alone.
-    """
-    import torch
-    from timm.layers import use_fused_attn
-
-    fused = use_fused_attn()
-    for module in tower.modules():
-        weight = getattr(getattr(module, "qkv", None), "weight", None)
-        if hasattr(module, "fused_attn") and isinstance(weight, torch.Tensor):
-            module.fused_attn = fused and not (weight.device.type == "cpu" and weight.dtype == torch.bfloat16)
 
 
 def build_text_tower(config: CLIPConfig) -> BertModel:
