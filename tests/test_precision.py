@@ -136,7 +136,7 @@ def test_compile_gives_the_same_embeddings(saved):
 def test_attention_kernel_is_chosen_per_call(saved, monkeypatch, precision):
     """CPU bf16, short sequences: the explicit softmax(q kᵀ) v (faster there); fp32 or long sequences: SDPA.
     Both give the same features."""
-    from cnclip_vision.models import attention
+    from cnclip_vision.models import layers as attention
 
     config = small_config("ViT-B-16")
     model = cnclip_vision.load(saved, precision=precision)
@@ -233,3 +233,20 @@ def test_classifier_cache_records_and_checks_the_model(saved, tmp_path):
     for other in ("bf16", "int8"):
         with pytest.raises(CNClipError, match="another model or precision"):
             ZeroShotClassifier.load(cache, cnclip_vision.load(saved, precision=other))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quick_gelu_is_timms_bit_for_bit(dtype):
+    from timm.layers import QuickGELU as TimmQuickGELU
+
+    from cnclip_vision.models.layers import QuickGELU
+
+    x = torch.randn(64, 300, dtype=dtype) * 4
+    ref = TimmQuickGELU()(x)
+    with torch.no_grad():  # the in-place path
+        assert torch.equal(QuickGELU()(x), ref)
+    y = x.clone().requires_grad_()
+    out = QuickGELU()(y)
+    out.sum().backward()  # with gradients: the out-of-place path, differentiable
+    assert torch.equal(out.detach(), ref) and y.grad is not None and torch.isfinite(y.grad).all()
+    assert isinstance(cnclip_vision.create_model(small_config("ViT-B-16")).visual.blocks[0].mlp.act, QuickGELU)

@@ -1,4 +1,6 @@
-"""The image tower's attention layer: timm's ``Attention``, with the faster kernel chosen per call.
+"""Two layers of the image tower, timm's with a faster path: the attention (kernel chosen per call) and QuickGELU.
+
+Attention: timm's ``Attention`` (same parameters and state dict).
 
 On the CPU in bf16 (bf16 weights, or bf16 autocast) and for sequences of at most :data:`EXPLICIT_MAX_TOKENS`
 tokens, the explicit ``softmax(q kᵀ) v`` — two oneDNN bf16 batched matmuls — beats the fused flash kernel of
@@ -17,8 +19,9 @@ from typing import Any
 
 import torch
 from timm.layers import Attention
+from torch import nn
 
-__all__ = ["EXPLICIT_MAX_TOKENS", "CLIPAttention"]
+__all__ = ["EXPLICIT_MAX_TOKENS", "CLIPAttention", "QuickGELU"]
 
 #: Longest sequence that takes the explicit product on the CPU in bf16 (the measured crossover lies
 #: between 257 and 577 tokens).
@@ -47,3 +50,14 @@ class CLIPAttention(Attention):
         weights = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1))
         x = (weights @ v).transpose(1, 2).reshape(B, N, self.attn_dim)
         return self.proj_drop(self.proj(self.norm(x)))
+
+
+class QuickGELU(nn.Module):
+    """OpenAI CLIP's ``x * sigmoid(1.702 x)``, bit-identical to timm's, in two passes instead of three when no
+    gradient is recorded (the product is taken in place). bf16, ``[6304, 3072]`` (one ViT-B-16 MLP at batch
+    32) on a 2-core AVX512-BF16 EPYC: 27 against 39 ms."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():  # autograd needs the sigmoid's output intact
+            return x * torch.sigmoid(1.702 * x)
+        return torch.sigmoid(x * 1.702).mul_(x)
