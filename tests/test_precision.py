@@ -136,11 +136,11 @@ def test_compile_gives_the_same_embeddings(saved):
 def test_attention_kernel_is_chosen_per_call(saved, monkeypatch, precision):
     """CPU bf16, short sequences: the explicit softmax(q kᵀ) v (faster there); fp32 or long sequences: SDPA.
     Both give the same features."""
-    from cnclip_vision.models import layers as attention
+    from cnclip_vision.models import layers
 
     config = small_config("ViT-B-16")
     model = cnclip_vision.load(saved, precision=precision)
-    assert all(isinstance(b.attn, attention.CLIPAttention) for b in model.visual.blocks)
+    assert all(isinstance(b.attn, layers.CLIPAttention) for b in model.visual.blocks)
     calls = []
     sdpa = F.scaled_dot_product_attention
     monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
@@ -148,7 +148,7 @@ def test_attention_kernel_is_chosen_per_call(saved, monkeypatch, precision):
     with torch.inference_mode():
         chosen = model.encode_image(pixels).float()
         assert len(calls) == (0 if precision == "bf16" else len(model.visual.blocks))
-        monkeypatch.setattr(attention, "EXPLICIT_MAX_TOKENS", 0)  # every sequence "long": SDPA
+        monkeypatch.setattr(layers, "EXPLICIT_MAX_TOKENS", 0)  # every sequence "long": SDPA
         fused = model.encode_image(pixels).float()
     assert len(calls) == (2 if precision == "fp32" else 1) * len(model.visual.blocks)
     assert F.cosine_similarity(chosen, fused).min() >= 0.9999

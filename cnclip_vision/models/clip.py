@@ -160,7 +160,7 @@ class ChineseCLIP(nn.Module):
 def _compile_options(model: ChineseCLIP) -> contextlib.AbstractContextManager[object]:
     """Inductor freezing while a compiled tower runs for inference on the CPU. Freezing is read when a graph
     compiles (the first call of a shape), not by ``torch.compile(options=...)``; measured on ViT-B-16 bf16 b32,
-    AVX512-BF16 EPYC: 17.0 → 19.0 img/s (benchmarks/README.md)."""
+    AVX512-BF16 EPYC: 17.0 → 19.0 img/s (README, "Performance")."""
     if not model.freeze_compiled or torch.is_grad_enabled():
         return contextlib.nullcontext()
     from torch._inductor import config

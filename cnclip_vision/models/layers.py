@@ -15,8 +15,6 @@ the explicit one, and on GPUs it is the one to use, so everywhere else timm's ow
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from timm.layers import Attention
 from torch import nn
@@ -38,10 +36,12 @@ def _explicit_is_faster(x: torch.Tensor) -> bool:
 class CLIPAttention(Attention):
     """timm's ``Attention`` (same parameters and state dict); see the module docstring for the kernel choice."""
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
-        plain = attn_mask is None and not kwargs.get("is_causal") and getattr(self, "gate", None) is None
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        plain = attn_mask is None and not is_causal and getattr(self, "gate", None) is None
         if not (self.fused_attn and plain and _explicit_is_faster(x)):
-            return super().forward(x, attn_mask=attn_mask, **kwargs)  # is_causal in newer timm
+            if is_causal:
+                return super().forward(x, attn_mask=attn_mask, is_causal=True)
+            return super().forward(x, attn_mask=attn_mask)  # timm 1.0.24 has no is_causal
         # timm's non-fused branch, without the mask handling this call does not need
         B, N, _ = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
