@@ -35,6 +35,10 @@ def rss_kb(field="VmRSS"):
 import torch, transformers, cnclip_vision
 from transformers import ChineseCLIPModel
 import cnclip_vision.models.clip, transformers.models.bert.modeling_bert  # code, not weights: in the baseline
+try:
+    import torchao.quantization  # int8's code
+except ImportError:
+    pass
 which, directory, precision = sys.argv[1:4]
 before = rss_kb()
 start = time.perf_counter()

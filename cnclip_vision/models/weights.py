@@ -47,6 +47,7 @@ __all__ = [
     "infer_config",
     "load_native_state_dict",
     "save_pretrained",
+    "stream_native",
 ]
 
 StateDict = dict[str, torch.Tensor]
@@ -113,15 +114,59 @@ def read_state_dict(path: str | os.PathLike[str], dtype: torch.dtype | None = No
     return _strip_prefix(state, "module."), metadata
 
 
+def stream_native(
+    path: str | os.PathLike[str],
+    dtype: torch.dtype | None = None,
+    order: Callable[[str, list[int]], int] | None = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of a safetensors checkpoint in the Hugging Face or native layout, under native keys, read one
+    group at a time (see :func:`read_state_dict`): a consumer that transforms each tensor as it comes (e.g.
+    quantises it) never holds the file's precision copy of the whole checkpoint. q/k/v parts are held until
+    their triple is complete. ``order(file key, shape)``: tensors are read by rank, then in file order; rank 0
+    in the usual groups, every tensor of a higher rank on its own (an uncast tensor is a view of its group's
+    mapped pages: tensors kept as read must not share a group with tensors about to be transformed, and a
+    transformed tensor should leave no more behind than itself). Raises :class:`CheckpointError` for another
+    layout or an unreadable file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+    prefix = "module." if keys and all(k.startswith("module.") for k in keys) else ""
+    layout = detect_layout(dict.fromkeys(k[len(prefix) :] for k in keys))
+    if layout == "original":
+        raise CheckpointError(f"{path}: the original layout is converted as a whole, not streamed")
+
+    def items() -> Iterator[tuple[str, torch.Tensor]]:
+        ranks: dict[int, list[str]] = {}
+        if order is not None:
+            with safe_open(str(path), framework="pt") as f:
+                for key in keys:
+                    ranks.setdefault(order(key, list(f.get_slice(key).get_shape())), []).append(key)
+        groups = [g for rank in sorted(ranks) for g in _read_groups(path, ranks[rank], 1 if rank else None)]
+        for group in groups or _read_groups(path, keys):
+            try:
+                tensors = _read_cast(path, group, dtype)
+            except Exception as e:
+                raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+            for key in group:
+                yield key[len(prefix) :], tensors.pop(key)
+
+    return _hf_items_to_native(items()) if layout == "hf" else items()
+
+
 _GROUP_BYTES = 256 * 1024**2  # at most; and at most 1/32 of the file, so a group's pages add <= ~6% to the peak
 
 
-def _read_groups(path: Path, keys: list[str]) -> list[list[str]]:
-    """``keys`` in file order, cut into groups of at most 1/32 of the file (at most 256 MB; a tensor larger
-    than that is a group of its own)."""
+def _read_groups(path: Path, keys: list[str], limit: int | None = None) -> list[list[str]]:
+    """``keys`` in file order, cut into groups of at most ``limit`` bytes (default 1/32 of the file, at most
+    256 MB; a tensor larger than the limit is a group of its own)."""
     from safetensors import safe_open
 
-    limit = min(_GROUP_BYTES, max(1, path.stat().st_size // 32))
+    limit = limit or min(_GROUP_BYTES, max(1, path.stat().st_size // 32))
     groups: list[list[str]] = [[]]
     size = 0
     with safe_open(str(path), framework="pt") as f:
@@ -175,7 +220,7 @@ def _strip_prefix(state: StateDict, prefix: str) -> StateDict:
     return state
 
 
-def detect_layout(state: Mapping[str, torch.Tensor]) -> Layout:
+def detect_layout(state: Mapping[str, object]) -> Layout:
     """Which of the three layouts a (prefix-free) state dict is in."""
     keys = state.keys()
     if any(k.startswith(("vision_model.", "text_model.")) for k in keys):
@@ -249,9 +294,12 @@ def hf_to_native(state: Mapping[str, torch.Tensor], *, consume: bool = False) ->
     """transformers ``ChineseCLIPModel`` keys → native keys (q/k/v fused, class/position embeddings reshaped).
     ``consume``: empty ``state`` (a dict) on the way, so that each fused q/k/v triple is freed as soon as it is
     fused instead of living on next to the fused copy until the end."""
-    out: StateDict = {}
+    return dict(_hf_items_to_native(_drain(state) if consume else iter(list(state.items()))))
+
+
+def _hf_items_to_native(items: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """:func:`hf_to_native` on a stream of items: each converted item as soon as it is complete."""
     qkv: dict[str, dict[str, torch.Tensor]] = {}
-    items = _drain(state) if consume else iter(list(state.items()))
     for key, value in items:
         if _DROP.search(key):
             continue
@@ -261,18 +309,18 @@ def hf_to_native(state: Mapping[str, torch.Tensor], *, consume: bool = False) ->
             parts = qkv.setdefault(name, {})
             parts[m[2]] = value
             if len(parts) == 3:
-                out[name] = torch.cat([parts.pop("q"), parts.pop("k"), parts.pop("v")], dim=0)
+                fused = torch.cat([parts.pop("q"), parts.pop("k"), parts.pop("v")], dim=0)
                 del qkv[name]
+                yield name, fused
         elif key == "vision_model.embeddings.class_embedding":
-            out["visual.cls_token"] = value.reshape(1, 1, -1)
+            yield "visual.cls_token", value.reshape(1, 1, -1)
         elif key == "vision_model.embeddings.position_embedding.weight":
-            out["visual.pos_embed"] = value.unsqueeze(0)
+            yield "visual.pos_embed", value.unsqueeze(0)
         else:
-            out[_require(_from_hf(key), key, "Hugging Face")] = value
+            yield _require(_from_hf(key), key, "Hugging Face"), value
         del value
     for key, parts in qkv.items():
         raise CheckpointError(f"incomplete attention weights for {key}: found only {sorted(parts)} of q, k, v")
-    return out
 
 
 def _drain(state: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -456,11 +504,17 @@ def load_native_state_dict(
     model: ChineseCLIP, state: Mapping[str, torch.Tensor], *, source: str, assign: bool = False
 ) -> None:
     """Strict load that names missing, unexpected and mis-shaped keys before torch would."""
+    check_fit(model, state, source)
+    model.load_state_dict(state, strict=True, assign=assign)
+
+
+def check_fit(model: ChineseCLIP, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """:class:`CheckpointError` naming every missing, unexpected and mis-shaped key of ``state`` (tensors, or
+    meta tensors of their shapes) against ``model``."""
     problems = fit_report(model.state_dict(), state)
     if problems:
         header = f"checkpoint {source} does not fit the model ({describe(model.config)})"
         raise CheckpointError("\n".join([header, *problems, looks_like(state)]).rstrip())
-    model.load_state_dict(state, strict=True, assign=assign)
 
 
 # -------------------------------------------------------------------------------------------- saving
