@@ -256,8 +256,9 @@ def load(
 def _read_quantised(weights: Path, config: CLIPConfig | None) -> ChineseCLIP | None:
     """``precision="int8"`` quantised as the file is read: every Linear of the two towers becomes torchao int8
     as soon as its weight (and bias) are in, so the checkpoint never sits in memory in fp32 (peak ≈ the int8
-    model + one read group). ``None`` where this does not apply — torchao missing, not a safetensors file, the
-    original layout, no config without reading every tensor: the whole file is then read, then quantised."""
+    model + one fp32 matrix and its quantisation temporaries). ``None`` where this does not apply — torchao
+    missing, not a safetensors file, the original layout, no config without reading every tensor: the whole
+    file is then read, then quantised."""
     try:
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
     except ImportError:
