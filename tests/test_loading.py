@@ -162,6 +162,29 @@ def test_read_state_dict_casts_tensor_by_tensor_in_small_groups(tmp_path, monkey
         assert cast[key].dtype == expected.dtype and torch.equal(cast[key], expected), key
 
 
+@pytest.mark.parametrize("layout", ["hf", "native"])
+def test_read_native_streams_what_the_whole_file_read_converts(tmp_path, monkeypatch, layout):
+    """read_native (q/k/v parts of the Hugging Face layout read one by one) gives the tensors, dtypes and metadata
+    of read_state_dict + to_native."""
+    config = small_config("ViT-B-16")
+    source = cnclip_vision.create_model(config)
+    if layout == "hf":
+        source.save_pretrained(tmp_path)
+        file = tmp_path / "model.safetensors"
+    else:
+        file = tmp_path / "native.safetensors"
+        weights.save_state_dict(source.state_dict(), file, config)
+    monkeypatch.setattr(weights, "_GROUP_BYTES", 64 * 1024)
+    for dtype in (None, torch.bfloat16):
+        state, metadata = weights.read_native(file, dtype)
+        whole, whole_metadata = weights.read_state_dict(file, dtype)
+        whole = weights.to_native(whole)
+        assert metadata == whole_metadata and weights.CONFIG_METADATA_KEY in metadata
+        assert state.keys() == whole.keys()
+        for key, value in whole.items():
+            assert state[key].dtype == value.dtype and torch.equal(state[key], value), key
+
+
 PEAK_CHILD = r"""
 import json, sys, torch, cnclip_vision, cnclip_vision.models.clip, transformers.models.bert.modeling_bert, timm
 import torchao.quantization  # code, not weights: in the baseline
@@ -174,9 +197,9 @@ def stored(t):  # torchao's int8 weights: the plain tensors they hold
 before = status("VmRSS")
 model = cnclip_vision.load(sys.argv[1], precision=sys.argv[2])
 tensors = [leaf for t in list(model.parameters()) + list(model.buffers()) for leaf in stored(t)]
-with torch.no_grad():
+with torch.no_grad():  # page in memory-mapped weights; max, not sum: an int8 sum makes an int64 copy
     for t in tensors:
-        t.sum()
+        t.max() if t.numel() else None
 nbytes = sum(t.numel() * t.element_size() for t in tensors)
 print(json.dumps({"peak": status("VmHWM") - before, "bytes": nbytes, "backend": model.int8_backend}))
 """
@@ -234,8 +257,7 @@ def test_loading_peak_memory_is_near_the_target_precision_bytes(tmp_path_factory
     out = subprocess.run([sys.executable, "-c", PEAK_CHILD, str(root), precision], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    # int8 streams and quantises Linear by Linear: 1.21-1.43x measured (was 5.9x reading the fp32 file first);
-    # the 1.2x target holds for fp32 and bf16 only
-    bound = 1.5 if precision == "int8" else 1.2
-    assert result["peak"] <= bound * result["bytes"] + 32 * 1024**2, result
+    # measured on ViT-B-16: fp32 1.02x, bf16 1.04-1.09x, int8 1.14x (it was 5.9x reading the fp32 file first);
+    # the 32 MB are code paged in on first use (torchao's kernels, about 10-25 MB)
+    assert result["peak"] <= 1.2 * result["bytes"] + 32 * 1024**2, result
     assert precision != "int8" or result["backend"] == "torchao"

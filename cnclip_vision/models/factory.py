@@ -26,9 +26,8 @@ from cnclip_vision.models.weights import (
     describe,
     infer_config,
     load_native_state_dict,
-    read_state_dict,
+    read_native,
     stream_native,
-    to_native,
 )
 
 logger = logging.getLogger(__name__)
@@ -233,8 +232,7 @@ def load(
             quantised = _finish(quantised, device, target, precision, compile, quantised=True)
             quantised.source = str(name_or_path)
             return quantised
-    state, metadata = read_state_dict(weights, dtype=target)  # cast tensor by tensor as it is read
-    state = to_native(state, consume=True)
+    state, metadata = read_native(weights, dtype=target)  # cast tensor by tensor as it is read
     if arch is not None:
         config = get_config(arch)
     elif config is None and CONFIG_METADATA_KEY in metadata:

@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "StateDict",
+    "read_native",
     "read_state_dict",
     "detect_layout",
     "to_native",
@@ -78,7 +79,7 @@ def read_state_dict(path: str | os.PathLike[str], dtype: torch.dtype | None = No
     if not head:
         raise CheckpointError(f"checkpoint {path} is empty")
     metadata: dict[str, str] = {}
-    if path.suffix == ".safetensors" or _looks_like_safetensors(head):
+    if _is_safetensors(path):
         from safetensors import safe_open
 
         try:
@@ -112,6 +113,36 @@ def read_state_dict(path: str | os.PathLike[str], dtype: torch.dtype | None = No
     if not state:
         raise CheckpointError(f"checkpoint {path} holds no tensors")
     return _strip_prefix(state, "module."), metadata
+
+
+def read_native(path: str | os.PathLike[str], dtype: torch.dtype | None = None) -> tuple[StateDict, dict[str, str]]:
+    """:func:`read_state_dict` then :func:`to_native`, except that a safetensors file in the Hugging Face or native
+    layout is read through :func:`stream_native` with the Hugging Face q/k/v parts each in a read group of its
+    own: a part read as stored is a view of its group's mapped pages, which stay resident beside the fused copy
+    while any other tensor of the group lives (an fp32 ViT-L-14 peaked at 1.21x its bytes that way)."""
+    path = Path(path)
+    if path.is_file() and _is_safetensors(path):
+        try:
+            stream = stream_native(path, dtype, order=lambda key, shape: int(bool(_HF_QKV_PART.search(key))))
+        except CheckpointError:
+            pass  # the original layout, or unreadable: read below, converted or reported there
+        else:
+            state = dict(stream)
+            if state:
+                from safetensors import safe_open
+
+                with safe_open(str(path), framework="pt") as f:
+                    return state, dict(f.metadata() or {})
+    state, metadata = read_state_dict(path, dtype)
+    return to_native(state, consume=True), metadata
+
+
+_HF_QKV_PART = re.compile(r"\.self_attn\.[qkv]_proj\.")
+
+
+def _is_safetensors(path: Path) -> bool:
+    with path.open("rb") as f:
+        return path.suffix == ".safetensors" or _looks_like_safetensors(f.read(16))
 
 
 def stream_native(
