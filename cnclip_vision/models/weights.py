@@ -117,11 +117,13 @@ def read_state_dict(path: str | os.PathLike[str], dtype: torch.dtype | None = No
 
 def read_native(path: str | os.PathLike[str], dtype: torch.dtype | None = None) -> tuple[StateDict, dict[str, str]]:
     """:func:`read_state_dict` then :func:`to_native`, except that a safetensors file in the Hugging Face or native
-    layout is read through :func:`stream_native` with the Hugging Face q/k/v parts each in a read group of its
-    own: a part read as stored is a view of its group's mapped pages, which stay resident beside the fused copy
-    while any other tensor of the group lives (an fp32 ViT-L-14 peaked at 1.21x its bytes that way)."""
+    layout read without a cast is read through :func:`stream_native` with the Hugging Face q/k/v parts each in a
+    read group of its own: a part read as stored is a view of its group's mapped pages, which stay resident beside
+    the fused copy while any other tensor of the group lives (an fp32 ViT-L-14 peaked at 1.21x its bytes that
+    way, 1.01x now). Cast parts are copies, and fusing them after the whole read fragments the heap less (bf16
+    ViT-L-14: 1.06x against 1.11-1.18x streamed)."""
     path = Path(path)
-    if path.is_file() and _is_safetensors(path):
+    if path.is_file() and _is_safetensors(path) and not _casts(path, dtype):
         try:
             stream = stream_native(path, dtype, order=lambda key, shape: int(bool(_HF_QKV_PART.search(key))))
         except CheckpointError:
@@ -138,6 +140,24 @@ def read_native(path: str | os.PathLike[str], dtype: torch.dtype | None = None) 
 
 
 _HF_QKV_PART = re.compile(r"\.self_attn\.[qkv]_proj\.")
+
+
+def _casts(path: Path, dtype: torch.dtype | None) -> bool:
+    """Whether reading the safetensors file ``path`` at ``dtype`` casts any of its floating tensors."""
+    from safetensors import safe_open
+
+    if dtype is None:
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            stored = {f.get_slice(key).get_dtype() for key in f.keys()}
+    except Exception:  # unreadable: read_state_dict reports it
+        return True
+    return bool(stored & _FLOAT_NAMES.keys() - {_FLOAT_NAMES_OF.get(dtype)})
+
+
+_FLOAT_NAMES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_FLOAT_NAMES_OF = {v: k for k, v in _FLOAT_NAMES.items()}
 
 
 def _is_safetensors(path: Path) -> bool:
