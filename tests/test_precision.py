@@ -250,3 +250,36 @@ def test_quick_gelu_is_timms_bit_for_bit(dtype):
     out.sum().backward()  # with gradients: the out-of-place path, differentiable
     assert torch.equal(out.detach(), ref) and y.grad is not None and torch.isfinite(y.grad).all()
     assert isinstance(cnclip_vision.create_model(small_config("ViT-B-16")).visual.blocks[0].mlp.act, QuickGELU)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mlp_folds_quick_gelu_only_without_gradients(dtype, monkeypatch):
+    """CLIPMlp without gradients: fc2(silu(1.702 fc1(x)) / 1.702), as close to the fp32 MLP as timm's Mlp is (closer
+    in bf16); with gradients, int8 layers or a norm: timm's Mlp exactly."""
+    from timm.layers import Mlp
+
+    from cnclip_vision.models.layers import CLIPMlp, QuickGELU
+
+    torch.manual_seed(0)
+    ours = CLIPMlp(96, 384, act_layer=QuickGELU).eval()
+    timms = Mlp(96, 384, act_layer=QuickGELU).eval()
+    timms.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 50, 96)
+    with torch.no_grad():
+        exact = timms(x).double()
+        ours_out, timm_out = ours.to(dtype)(x.to(dtype)), timms.to(dtype)(x.to(dtype))
+        assert ours_out.shape == timm_out.shape == (2, 50, 96) and ours_out.dtype == dtype
+        assert not torch.equal(ours_out, timm_out)  # the folded path ran
+        ours_err = (ours_out.double() - exact).abs().max().item()
+        timm_err = (timm_out.double() - exact).abs().max().item()
+        assert ours_err <= (1e-5 if dtype == torch.float32 else timm_err), (ours_err, timm_err)
+    y = x.to(dtype).requires_grad_()
+    out = ours(y)
+    out.sum().backward()  # with gradients: timm's path
+    assert torch.equal(out.detach(), timm_out) and y.grad is not None
+    model = cnclip_vision.create_model(small_config("ViT-B-16"), precision="int8")
+    with torch.no_grad():
+        assert isinstance(model.visual.blocks[0].mlp, CLIPMlp) and not model.visual.blocks[0].mlp._foldable()
+    ours.norm = torch.nn.LayerNorm(384).to(dtype)
+    with torch.no_grad():
+        assert not ours._foldable()

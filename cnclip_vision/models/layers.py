@@ -1,4 +1,5 @@
-"""Two layers of the image tower, timm's with a faster path: the attention (kernel chosen per call) and QuickGELU.
+"""Three layers of the image tower, timm's with a faster path: the attention (kernel chosen per call), the MLP
+(QuickGELU folded into its matrix products) and QuickGELU.
 
 Attention: timm's ``Attention`` (same parameters and state dict).
 
@@ -16,10 +17,11 @@ the explicit one, and on GPUs it is the one to use, so everywhere else timm's ow
 from __future__ import annotations
 
 import torch
-from timm.layers import Attention
+import torch.nn.functional as F
+from timm.layers import Attention, Mlp
 from torch import nn
 
-__all__ = ["EXPLICIT_MAX_TOKENS", "CLIPAttention", "QuickGELU"]
+__all__ = ["EXPLICIT_MAX_TOKENS", "CLIPAttention", "CLIPMlp", "QuickGELU"]
 
 #: Longest sequence that takes the explicit product on the CPU in bf16 (the measured crossover lies
 #: between 257 and 577 tokens).
@@ -61,3 +63,35 @@ class QuickGELU(nn.Module):
         if torch.is_grad_enabled():  # autograd needs the sigmoid's output intact
             return x * torch.sigmoid(1.702 * x)
         return torch.sigmoid(x * 1.702).mul_(x)
+
+
+#: QuickGELU's factor: ``x * sigmoid(a x) = silu(a x) / a``.
+_QUICK_GELU_A = 1.702
+
+
+class CLIPMlp(Mlp):
+    """timm's ``Mlp`` (same parameters and state dict). With QuickGELU and no gradient recorded, its factor is
+    folded into the two matrix products, ``fc2(silu(1.702 fc1(x)) / 1.702)``: ``addmm``'s ``alpha``/``beta``
+    scale inside the GEMM, and one in-place SiLU pass replaces QuickGELU's three. bf16, ``[6304, 768]`` (one
+    ViT-B-16 MLP at batch 32) on a 2-core AVX512-BF16 EPYC: 88 against 117 ms (bf16 ``sigmoid`` runs at a
+    ninth of ``silu_``'s rate there), and closer to fp32 (the scaling happens before rounding). int8 layers,
+    a norm, active dropout or a gradient take timm's path."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._foldable():
+            return super().forward(x)
+        fc1, fc2 = self.fc1, self.fc2
+        h = torch.addmm(fc1.bias, x.reshape(-1, x.shape[-1]), fc1.weight.t(), beta=_QUICK_GELU_A, alpha=_QUICK_GELU_A)
+        F.silu(h, inplace=True)
+        out = torch.addmm(fc2.bias, h, fc2.weight.t(), alpha=1 / _QUICK_GELU_A)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    def _foldable(self) -> bool:
+        plain, fcs = (torch.Tensor, nn.Parameter), (self.fc1, self.fc2)
+        return (
+            not torch.is_grad_enabled()
+            and isinstance(self.act, QuickGELU)
+            and isinstance(self.norm, nn.Identity)
+            and not (self.training and (self.drop1.p or self.drop2.p))
+            and all(type(fc) is nn.Linear and fc.bias is not None and type(fc.weight) in plain for fc in fcs)
+        )

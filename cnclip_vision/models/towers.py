@@ -57,13 +57,14 @@ def build_image_tower(vision: VisionConfig, embed_dim: int) -> VisionTransformer
     if vision.kind == "vit":
         from timm.models.vision_transformer import VisionTransformer
 
-        from cnclip_vision.models.layers import CLIPAttention, QuickGELU
+        from cnclip_vision.models.layers import CLIPAttention, CLIPMlp, QuickGELU
 
-        # attn_layer, act_layer: timm's layers with a faster path (the attention kernel for short bf16 sequences
-        # on the CPU; QuickGELU in place when no gradient is recorded), same state dict.
+        # attn_layer, mlp_layer, act_layer: timm's layers with a faster path (the attention kernel for short bf16
+        # sequences on the CPU; QuickGELU folded into the MLP's matrix products or taken in place when no gradient
+        # is recorded), same state dict.
         # dynamic_img_size: the same tower serves the detector's pyramid and dense embeddings at any input size;
         # at the native size timm leaves the position embedding untouched (outputs are bit-identical)
-        kwargs = dict(vit_kwargs(vision), act_layer=QuickGELU, attn_layer=CLIPAttention)
+        kwargs = dict(vit_kwargs(vision), act_layer=QuickGELU, attn_layer=CLIPAttention, mlp_layer=CLIPMlp)
         tower = VisionTransformer(**kwargs, num_classes=embed_dim, dynamic_img_size=True)
         tower.head = nn.Linear(vision.width, embed_dim, bias=False)  # visual.proj, no bias
         return tower
