@@ -283,3 +283,19 @@ def test_mlp_folds_quick_gelu_only_without_gradients(dtype, monkeypatch):
     ours.norm = torch.nn.LayerNorm(384).to(dtype)
     with torch.no_grad():
         assert not ours._foldable()
+
+
+def test_compiled_mlp_keeps_timms_graph():
+    """Under torch.compile the MLP is timm's (sigmoid, no folded SiLU), the graph inductor's CPU freezing fuses."""
+    from cnclip_vision.models.layers import CLIPMlp, QuickGELU
+
+    graphs: list[str] = []
+
+    def backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm
+
+    mlp = CLIPMlp(32, 64, act_layer=QuickGELU).eval()
+    with torch.no_grad():
+        torch.compile(mlp, backend=backend)(torch.randn(4, 32))
+    assert graphs and "sigmoid" in graphs[0] and "silu" not in graphs[0]

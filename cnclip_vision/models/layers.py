@@ -75,7 +75,8 @@ class CLIPMlp(Mlp):
     scale inside the GEMM, and one in-place SiLU pass replaces QuickGELU's three. bf16, ``[6304, 768]`` (one
     ViT-B-16 MLP at batch 32) on a 2-core AVX512-BF16 EPYC: 88 against 117 ms (bf16 ``sigmoid`` runs at a
     ninth of ``silu_``'s rate there), and closer to fp32 (the scaling happens before rounding). int8 layers,
-    a norm, active dropout or a gradient take timm's path."""
+    a norm, active dropout, a gradient or ``torch.compile`` (whose CPU freezing matches plain ``addmm`` + bias
+    to fuse the activation) take timm's path."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._foldable():
@@ -90,6 +91,7 @@ class CLIPMlp(Mlp):
         plain, fcs = (torch.Tensor, nn.Parameter), (self.fc1, self.fc2)
         return (
             not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()  # inductor fuses QuickGELU into the GEMM (frozen, on the CPU)
             and isinstance(self.act, QuickGELU)
             and isinstance(self.norm, nn.Identity)
             and not (self.training and (self.drop1.p or self.drop2.p))
