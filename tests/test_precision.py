@@ -3,7 +3,13 @@ against the fp32 model on the same weights."""
 
 from __future__ import annotations
 
+import json
+import os
+import platform
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +19,8 @@ import cnclip_vision
 from cnclip_vision.cli import main
 
 from .conftest import random_inputs, small_config
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -299,3 +307,40 @@ def test_compiled_mlp_keeps_timms_graph():
     with torch.no_grad():
         torch.compile(mlp, backend=backend)(torch.randn(4, 32))
     assert graphs and "sigmoid" in graphs[0] and "silu" not in graphs[0]
+
+
+SATURATING_CHILD = r"""
+import copy, json, torch, torch.nn.functional as F, cnclip_vision
+from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+from cnclip_vision.device import int8_saturates
+from cnclip_vision.models.factory import _quantize_int8
+from tests.conftest import random_inputs, small_config
+torch.manual_seed(0)
+config = small_config("ViT-B-16")
+fp32 = cnclip_vision.create_model(config)
+ours, plain = copy.deepcopy(fp32), copy.deepcopy(fp32)
+_quantize_int8(ours)
+for tower in (plain.visual, plain.text):
+    quantize_(tower, Int8DynamicActivationInt8WeightConfig())
+compiled = cnclip_vision.create_model(config, precision="int8", compile=True)  # not run: its freezing flag
+pixels, ids, mask = random_inputs(config, n_images=8)
+with torch.inference_mode():
+    ref = fp32.encode_image(pixels)
+    cos = lambda m: F.cosine_similarity(m.encode_image(pixels), ref).min().item()
+    print(json.dumps({"saturates": int8_saturates(), "freeze": compiled.freeze_compiled,
+                      "ours": cos(ours), "plain": cos(plain)}))
+"""
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="ONEDNN_MAX_CPU_ISA=AVX2 is x86")
+def test_int8_adapts_to_saturating_kernels():
+    """With oneDNN held to AVX2 (an AVX2-only CPU's int8 kernels: u8 x s8 pairs summed in int16, saturating) the
+    probe sees it, the int8 path quantises activations to 7 bits (asymmetric) and compile runs unfrozen."""
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2", PYTHONWARNINGS="ignore")
+    out = subprocess.run(
+        [sys.executable, "-c", SATURATING_CHILD], capture_output=True, text=True, env=env, cwd=REPO, check=False
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["saturates"] is True and result["freeze"] is False, result
+    assert result["ours"] > result["plain"] and result["ours"] >= 0.999, result
