@@ -79,12 +79,12 @@ class CLIPMlp(Mlp):
     to fuse the activation) take timm's path."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._foldable():
+        b1, b2 = self.fc1.bias, self.fc2.bias
+        if b1 is None or b2 is None or not self._foldable():
             return super().forward(x)
-        fc1, fc2 = self.fc1, self.fc2
-        h = torch.addmm(fc1.bias, x.reshape(-1, x.shape[-1]), fc1.weight.t(), beta=_QUICK_GELU_A, alpha=_QUICK_GELU_A)
+        h = torch.addmm(b1, x.reshape(-1, x.shape[-1]), self.fc1.weight.t(), beta=_QUICK_GELU_A, alpha=_QUICK_GELU_A)
         F.silu(h, inplace=True)
-        out = torch.addmm(fc2.bias, h, fc2.weight.t(), alpha=1 / _QUICK_GELU_A)
+        out = torch.addmm(b2, h, self.fc2.weight.t(), alpha=1 / _QUICK_GELU_A)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     def _foldable(self) -> bool:
@@ -95,5 +95,5 @@ class CLIPMlp(Mlp):
             and isinstance(self.act, QuickGELU)
             and isinstance(self.norm, nn.Identity)
             and not (self.training and (self.drop1.p or self.drop2.p))
-            and all(type(fc) is nn.Linear and fc.bias is not None and type(fc.weight) in plain for fc in fcs)
+            and all(type(fc) is nn.Linear and type(fc.weight) in plain for fc in fcs)
         )
