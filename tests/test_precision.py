@@ -261,7 +261,7 @@ def test_quick_gelu_is_timms_bit_for_bit(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_mlp_folds_quick_gelu_only_without_gradients(dtype, monkeypatch):
+def test_mlp_folds_quick_gelu_only_without_gradients(dtype):
     """CLIPMlp without gradients: fc2(silu(1.702 fc1(x)) / 1.702), as close to the fp32 MLP as timm's Mlp is (closer
     in bf16); with gradients, int8 layers or a norm: timm's Mlp exactly."""
     from timm.layers import Mlp
