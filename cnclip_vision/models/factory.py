@@ -28,6 +28,7 @@ from cnclip_vision.models.weights import (
     infer_config,
     load_native_state_dict,
     read_native,
+    safetensors_metadata,
     stream_native,
 )
 
@@ -339,10 +340,7 @@ def _release_freed_memory() -> None:
 
 
 def _config_in_metadata(weights: Path) -> CLIPConfig | None:
-    from safetensors import safe_open
-
-    with safe_open(str(weights), framework="pt") as f:
-        raw = (f.metadata() or {}).get(CONFIG_METADATA_KEY)
+    raw = safetensors_metadata(weights).get(CONFIG_METADATA_KEY)
     return CLIPConfig.from_dict(json.loads(raw)) if raw else None
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "StateDict",
     "read_native",
     "read_state_dict",
+    "safetensors_metadata",
     "detect_layout",
     "to_native",
     "original_to_native",
@@ -131,12 +132,17 @@ def read_native(path: str | os.PathLike[str], dtype: torch.dtype | None = None) 
         else:
             state = dict(stream)
             if state:
-                from safetensors import safe_open
-
-                with safe_open(str(path), framework="pt") as f:
-                    return state, dict(f.metadata() or {})
+                return state, safetensors_metadata(path)
     state, metadata = read_state_dict(path, dtype)
     return to_native(state, consume=True), metadata
+
+
+def safetensors_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The metadata of a safetensors file (its header only)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
 
 
 _HF_QKV_PART = re.compile(r"\.self_attn\.[qkv]_proj\.")
