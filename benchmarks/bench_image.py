@@ -149,6 +149,8 @@ def cpu_suite(args, config, directory, roofline: common.Roofline, report: common
             per_s = batch / common.median(times[f"ours {m}"])
             cos = common.cosine_min(outputs[f"ours {m}"], ref_out)
             note = notes.get(m, "")
+        if model.int8_backend:
+            note = "; ".join(filter(None, [note, f"int8 kernels: {model.int8_backend}"]))
         label = "ours " + m.replace("+compile", " + torch.compile")
         rows.append(
             report.row(

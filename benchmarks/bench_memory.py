@@ -39,6 +39,8 @@ try:
     import torchao.quantization  # int8's code
 except ImportError:
     pass
+from cnclip_vision.models.layers import Int8Linear
+Int8Linear.from_linear(torch.nn.Linear(8, 8))(torch.zeros(1, 8))  # int8's kernels paged in: code, in the baseline
 which, directory, precision = sys.argv[1:4]
 before = rss_kb()
 start = time.perf_counter()
@@ -50,16 +52,12 @@ else:
     except TypeError:  # transformers 4.x
         model = ChineseCLIPModel.from_pretrained(directory, torch_dtype=torch.float32).eval()
 seconds = time.perf_counter() - start
-def stored(t):  # a tensor subclass (torchao's int8 weights): the plain tensors it holds
-    if type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__"):
-        return [leaf for name in t.__tensor_flatten__()[0] for leaf in stored(getattr(t, name))]
-    return [t]
-tensors = [leaf for t in list(model.parameters()) + list(model.buffers()) for leaf in stored(t)]
+from cnclip_vision.models.weights import parameter_bytes, stored_tensors
 with torch.no_grad():  # read every weight once: memory-mapped weights count only once they are paged in
-    for t in tensors:  # max, not sum: an int8 sum makes an int64 copy of the tensor, which would count
+    for t in stored_tensors(model):  # max, not sum: an int8 sum makes an int64 copy of the tensor
         t.max() if t.numel() else None
 peak = rss_kb("VmHWM")  # not ru_maxrss: Linux carries it over from the parent through fork + exec
-nbytes = sum(t.numel() * t.element_size() for t in tensors)
+nbytes = parameter_bytes(model)
 print("RESULT " + json.dumps({"rss_after_imports_kb": before, "peak_kb": peak, "after_load_kb": rss_kb(),
       "param_bytes": nbytes, "seconds": seconds}))
 """

@@ -78,30 +78,43 @@ def auto_precision(device: str | torch.device | None = None) -> str:
 
 
 @functools.cache
-def int8_saturates() -> bool:
-    """Whether torchao's int8 matrix products lose precision on this CPU (needs torchao). Measured once per
-    process, not looked up: a 64x64 Linear quantised by torchao against fp32 on 16 tokens (about 10 ms). Without
-    VNNI (AVX2-only CPUs) oneDNN sums pairs of u8 x s8 products in int16 (``vpmaddubsw``), which saturates:
-    cosine 0.987 with oneDNN held to AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2``) on a CPU that gives 0.99994 with VNNI."""
+def int8_saturates(kernels: str = "torchao") -> bool:
+    """Whether int8 matrix products lose precision on this CPU, for ``kernels`` ``"torchao"`` (oneDNN, through
+    torchao, which must be installed) or ``"fbgemm"`` (torch's dynamically quantised Linear, 8-bit activations).
+    Measured once per process, not looked up — torch has no VNNI query, and oneDNN's and FBGEMM's instruction
+    sets are capped apart (``ONEDNN_MAX_CPU_ISA``, ``FBGEMM_ENABLE_INSTRUCTIONS``): a 64 -> 16 Linear with
+    weights and inputs near their maximum, so that neighbouring u8 x s8 products sum past 32767, against fp32
+    (about 10 ms). Without VNNI (AVX2-only CPUs) both sum such pairs in int16 (``vpmaddubsw``), which
+    saturates: FBGEMM held to AVX2 is 42% off there, 0.1% with VNNI."""
     import logging
 
     import torch
-    import torch.nn.functional as F
-    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 
     generator = torch.Generator().manual_seed(0)
-    layer = torch.nn.Linear(64, 64, bias=False)
+    layer = torch.nn.Linear(64, 16, bias=False)
     with torch.no_grad():
-        layer.weight.copy_(torch.randn(64, 64, generator=generator))
-        x = torch.randn(16, 64, generator=generator)
+        layer.weight.copy_(torch.rand(16, 64, generator=generator) * 0.1 + 0.9)
+        x = torch.rand(8, 64, generator=generator) * 0.2 + 0.8
         exact = layer(x)
-        quantize_(layer, Int8DynamicActivationInt8WeightConfig())
-        cosine = F.cosine_similarity(layer(x), exact).min().item()
-    saturates = cosine < 0.999
+        if kernels == "torchao":
+            from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+            quantize_(layer, Int8DynamicActivationInt8WeightConfig())
+            quantised: torch.nn.Module = layer
+        elif kernels == "fbgemm":
+            from cnclip_vision.models.layers import Int8Linear
+
+            quantised = Int8Linear.from_linear(layer)
+        else:
+            raise ValueError(f"kernels={kernels!r}: expected 'torchao' or 'fbgemm'")
+        error = ((quantised(x) - exact).abs().max() / exact.abs().max()).item()
+    saturates = error > 0.01
     if saturates:
         logging.getLogger("cnclip_vision").info(
-            "int8: this CPU's int8 products saturate (cosine %.4f on a probe; no VNNI?): activations are "
-            "quantised to 7 bits, asymmetric (torchao reduce_range), and torch.compile runs without freezing",
-            cosine,
+            "int8 (%s): this CPU's int8 products saturate (%.0f%% off on a probe; no VNNI?): activations are "
+            "quantised to 7 bits%s",
+            kernels,
+            100 * error,
+            " (asymmetric), and torch.compile runs without freezing" if kernels == "torchao" else "",
         )
     return saturates

@@ -47,7 +47,7 @@ class ChineseCLIP(nn.Module):
     source: str | None = None
     #: The precision it was built for (fp32, bf16, fp16 or int8; ``"auto"`` resolved), recorded with its fingerprint.
     precision: str = "fp32"
-    #: With precision int8: "torchao" or "torch.ao quantize_dynamic" (the fallback without torchao).
+    #: With precision int8, whose kernels: "torchao" (``compile=True``) or "fbgemm" (torch's quantised engine).
     int8_backend: str | None = None
     #: Set by ``compile=True`` on the CPU: the towers compile under inductor freezing when gradients are off (the
     #: weights become constants of the compiled graph, prepacked for oneDNN) — load again after changing weights.

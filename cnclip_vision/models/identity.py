@@ -31,14 +31,14 @@ def recorded_precision(record: dict[str, Any]) -> str | None:
 
 def model_info(model: ChineseCLIP) -> dict[str, Any]:
     """Config, dtype, precision and a fingerprint of the weights (projections and logit scale, cheap to hash)
-    that differs between models and between precisions (int8 included)."""
+    that differs between models and between precisions (int8 included, and its two kernel families)."""
     from cnclip_vision.models.weights import describe
 
     precision = precision_of(model)
     h = hashlib.sha1(json.dumps(model.config.to_dict(), sort_keys=True).encode())
     h.update(str(model.dtype).encode())
-    if precision == "int8":  # same dtype as fp32 (the quantised Linears hide theirs): say it
-        h.update(b"int8")
+    if precision == "int8":  # same dtype as fp32 (the quantised Linears hide theirs): say it, and whose kernels
+        h.update(f"int8 {model.int8_backend}".encode())
     plain = [p for p in model.visual.parameters() if type(p.data) is torch.Tensor]  # not torchao's int8 tensors
     last_visual = plain[-1]
     for tensor in (model.text_projection.weight, last_visual, model.logit_scale):

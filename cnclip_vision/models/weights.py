@@ -565,10 +565,16 @@ def load_native_state_dict(
     model.load_state_dict(state, strict=True, assign=assign)
 
 
-def check_fit(model: ChineseCLIP, state: Mapping[str, torch.Tensor], source: str) -> None:
+def check_fit(
+    model: ChineseCLIP,
+    state: Mapping[str, torch.Tensor],
+    source: str,
+    expected: Mapping[str, torch.Tensor] | None = None,
+) -> None:
     """:class:`CheckpointError` naming every missing, unexpected and mis-shaped key of ``state`` (tensors, or
-    meta tensors of their shapes) against ``model``."""
-    problems = fit_report(model.state_dict(), state)
+    meta tensors of their shapes) against ``model`` (its state dict, or ``expected``, the state dict it had
+    before layers were replaced)."""
+    problems = fit_report(model.state_dict() if expected is None else expected, state)
     if problems:
         header = f"checkpoint {source} does not fit the model ({describe(model.config)})"
         raise CheckpointError("\n".join([header, *problems, looks_like(state)]).rstrip())
@@ -589,6 +595,11 @@ def save_pretrained(model: ChineseCLIP, directory: str | os.PathLike[str]) -> No
     """Hugging Face layout for ViT towers (transformers reads it), native layout for ResNet towers."""
     from cnclip_vision.data.processor import Processor
 
+    if model.precision == "int8":
+        raise ValueError(
+            f"save_pretrained({str(directory)!r}): an int8 model is quantised as it loads and is not saved; "
+            "save the model it was loaded from (precision='fp32') and load that with precision='int8'"
+        )
     config = model.config
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -602,6 +613,28 @@ def save_pretrained(model: ChineseCLIP, directory: str | os.PathLike[str]) -> No
     write_json(directory / CONFIG_NAME, config_json)
     Processor(image_size=config.vision.image_size).save_pretrained(directory)
     logger.info("saved %s to %s", describe(config), directory)
+
+
+def stored_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The plain tensors that hold ``model``'s parameters and buffers (torchao's int8 tensor subclasses
+    flattened into theirs). The packed weights of :class:`~cnclip_vision.models.layers.Int8Linear` are not
+    among them (:func:`parameter_bytes` counts them)."""
+
+    def leaves(t: torch.Tensor) -> list[torch.Tensor]:
+        if type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+            return [leaf for name in t.__tensor_flatten__()[0] for leaf in leaves(getattr(t, name))]
+        return [t]
+
+    return [leaf for t in [*model.parameters(), *model.buffers()] for leaf in leaves(t)]
+
+
+def parameter_bytes(model: torch.nn.Module) -> int:
+    """Bytes of ``model``'s weights as stored: :func:`stored_tensors` and the int8 Linear layers' packed
+    weights (:meth:`~cnclip_vision.models.layers.Int8Linear.nbytes`)."""
+    from cnclip_vision.models.layers import Int8Linear
+
+    packed = sum(m.nbytes() for m in model.modules() if isinstance(m, Int8Linear))
+    return packed + sum(t.numel() * t.element_size() for t in stored_tensors(model))
 
 
 def config_from_json(path: Path) -> CLIPConfig | None:
