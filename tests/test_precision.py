@@ -92,7 +92,10 @@ def test_int8_quantises_every_linear_but_the_image_projection(saved, monkeypatch
     pixels, _, _ = random_inputs(config, n_images=4)
     with torch.inference_mode():
         batch, alone = model.encode_image(pixels), model.encode_image(pixels[2:3])
-    assert (batch[2:3] - alone).abs().max() < 1e-5  # one activation scale per image, not per batch
+    assert torch.equal(batch[2:3], alone)  # one image at a time: its activation scales are its own
+    with torch.inference_mode():  # the tower on its own quantises each image's activations apart too
+        tower_batch, tower_alone = model.visual(pixels), model.visual(pixels[2:3])
+    assert (tower_batch[2:3] - tower_alone).abs().max() < 1e-5
 
     compiled = cnclip_vision.load(saved, precision="int8", compile=True)  # not run here: which layers
     assert compiled.int8_backend == "torchao" and model.int8_backend == "fbgemm"
@@ -130,6 +133,13 @@ def test_int8_mlp_folds_quick_gelu_into_the_weights():
     assert F.cosine_similarity(a.flatten(), exact.flatten(), dim=0) > 0.999
     assert (a - b).abs().max() < 0.05 * exact.abs().max()  # both int8: the scales move the grid, not the result
     assert not torch.equal(a, b)  # the folded path really ran
+
+
+def test_int8_model_is_not_saved(saved, tmp_path):
+    """An int8 model holds packed kernels, not a checkpoint: saving it is refused with what to do instead."""
+    with pytest.raises(ValueError, match="int8 model .* save the model it was loaded from"):
+        cnclip_vision.load(saved, precision="int8").save_pretrained(tmp_path / "int8")
+    assert not (tmp_path / "int8").exists()
 
 
 def test_create_model_takes_precision_too():

@@ -48,6 +48,10 @@ class ChineseCLIP(nn.Module):
     #: The precision it was built for (fp32, bf16, fp16 or int8; ``"auto"`` resolved), recorded with its fingerprint.
     precision: str = "fp32"
     #: With precision int8, whose kernels: "torchao" (``compile=True``) or "fbgemm" (torch's quantised engine).
+    #: With "fbgemm", ``encode_image`` runs the image tower one image at a time: each image's activations are
+    #: quantised on their own (its embedding does not depend on its batch), and every tensor stays small enough
+    #: for the allocator to reuse (ViT-B-16, batch 32, 2-core EPYC: +3% with VNNI, +18% with the libraries held
+    #: to AVX2; README, "int8: whose kernels").
     int8_backend: str | None = None
     #: Set by ``compile=True`` on the CPU: the towers compile under inductor freezing when gradients are off (the
     #: weights become constants of the compiled graph, prepacked for oneDNN) — load again after changing weights.
@@ -92,8 +96,12 @@ class ChineseCLIP(nn.Module):
                 f"{pixel_values.shape[-2]}x{pixel_values.shape[-1]}; "
                 f"use cnclip_vision.image_transform({self.image_size})"
             )
+        pixels = pixel_values.to(device=self.device, dtype=self.dtype)
         with _compile_options(self):
-            features = self.visual(pixel_values.to(device=self.device, dtype=self.dtype))
+            if self.int8_backend == "fbgemm" and len(pixels) > 1:  # one image at a time: see int8_backend
+                features = torch.cat([self.visual(image[None]) for image in pixels])
+            else:
+                features = self.visual(pixels)
         return _unit(features) if normalize else features
 
     def encode_text(
