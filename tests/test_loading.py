@@ -199,8 +199,8 @@ model = cnclip_vision.load(sys.argv[1], precision=sys.argv[2])
 with torch.no_grad():  # page in memory-mapped weights; max, not sum: an int8 sum makes an int64 copy
     for t in stored_tensors(model):
         t.max() if t.numel() else None
-nbytes = parameter_bytes(model)
-print(json.dumps({"peak": status("VmHWM") - before, "bytes": nbytes, "backend": model.int8_backend}))
+peak = status("VmHWM") - before  # before anything else runs
+print(json.dumps({"peak": peak, "bytes": parameter_bytes(model), "backend": model.int8_backend}))
 """
 
 

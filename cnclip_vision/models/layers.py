@@ -149,7 +149,7 @@ class Int8Linear(nnqd.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, reduce_range: bool = False) -> None:
         super().__init__(in_features, out_features, bias_=bias, dtype=torch.qint8)
-        self.reduce_range = reduce_range
+        self.has_bias, self.reduce_range = bias, reduce_range
         self.input_scale = self.output_scale = 1.0
 
     @classmethod
@@ -178,8 +178,8 @@ class Int8Linear(nnqd.Linear):
 
     def nbytes(self) -> int:
         """Bytes of the int8 weight matrix and the fp32 bias and scales (what the packed kernel holds, padding
-        aside)."""
-        return self.in_features * self.out_features + 4 * self.out_features * (2 if self.bias() is not None else 1)
+        aside; ``self.bias()`` would unpack a copy of the weights)."""
+        return self.in_features * self.out_features + 4 * self.out_features * (2 if self.has_bias else 1)
 
     def extra_repr(self) -> str:
         scales = f", input_scale={self.input_scale}, output_scale={self.output_scale}"
