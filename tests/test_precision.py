@@ -142,6 +142,62 @@ def test_int8_model_is_not_saved(saved, tmp_path):
     assert not (tmp_path / "int8").exists()
 
 
+def test_bf16_packs_the_tower_linears_on_the_cpu(saved, tmp_path):
+    """Eager bf16 on the CPU: every Linear of both towers but the image projection becomes a PackedLinear (where
+    this torch and CPU have oneDNN's bf16 inner product), which computes F.linear's results bit for bit, keeps
+    nn.Linear's state dict and survives deepcopy, pickling and casting; gradients reach the input, and a
+    training forward is refused. Where oneDNN has no bf16 here, the model keeps plain Linear layers."""
+    import copy
+    import io
+
+    from cnclip_vision.models.layers import PackedLinear, can_pack
+
+    model = cnclip_vision.load(saved, precision="bf16")
+    plain = cnclip_vision.load(saved).to(torch.bfloat16)  # the same weights, nn.Linear in bf16
+    packed = {n for n, m in model.named_modules() if isinstance(m, PackedLinear)}
+    linears = {n for n, m in plain.named_modules() if isinstance(m, torch.nn.Linear)}
+    if not can_pack():
+        assert not packed
+        return
+    assert packed == linears - {"visual.head", "text_projection"}
+    assert any(n.startswith("text.") for n in packed) and any(n.startswith("visual.") for n in packed)
+    state, plain_state = model.state_dict(), plain.state_dict()
+    assert state.keys() == plain_state.keys() and all(torch.equal(state[k], plain_state[k]) for k in state)
+
+    torch.manual_seed(1)
+    layer, ref = model.get_submodule("visual.blocks.0.attn.qkv"), plain.get_submodule("visual.blocks.0.attn.qkv")
+    for shape in [(1, layer.in_features), (3, 7, layer.in_features)]:
+        x = torch.randn(shape, dtype=torch.bfloat16)
+        with torch.no_grad():
+            assert torch.equal(layer(x), ref(x))
+    config = small_config("ViT-B-16")
+    image, text = _features(model, config)
+    plain_image, plain_text = _features(plain, config)
+    assert F.cosine_similarity(image, plain_image).min() >= 0.9999  # the MLPs scale after rounding
+    assert F.cosine_similarity(text, plain_text).min() >= 0.9999
+
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for twin in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
+        assert isinstance(twin.get_submodule("visual.blocks.0.attn.qkv"), PackedLinear)
+        assert torch.equal(_features(twin, config)[0], image)
+    model.save_pretrained(tmp_path / "bf16")
+    again = cnclip_vision.load(tmp_path / "bf16", precision="bf16").state_dict()
+    assert all(torch.equal(again[k], state[k]) for k in state)
+
+    pixels = random_inputs(config, n_images=1)[0].bfloat16().requires_grad_()
+    model.encode_image(pixels).float().sum().backward()  # F.linear's backward: oneDNN's op has none
+    assert pixels.grad is not None and pixels.grad.abs().sum() > 0
+    with pytest.raises(RuntimeError, match="PackedLinear is for inference"):
+        model.train().encode_image(pixels)
+    as_fp32 = copy.deepcopy(model).eval().float()
+    assert as_fp32.dtype == torch.float32 and not as_fp32.get_submodule("visual.blocks.0.attn.qkv").weight.is_mkldnn
+    assert F.cosine_similarity(_features(as_fp32, config)[0], image).min() >= 0.999
+    compiled = cnclip_vision.load(saved, precision="bf16", compile=True)
+    assert not any(isinstance(m, PackedLinear) for m in compiled.modules())  # inductor packs its own
+
+
 def test_create_model_takes_precision_too():
     model = cnclip_vision.create_model(small_config("ViT-B-16"), precision="int8")
     assert _int8_linears(model.visual) and model.precision == "int8"
@@ -364,7 +420,7 @@ config = small_config("ViT-B-16")
 fp32 = cnclip_vision.create_model(config)
 ours, plain = copy.deepcopy(fp32), copy.deepcopy(fp32)
 factory._quantize_int8(ours)
-for name in factory._int8_linears(plain):  # 8-bit activations, whatever the CPU
+for name in factory._tower_linears(plain):  # 8-bit activations, whatever the CPU
     parent, _, leaf = name.rpartition(".")
     setattr(plain.get_submodule(parent), leaf, Int8Linear.from_linear(plain.get_submodule(name)))
 compiled = cnclip_vision.create_model(config, precision="int8", compile=True)  # not run: its freezing flag

@@ -615,10 +615,8 @@ def save_pretrained(model: ChineseCLIP, directory: str | os.PathLike[str]) -> No
     logger.info("saved %s to %s", describe(config), directory)
 
 
-def stored_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
-    """The plain tensors that hold ``model``'s parameters and buffers (torchao's int8 tensor subclasses
-    flattened into theirs). The packed weights of :class:`~cnclip_vision.models.layers.Int8Linear` are not
-    among them (:func:`parameter_bytes` counts them)."""
+def _tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    """``model``'s parameters and buffers, torchao's int8 tensor subclasses flattened into their tensors."""
 
     def leaves(t: torch.Tensor) -> list[torch.Tensor]:
         if type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__"):
@@ -628,13 +626,21 @@ def stored_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
     return [leaf for t in [*model.parameters(), *model.buffers()] for leaf in leaves(t)]
 
 
+def stored_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The plain tensors that hold ``model``'s parameters and buffers (torchao's int8 tensor subclasses
+    flattened into theirs). Packed weights are not among them: those of
+    :class:`~cnclip_vision.models.layers.Int8Linear` and the oneDNN tensors of
+    :class:`~cnclip_vision.models.layers.PackedLinear` (:func:`parameter_bytes` counts both)."""
+    return [t for t in _tensors(model) if not t.is_mkldnn]
+
+
 def parameter_bytes(model: torch.nn.Module) -> int:
-    """Bytes of ``model``'s weights as stored: :func:`stored_tensors` and the int8 Linear layers' packed
-    weights (:meth:`~cnclip_vision.models.layers.Int8Linear.nbytes`)."""
+    """Bytes of ``model``'s weights as stored: its tensors (oneDNN's packed ones at their element count, padding
+    aside) and the int8 Linear layers' packed weights (:meth:`~cnclip_vision.models.layers.Int8Linear.nbytes`)."""
     from cnclip_vision.models.layers import Int8Linear
 
     packed = sum(m.nbytes() for m in model.modules() if isinstance(m, Int8Linear))
-    return packed + sum(t.numel() * t.element_size() for t in stored_tensors(model))
+    return packed + sum(t.numel() * t.element_size() for t in _tensors(model))
 
 
 def config_from_json(path: Path) -> CLIPConfig | None:
