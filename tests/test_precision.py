@@ -196,6 +196,10 @@ def test_bf16_packs_the_tower_linears_on_the_cpu(saved, tmp_path):
     assert F.cosine_similarity(_features(as_fp32, config)[0], image).min() >= 0.999
     compiled = cnclip_vision.load(saved, precision="bf16", compile=True)
     assert not any(isinstance(m, PackedLinear) for m in compiled.modules())  # inductor packs its own
+    small = torch.nn.Linear(16, 8).bfloat16().eval()
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    with torch.no_grad():  # a packed model compiled by hand: F.linear on the dense weight
+        assert torch.equal(torch.compile(PackedLinear.from_linear(small))(x), small(x))
 
 
 def test_create_model_takes_precision_too():

@@ -222,7 +222,8 @@ class PackedLinear(nn.Module):
     32): 77.6 against 92.3 ms; one row: 0.066 against 0.265 ms.
 
     Otherwise an ``nn.Linear`` (``weight``, ``bias``, the same state dict, dense): ``.to()``, ``deepcopy`` and
-    pickling go through a dense weight, which is packed again where it is still bf16 on the CPU; elsewhere
+    pickling go through a dense weight, which is packed again where it is still bf16 on the CPU; elsewhere, and
+    under ``torch.compile`` (whose inductor takes oneDNN's op only with packed constants of its own making),
     ``F.linear`` runs. The weights are buffers, not parameters: gradients reach the input (through ``F.linear``)
     but not the weights, so a training forward raises; train a model loaded in fp32 (bf16 autocast).
     """
@@ -254,7 +255,12 @@ class PackedLinear(nn.Module):
                 "PackedLinear is for inference (its weights take no gradient): load(precision='bf16') packs the "
                 "CPU model's Linears; to train, load the model in fp32 and use bf16 autocast"
             )
-        if self.weight.is_mkldnn and x.dtype == torch.bfloat16 and not (grad and x.requires_grad):
+        if (
+            self.weight.is_mkldnn
+            and x.dtype == torch.bfloat16
+            and not (grad and x.requires_grad)
+            and not torch.compiler.is_compiling()  # inductor takes oneDNN's op with packed constants only
+        ):
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.dense_weight(), self.bias)  # oneDNN's op has no backward
 
